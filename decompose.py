@@ -1,0 +1,92 @@
+"""Stage 2: SVD of every whitened weight (SVD-LLM, METHODS.md §1).
+
+For each linear W (m, n) with whitening factor S of its input group:
+  W S = U Sigma V^T                         (float64)
+  W'_k = U_k Sigma_k (V_k^T S^-1)           best rank-k W' under ||(W - W') X||_F
+  ||(W - W'_k) X||_F^2 = T sum_{i>k} sigma_i^2   (SVD-LLM Thm 3.2 / Cor 3.3; G = X X^T / T here)
+We store the factors up to k_max = min(rank, floor(kmax_mult * k*)) components, k* = floor(mn/(m+n))
+the break-even rank (METHODS.md §2). The default kmax_mult = 1.2 is ARA's choice: a little past
+break-even, because any rank >= k* is applied as the dense W anyway. The full spectrum is kept.
+
+Writes RUN_DIR/decompose/:
+  factors.safetensors  {layer}.U (m, k_max), {layer}.sigma (min(m,n),) float64, {layer}.VtSinv (k_max, n)
+  manifest.json        shapes, k*, k_max, relative whitened truncation errors, whiten/ hash
+
+  python decompose.py --run_dir runs/default
+"""
+import argparse
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+
+# ----------------------------------------------------------------------------- math
+
+def whitened_svd(W, S, S_inv):
+    """W (m, n), S, S_inv (n, n) float64 -> U (m, r), sigma (r,), VtSinv (r, n)."""
+    U, sigma, Vt = torch.linalg.svd(W @ S, full_matrices=False)  # W S = U diag(sigma) V^T
+    return U, sigma, Vt @ S_inv
+
+
+def relative_error(sigma, k):
+    """sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2): relative whitened truncation error at rank k."""
+    s2 = sigma.double() ** 2
+    return (s2[k:].sum() / s2.sum()).sqrt().item()
+
+
+def rank_at_fraction(rho, m, n):
+    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer."""
+    return int(rho * m * n // (m + n))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    if args.kmax_mult < 1:
+        raise UserError(f"--kmax_mult {args.kmax_mult} < 1 would store fewer than k* components; use >= 1")
+    device = common.pick_device(args.device)
+    t0 = time.time()
+    model, _ = common.load_model(whiten["model"], "cpu")
+    if common.config_hash(model) != whiten["config_hash"]:
+        raise UserError(f"model {whiten['model']!r} differs from the one whiten/ was made with: re-run whiten.py")
+    linears = common.find_linears(model)
+    groups = whiten["groups"]
+    tensors, info = {}, {}
+    fractions = (0.9, 0.8, 0.6)
+    with safe_open(f"{args.run_dir}/whiten/whitening.safetensors", "pt") as f:
+        for name, mod in tqdm(linears.items(), desc="SVD"):
+            S = f.get_tensor(f"{groups[name]}.S").to(device)
+            S_inv = f.get_tensor(f"{groups[name]}.S_inv").to(device)
+            W = common.weight_matrix(mod).detach().to(device, torch.float64)
+            m, n = W.shape
+            U, sigma, VtSinv = whitened_svd(W, S, S_inv)
+            k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
+            tensors[f"{name}.U"] = U[:, :k_max].float().cpu().contiguous()
+            tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
+            tensors[f"{name}.VtSinv"] = VtSinv[:k_max].float().cpu().contiguous()
+            errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
+            info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
+            tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
+                       + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
+    out = common.stage_dir(args.run_dir, "decompose")
+    save_file(tensors, f"{out}/factors.safetensors")
+    common.commit_stage(args.run_dir, "decompose", out, {
+        "inputs": {"whiten": whiten["hash"]}, "model": whiten["model"], "kmax_mult": args.kmax_mult,
+        "layers": info, "wall_time_s": round(time.time() - t0, 1)})
+    print(f"wrote {args.run_dir}/decompose in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kmax_mult", type=float, default=1.2,
+                   help="store k_max = min(rank, floor(kmax_mult * k*)) components (ARA: 1.2); large = full rank")
+    p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
+    common.run_main(main, p.parse_args())

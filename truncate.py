@@ -1,0 +1,132 @@
+"""Stage 4: apply the allocation and save a compressed model made of real low-rank layers.
+
+For a layer kept at rank k (METHODS.md §1):
+  A = U_k Sigma_k^1/2 (m, k),  B = Sigma_k^1/2 V_k^T S^-1 (k, n),  y = A (B x) + b,  k (m + n) parameters
+A layer whose rank is "dense" (or >= k*, where dense is cheaper AND exact, METHODS.md §2) keeps W.
+If the allocation chose a subset of components with learned scales (SoCo, METHODS.md §3.4),
+component i enters with sigma_i * s_i: the learned spectrum is folded into A and B.
+
+Writes RUN_DIR/compressed/: config.json, tokenizer files, model.safetensors, ranks.json, manifest.json.
+Reload it with one call (generate() works):
+
+  from truncate import load_compressed
+  model, tok = load_compressed("runs/default/compressed")
+
+  python truncate.py --run_dir runs/default
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+import common
+from common import LowRankLinear, UserError
+
+
+# ----------------------------------------------------------------------------- math
+
+def lowrank_factors(U, sigma, VtSinv, rank=None, index=None, scale=None):
+    """Top-`rank` components, or the components `index` (k,) with spectrum scales `scale` (k,).
+    U (m, k_max), sigma (>= k_max,), VtSinv (k_max, n) -> A (m, k), B (k, n), float64."""
+    if index is None:
+        index = torch.arange(rank)
+    s = sigma[index].double() * (1.0 if scale is None else scale.double())  # SoCo: sigma_i * s_i
+    root = s.sqrt()  # split Sigma^1/2 to both sides, so A and B have similar norms
+    return U[:, index].double() * root, root[:, None] * VtSinv[index].double()
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
+
+
+def compress_model(model, ranks, factors, components=None):
+    """Swap every non-dense layer in `ranks` for a LowRankLinear, in place."""
+    linears = common.find_linears(model)
+    for name, rank in ranks.items():
+        if rank == "dense":
+            continue
+        mod = linears[name]
+        W = common.weight_matrix(mod)
+        if rank >= common.k_star(*W.shape):
+            continue  # past break-even the dense W is cheaper and exact (METHODS.md §2)
+        sub = {} if components is None or f"{name}.index" not in components else \
+            {"index": components[f"{name}.index"], "scale": components[f"{name}.scale"]}
+        A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
+                               rank=rank, **sub)
+        bias = None if mod.bias is None else mod.bias.detach().clone()
+        common.set_module(model, name, LowRankLinear(A.to(W), B.to(W), bias).to(W.device))
+    return model
+
+
+def load_compressed(path, device="cpu"):
+    """Rebuild a model saved by truncate.py: (model, tokenizer), ready for generate()."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isfile(os.path.join(path, "ranks.json")):
+        raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    ranks = json.load(open(os.path.join(path, "ranks.json")))["layers"]
+    for name, mod in common.find_linears(model).items():
+        if ranks.get(name, "dense") != "dense":
+            m, n = common.weight_matrix(mod).shape
+            k = ranks[name]
+            bias = None if mod.bias is None else torch.empty(m, dtype=mod.weight.dtype)
+            common.set_module(model, name, LowRankLinear(torch.empty(m, k, dtype=mod.weight.dtype),
+                                                         torch.empty(k, n, dtype=mod.weight.dtype), bias))
+    load_model(model, os.path.join(path, "model.safetensors"))  # strict; handles tied embeddings
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    decomp = common.read_manifest(args.run_dir, "decompose", "python decompose.py")
+    alloc = common.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
+    common.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
+    common.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
+    t0 = time.time()
+    model, tok = common.load_model(whiten["model"], "cpu")
+    allocation = json.load(open(f"{args.run_dir}/allocation/ranks.json"))
+    ranks = allocation["layers"]
+    for name, v in decomp["layers"].items():
+        if ranks[name] != "dense" and ranks[name] >= common.k_star(v["m"], v["n"]):
+            ranks[name] = "dense"  # normalise, so the saved ranks say what the model holds
+        elif ranks[name] != "dense" and ranks[name] > v["k_max"]:
+            raise UserError(f"rank {ranks[name]} of {name} exceeds the {v['k_max']} stored components")
+    n_before = count_params(model)
+    comp_path = f"{args.run_dir}/allocation/components.safetensors"
+    components = None
+    if os.path.isfile(comp_path):
+        with safe_open(comp_path, "pt") as f:
+            components = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(f"{args.run_dir}/decompose/factors.safetensors", "pt") as f:
+        needed = [n for n, r in ranks.items() if r != "dense"]
+        factors = {f"{n}.{t}": f.get_tensor(f"{n}.{t}") for n in needed for t in ("U", "sigma", "VtSinv")}
+    compress_model(model, ranks, factors, components)
+    shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
+    rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
+
+    out = common.stage_dir(args.run_dir, "compressed")
+    model.config.save_pretrained(out)
+    tok.save_pretrained(out)
+    save_model(model, f"{out}/model.safetensors")
+    with open(f"{out}/ranks.json", "w") as f:
+        json.dump({**allocation, "layers": ranks}, f, indent=1)
+    common.commit_stage(args.run_dir, "compressed", out, {
+        "inputs": {"allocation": alloc["hash"], "decompose": decomp["hash"]}, "model": whiten["model"],
+        "params_original": n_before, "params_compressed": n_after, "kept_fraction_linear": rho_linear,
+        "kept_fraction_model": n_after / n_before, "wall_time_s": round(time.time() - t0, 1)})
+    print(f"compressed linears: {common.kept_removed(rho_linear)}; whole model: "
+          f"{common.kept_removed(n_after / n_before)} ({n_before:,} -> {n_after:,} parameters)")
+    print(f"wrote {args.run_dir}/compressed; reload with truncate.load_compressed('{args.run_dir}/compressed')")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
+    common.run_main(main, p.parse_args())
