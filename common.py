@@ -67,13 +67,27 @@ def kept_fraction(ranks, shapes):
     return kept / sum(m * n for m, n in shapes.values())
 
 
+def fill_budget(ranks, shapes, rho):
+    """Hand the budget left over by flooring back out, one rank per layer per pass, so the kept
+    fraction lands within one component per layer of rho (tiny layers make flooring visible)."""
+    left = rho * sum(m * n for m, n in shapes.values()) - sum(layer_cost(ranks[k], *shapes[k]) for k in ranks)
+    grew = True
+    while grew:
+        grew = False
+        for name, (m, n) in shapes.items():
+            r = ranks[name]
+            if r != "dense" and r + 1 < k_star(m, n) and m + n <= left:
+                ranks[name], left, grew = r + 1, left - (m + n), True
+    return ranks
+
+
 def uniform_ranks(shapes, rho):
     """SVD-LLM's allocation k_l = floor(rho m n / (m + n)); k >= k* means dense (METHODS.md §2)."""
     ranks = {}
     for name, (m, n) in shapes.items():
         k = int(rho * m * n // (m + n))
         ranks[name] = "dense" if k >= k_star(m, n) else max(k, 1)
-    return ranks
+    return fill_budget(ranks, shapes, rho)
 
 
 def kept_removed(rho):
@@ -211,6 +225,8 @@ def load_documents(spec, split):
         docs = [d for d in open(spec, encoding="utf-8").read().split("\n\n") if d.strip()]
     elif os.path.isfile(spec) and spec.endswith(".jsonl"):
         docs = [json.loads(line)["text"] for line in open(spec, encoding="utf-8") if line.strip()]
+    elif spec.endswith((".txt", ".jsonl")):
+        raise UserError(f"data file {spec!r} does not exist")
     elif os.path.exists(spec):
         raise UserError(f"data file {spec!r} must end in .txt or .jsonl (one {{'text': ...}} per line)")
     else:

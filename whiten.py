@@ -1,7 +1,7 @@
 """Stage 1: activation whitening (SVD-LLM, METHODS.md §1).
 
 Runs calibration text through the model, accumulates each linear layer's input Gram matrix
-G = X X^T / T (n, n) in float64 (layers that read the same tensor, e.g. q/k/v, share one G), and
+G = X X^T / T (n, n) (per batch in float32, summed over batches in float64) (layers that read the same tensor, e.g. q/k/v, share one G), and
 computes a whitening factor S with S S^T = G:
   cholesky (SVD-LLM): S = chol(G), lower-triangular; if G is not positive definite we add
                       (-lambda_min + eps) I, print it and record it in the manifest.
@@ -94,8 +94,9 @@ def accumulate_gram(model, linears, groups, ids, batch_size, device):
         G[leader] = torch.zeros(n, n, dtype=torch.float64, device=device)
 
         def hook(_m, inp, leader=leader):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()  # (B*T, n)
-            G[leader].addmm_(x.T, x)
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (B*T, n)
+            # one batch's X X^T in float32 (fast), the running sum over batches in float64 (METHODS.md §1)
+            G[leader] += (x.T @ x).double()
         hooks.append(linears[leader].register_forward_pre_hook(hook))
     for i in tqdm(range(0, len(ids), batch_size), desc="calibration"):
         model(ids[i:i + batch_size].to(device))

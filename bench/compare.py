@@ -1,0 +1,72 @@
+"""Benchmark: run allocation methods at several budgets on one whitened + decomposed run dir, then
+truncate and evaluate each, and print one markdown table (method, kept, dense layers, ppl, times).
+
+Needs RUN_DIR/whiten and RUN_DIR/decompose (python whiten.py && python decompose.py). Each
+(method, keep) pair overwrites RUN_DIR/allocation, compressed and metrics.json in turn; its metrics
+are kept in RUN_DIR/bench/{method}_{keep}.json and the table in RUN_DIR/bench/table.md.
+
+  python bench/compare.py --methods uniform --keeps 0.9 0.8 0.6
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stage(script, *args):
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], check=True)
+    return time.time() - t0
+
+
+def row(metrics, wall):
+    return (f"| {metrics['method']} | {metrics['keep']:.2f} | {metrics['kept_fraction_linear']:.2%} / "
+            f"{1 - metrics['kept_fraction_linear']:.2%} | {metrics['kept_fraction_model']:.2%} | "
+            f"{metrics['layers_dense']}/{metrics['layers']} | {metrics['compressed']['ppl']:.2f} | "
+            f"{metrics.get('steps', '-')} | {wall['allocation']:.0f} | {wall['truncate']:.0f} | {wall['evaluate']:.0f} |")
+
+
+def main(args):
+    out = os.path.join(args.run_dir, "bench")
+    os.makedirs(out, exist_ok=True)
+    rows, original = [], None
+    for method in args.methods:
+        for keep in args.keeps:
+            wall = {"allocation": stage("learn_masks.py", "--method", method, "--keep", keep,
+                                        "--run_dir", args.run_dir, *args.learn_args)}
+            wall["truncate"] = stage("truncate.py", "--run_dir", args.run_dir)
+            wall["evaluate"] = stage("evaluate.py", "--run_dir", args.run_dir, *args.eval_args)
+            metrics = json.load(open(os.path.join(args.run_dir, "metrics.json")))
+            ranks = json.load(open(os.path.join(args.run_dir, "allocation", "ranks.json")))
+            metrics["steps"] = ranks.get("steps", "-")
+            shutil.copy(os.path.join(args.run_dir, "allocation", "ranks.json"),
+                        os.path.join(out, f"{method}_{keep}_ranks.json"))
+            json.dump({**metrics, "bench_wall_s": wall}, open(os.path.join(out, f"{method}_{keep}.json"), "w"), indent=1)
+            original = metrics["original"]["ppl"]
+            rows.append(row(metrics, wall))
+    whiten = json.load(open(os.path.join(args.run_dir, "whiten", "manifest.json")))
+    decomp = json.load(open(os.path.join(args.run_dir, "decompose", "manifest.json")))
+    table = "\n".join([
+        f"original ppl {original:.2f}; eval {metrics['eval']}; whiten {whiten['wall_time_s']} s, "
+        f"decompose {decomp['wall_time_s']} s (once for all rows)", "",
+        "| method | keep | kept / removed (linears) | kept (model) | dense layers | ppl | steps "
+        "| allocation s | truncate s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows])
+    open(os.path.join(out, "table.md"), "w").write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=["uniform"], help="allocation methods of learn_masks.py")
+    p.add_argument("--keeps", nargs="+", type=float, default=[0.9, 0.8, 0.6], help="KEPT fractions")
+    p.add_argument("--run_dir", default="runs/default", help="run dir with whiten/ and decompose/ in it")
+    p.add_argument("--learn_args", nargs=argparse.REMAINDER, default=[],
+                   help="extra flags passed to learn_masks.py (must come last)")
+    p.add_argument("--eval_args", nargs="*", default=[], help="extra flags for evaluate.py, e.g. --max_windows=80")
+    main(p.parse_args())

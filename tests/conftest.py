@@ -1,0 +1,95 @@
+"""Tiny, offline fixtures: models built from configs (fixed seed), a byte-level BPE tokenizer trained
+on gensim's news text, and a .txt corpus. Nothing here touches the Hugging Face hub."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_config(arch):
+    """Hidden 64, 2 layers; llama has grouped-query attention, qwen2 biases, gpt2 Conv1D, opt fc1/fc2."""
+    import transformers as tf
+    common = dict(vocab_size=320, num_hidden_layers=2, max_position_embeddings=256)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=1, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+    raise ValueError(arch)
+
+
+def tiny_model(arch, seed=0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+
+
+def news_docs():
+    from gensim.test.utils import datapath
+    return [line.strip() for line in open(datapath("lee_background.cor"), encoding="utf-8") if line.strip()]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(news_docs(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama (GQA) with its tokenizer: what `--model` takes."""
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """300 news articles, one document per paragraph."""
+    path = str(tmp_path_factory.mktemp("text") / "news.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(news_docs()))
+    return path
+
+
+FAST = ("--nsamples", 8, "--seqlen", 64)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, tiny_dir, text_file):
+    """whiten + decompose of the tiny model once; tests allocate / truncate / evaluate on top."""
+    d = str(tmp_path_factory.mktemp("run"))
+    run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, *FAST, "--run_dir", d)
+    run_stage("decompose.py", "--run_dir", d)
+    return d
+
+
+def run_stage(script, *args, check=True):
+    """Run a stage script as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,123 @@
+"""Learned rank allocation (METHODS.md §3) on tiny models: budget, determinism, guidance, SoCo's
+folded scales, and a deliberately sensitive layer."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import common
+import masking
+from conftest import run_stage, tiny_model
+from decompose import whitened_svd
+from truncate import compress_model
+from whiten import accumulate_gram, share_groups, whitening_factor
+
+LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
+QUICK = ("--steps", 30, "--batch_size", 2, "--train_seqlen", 48)
+
+
+def factorize(model, ids, kmax_mult=1.2):
+    """whiten.py + decompose.py in memory: factors {layer.U/.sigma/.VtSinv} and shapes."""
+    linears = common.find_linears(model)
+    groups = share_groups(model, linears, ids[:1, :8])
+    G = accumulate_gram(model, linears, groups, ids, 4, "cpu")
+    factors, shapes = {}, {}
+    for name, mod in linears.items():
+        S, S_inv, _ = whitening_factor(G[groups[name]])
+        W = common.weight_matrix(mod).detach().double()
+        U, sigma, VtSinv = whitened_svd(W, S, S_inv)
+        k_max = min(len(sigma), int(kmax_mult * common.k_star(*W.shape)))
+        factors.update({f"{name}.U": U[:, :k_max].float(), f"{name}.sigma": sigma,
+                        f"{name}.VtSinv": VtSinv[:k_max].float()})
+        shapes[name] = tuple(W.shape)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return factors, shapes
+
+
+def learn_args(method, **kw):
+    base = dict(method=method, loss="kl", hidden_layers=[-1], steps=40, batch_size=4, train_seqlen=32,
+                lr=None, alpha=100.0, guidance=50.0 if method == "ara" else 0.0, tau=0.4, init="uniform",
+                soco_stages=[0.4, 0.4, 0.2], sparsity=1.0, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def calib_ids():
+    return torch.randint(0, 320, (16, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_budget_reload_and_determinism(method, run_dir):
+    d, runs = run_dir, []
+    for _ in range(2):
+        run_stage("learn_masks.py", "--method", method, "--keep", 0.6, *QUICK, "--run_dir", d)
+        runs.append(json.load(open(f"{d}/allocation/ranks.json")))
+    assert runs[0]["layers"] == runs[1]["layers"]  # same seed, same allocation
+    curve = runs[0]["curve"]
+    assert len(curve) == 30 and abs(curve[-1]["rho_hat"] - 0.6) < 0.05  # training reached the budget
+    assert abs(runs[0]["kept_fraction_linear"] - 0.6) <= 0.01  # the export meets it exactly
+    run_stage("truncate.py", "--run_dir", d)
+    assert abs(json.load(open(f"{d}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
+
+
+def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
+    flat = torch.ones(1, 101)  # b(r) = 1: a flat spectrum loses a lot at any r < 1
+    r = torch.tensor([1.0], requires_grad=True)
+    assert masking.guidance_loss(r, flat).item() == 0
+    r = torch.tensor([0.7], requires_grad=True)
+    masking.guidance_loss(r, flat).backward()
+    assert r.grad.item() < 0  # descending the loss raises r toward dense
+    steep = torch.zeros(1, 101)  # b(r) = 0: truncation is free, no push
+    assert masking.guidance_loss(torch.tensor([0.7]), steep).item() == 0
+
+
+def test_guidance_alone_makes_a_flat_layer_dense():
+    torch.manual_seed(0)
+    m = n = 32
+    gate = masking.AraGate(int(1.2 * common.k_star(m, n)), 8, learn_args("ara"))
+    layer = masking.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
+                                 torch.randn(gate.k_max, n), gate, {})
+    b = masking.guidance_grid(layer)[None]
+    opt = torch.optim.AdamW(gate.parameters(), lr=0.1)
+    r0 = layer.ratio().item()
+    for _ in range(200):
+        opt.zero_grad()
+        masking.guidance_loss(layer.ratio()[None], b).backward()
+        opt.step()
+    assert r0 < 0.6 and layer.ratio().item() >= 0.99
+
+
+def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
+    model = tiny_model("llama")
+    factors, shapes = factorize(model, calib_ids)
+    args = learn_args("soco", steps=20)
+    layers = masking.attach(model, factors, shapes, 0.6, args)
+    masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))
+    ranks, components = masking.export(layers, shapes, 0.6, "soco")
+    assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
+    with torch.no_grad():
+        masked = model(calib_ids[:2]).logits
+    for name, l in layers.items():  # back to the original layers, then truncate.py's path
+        common.set_module(model, name, l.orig)
+    compress_model(model, ranks, factors, components)
+    with torch.no_grad():
+        truncated = model(calib_ids[:2]).logits
+    assert (truncated - masked).norm() / masked.norm() < 1e-4
+    assert abs(common.kept_fraction(ranks, shapes) - 0.6) <= 0.01
+
+
+@pytest.mark.parametrize("method", ["ara", "sigmoid"])
+def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
+    model = tiny_model("llama")
+    sensitive = "model.layers.0.self_attn.v_proj"
+    model.get_submodule(sensitive).weight.data *= 30  # its error now dominates the residual stream
+    factors, shapes = factorize(model, calib_ids)
+    uniform = common.uniform_ranks(shapes, 0.5)
+    args = learn_args(method, steps=60)
+    layers = masking.attach(model, factors, shapes, 0.5, args)
+    masking.train(model, layers, calib_ids, 0.5, args, torch.device("cpu"))
+    ranks, _ = masking.export(layers, shapes, 0.5, method)
+    learned = ranks[sensitive]
+    assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])

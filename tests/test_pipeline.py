@@ -1,0 +1,70 @@
+"""Tier 3: all five stages as subprocesses on a tiny model in a temp dir, plus every bad input."""
+import json
+import os
+
+import torch
+
+from conftest import FAST, run_stage
+
+EVAL = ("--seqlen", 64, "--max_windows", 6)
+
+
+def test_end_to_end_uniform(run_dir, tiny_dir, text_file):
+    from truncate import load_compressed
+    run_stage("learn_masks.py", "--method", "uniform", "--keep", 0.6, "--run_dir", run_dir)
+    out = run_stage("truncate.py", "--run_dir", run_dir).stdout
+    assert "kept" in out and "removed" in out
+    run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
+    metrics = json.load(open(f"{run_dir}/metrics.json"))
+    assert abs(metrics["kept_fraction_linear"] - 0.6) <= 0.01
+    assert metrics["kept_fraction_model"] < 1 and metrics["compressed"]["params"] < metrics["original"]["params"]
+    assert all(torch.isfinite(torch.tensor(metrics[k]["ppl"])) for k in ("original", "compressed"))
+    model, tok = load_compressed(f"{run_dir}/compressed")  # the documented one-call reload
+    assert sum(type(m).__name__ == "LowRankLinear" for m in model.modules()) > 0
+    out = model.generate(**tok("The fire", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 2
+    assert os.path.getsize(f"{run_dir}/compressed/model.safetensors") < \
+        os.path.getsize(f"{tiny_dir}/model.safetensors")
+
+
+def test_keep_one_is_the_original_model(run_dir, text_file):
+    run_stage("learn_masks.py", "--keep", 1.0, "--run_dir", run_dir)
+    run_stage("truncate.py", "--run_dir", run_dir)
+    run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
+    metrics = json.load(open(f"{run_dir}/metrics.json"))
+    assert metrics["layers_dense"] == metrics["layers"] and metrics["kept_fraction_linear"] == 1.0
+    assert abs(metrics["compressed"]["ppl"] / metrics["original"]["ppl"] - 1) < 1e-5
+
+
+def bad(script, *args, expect):
+    proc = run_stage(script, *args, check=False)
+    assert proc.returncode != 0, f"{script} {args} should fail"
+    lines = proc.stderr.strip().splitlines()
+    assert lines and expect in lines[-1] and lines[-1].startswith("error:"), proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_inputs(run_dir, tiny_dir, text_file, tmp_path):
+    fresh = str(tmp_path / "fresh")
+    bad("whiten.py", "--model", "./no/such/model", "--run_dir", fresh, expect="does not exist")
+    bad("whiten.py", "--model", tiny_dir, "--data", "nosuchdata", "--run_dir", fresh, expect="unknown data")
+    bad("whiten.py", "--model", tiny_dir, "--data", str(tmp_path / "x.txt"), "--run_dir", fresh,
+        expect="does not exist")
+    bad("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 100000, "--run_dir", fresh,
+        expect="fewer than")
+    assert not os.path.exists(f"{fresh}/whiten")  # nothing half-written
+    bad("decompose.py", "--run_dir", fresh, expect="run `python whiten.py")
+    bad("learn_masks.py", "--keep", 0, "--run_dir", run_dir, expect="outside (0, 1]")
+    bad("learn_masks.py", "--keep", 1.5, "--run_dir", run_dir, expect="outside (0, 1]")
+    bad("learn_masks.py", "--keep", 0.001, "--run_dir", run_dir, expect="rank 1 in every layer")
+    bad("learn_masks.py", "--method", "magic", "--run_dir", run_dir, expect="unknown --method")
+    bad("evaluate.py", "--data", text_file, "--seqlen", 10 ** 7, "--run_dir", run_dir, expect="less than one")
+
+
+def test_stale_artifacts_are_refused(tmp_path, tiny_dir, text_file):
+    d = str(tmp_path / "run")
+    run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, *FAST, "--run_dir", d)
+    run_stage("decompose.py", "--run_dir", d)
+    run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 4, "--seqlen", 64,
+              "--run_dir", d)  # other settings: decompose/ is now stale
+    bad("learn_masks.py", "--run_dir", d, expect="different whiten/ run")
