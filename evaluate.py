@@ -50,6 +50,19 @@ def perplexity(model, windows, batch_size, device, label):
     return math.exp(nll / count)
 
 
+def original_metrics(model, windows, args, device, whiten_hash):
+    """The original model's numbers, cached in RUN_DIR keyed on everything they depend on."""
+    key = f"{whiten_hash}|{args.data}|{args.seqlen}|{len(windows)}|{device.type}"
+    path = os.path.join(args.run_dir, "original_eval.json")
+    cache = json.load(open(path)) if os.path.isfile(path) else {}
+    if key not in cache:
+        cache[key] = {"ppl": perplexity(model, windows, args.batch_size, device, "original"),
+                      "params": count_params(model)}
+        with open(path, "w") as f:
+            json.dump(cache, f, indent=1)
+    return cache[key]
+
+
 def main(args):
     whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
     comp = common.read_manifest(args.run_dir, "compressed", "python truncate.py")
@@ -61,8 +74,7 @@ def main(args):
                            args.seqlen, args.max_windows)
     print(f"evaluating on {windows.numel()} held-out tokens ({len(windows)} x {args.seqlen}) of {args.data!r}")
     t0 = time.time()
-    original = {"ppl": perplexity(model, windows, args.batch_size, device, "original"),
-                "params": count_params(model)}
+    original = original_metrics(model, windows, args, device, whiten["hash"])
     del model
     model, _ = load_compressed(f"{args.run_dir}/compressed", device)
     compressed = {"ppl": perplexity(model, windows, args.batch_size, device, "compressed"),

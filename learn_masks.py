@@ -150,9 +150,9 @@ if __name__ == "__main__":
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps (cosine-decayed learning rate)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration windows per step")
-    p.add_argument("--train_seqlen", type=int, default=256, help="tokens of each window used for training")
+    p.add_argument("--train_seqlen", type=int, default=128, help="tokens of each window used for training")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see masking.py)")
     p.add_argument("--alpha", type=float, default=100.0, help="budget weight alpha (ARA: 100)")
     p.add_argument("--guidance", type=float, default=None,

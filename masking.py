@@ -28,7 +28,8 @@ import common
 from common import UserError
 from truncate import lowrank_factors
 
-DEFAULT_LR = {"sigmoid": 0.1, "hardconcrete": 0.1, "ara": 0.05, "soco": 0.02}
+# Chosen for ~100 CPU-sized steps (the papers train thousands of steps at 1e-3: ARA, 2560)
+DEFAULT_LR = {"sigmoid": 0.1, "hardconcrete": 0.1, "ara": 0.1, "soco": 0.05}
 
 
 # ----------------------------------------------------------------------------- gates
@@ -251,6 +252,8 @@ def train(model, layers, ids, rho, args, device):
     gates = [layers[n].gate for n in names]
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()],
                             lr=args.lr or DEFAULT_LR[args.method], weight_decay=0.0)
+    # cosine decay to zero: the gates settle instead of flipping layers dense / low-rank at the last step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / args.steps)))
     state = layers[names[0]].state
     state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise
     batches = torch.Generator().manual_seed(args.seed)  # which calibration windows
@@ -293,6 +296,7 @@ def train(model, layers, ids, rho, args, device):
         if loss.requires_grad:
             loss.backward()
             opt.step()
+        sched.step()
         curve.append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
         bar.set_postfix(loss=f"{log['loss']:.4f}", rho=f"{log['rho_hat']:.3f}")
     state["train"] = False
