@@ -50,14 +50,196 @@ def perplexity(model, windows, batch_size, device, label):
     return math.exp(nll / count)
 
 
-def original_metrics(model, windows, args, device, whiten_hash):
+# ----------------------------------------------------------------------------- zero-shot (lm-evaluation-harness)
+
+def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_choices=4):
+    """A LOCAL multiple-choice task from held-out text (not a standard benchmark): given 64 tokens of
+    context, pick the true 16-token continuation among continuations taken from elsewhere."""
+    span = ctx_len + cont_len
+    if len(stream) < span * (n_choices + 1):
+        raise UserError(f"evaluation text has {len(stream)} tokens, too few for the local task; pass more --data")
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n_items):
+        p, *others = torch.randint(0, len(stream) - span, (n_choices,), generator=g).tolist()
+        conts = [stream[q + ctx_len:q + span] for q in [p] + others]
+        order = torch.randperm(n_choices, generator=g).tolist()
+        items.append({"context": tok.decode(stream[p:p + ctx_len]),
+                      "choices": [tok.decode(conts[j]) for j in order], "label": order.index(0)})
+    return items
+
+
+def check_task_file(path):
+    """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
+    if not os.path.isfile(path):
+        raise UserError(f"local task file {path!r} does not exist")
+    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+        try:
+            item = json.loads(line)
+            ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
+                all(isinstance(c, str) for c in item["choices"]) and 0 <= int(item["label"]) < len(item["choices"])
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path} line {i} is malformed: need {{\"context\": str, \"choices\": [str, ...], "
+                            f"\"label\": int index into choices}}")
+
+
+def task_yaml(name, path, folder):
+    """An lm-eval task over a local JSONL file (dataset_path: json; ../shared/DATA.md)."""
+    text = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {os.path.abspath(path)}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+        f.write(text)
+
+
+def prepare_tasks(names, stream, tok, args):
+    """Harness task names, 'local_continuation' (built from held-out text) and 'local:PATH.jsonl'."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
+    folder = os.path.join(args.run_dir, "tasks")
+    os.makedirs(folder, exist_ok=True)
+    resolved = []
+    for name in names:
+        if name == "local_continuation":
+            path = os.path.join(folder, "local_continuation.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(it) + "\n" for it in continuation_items(stream, tok, args.task_items, 0))
+        elif name.startswith("local:"):
+            path = name[len("local:"):]
+            check_task_file(path)
+            name = "local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
+        else:
+            resolved.append(name)
+            continue
+        task_yaml(name, path, folder)
+        resolved.append(name)
+    manager = TaskManager(include_path=folder)
+    unknown = [n for n in resolved if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval --tasks list`, or use "
+                        "local_continuation / local:PATH.jsonl")
+    return resolved, manager
+
+
+def zero_shot(model, tok, tasks, manager, batch_size):
+    """acc and acc_norm per task, 0-shot, through lm-eval's HFLM wrapper of the in-memory model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size),
+                                  tasks=tasks, task_manager=manager, num_fewshot=0, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)["results"]
+    return {t: {m: out[t][f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in out[t]} for t in tasks}
+
+
+# ----------------------------------------------------------------------------- speed and memory
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def throughput(model, device, batch, seqlen, new_tokens, vocab):
+    """Prefill tokens/s (one forward of batch x seqlen) and decode tokens/s (greedy, KV cache)."""
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    model(ids[:, :16])  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    model(ids)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=0)
+    sync(device)
+    return {"prefill_tok_s": batch * seqlen / prefill, "decode_tok_s": batch * new_tokens / (time.perf_counter() - t0)}
+
+
+def speed_child(which, run_dir, model_spec, device_name, cfg):
+    """Runs in a fresh process, so the CPU's peak RSS belongs to this model alone."""
+    import resource
+    device = torch.device(device_name)
+    if which == "original":
+        model, _ = common.load_model(model_spec, device)
+    else:
+        model, _ = load_compressed(f"{run_dir}/compressed", device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # bf16 on GPU
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the RSS high-water mark, so loading the model is not counted
+    out = {"params": count_params(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    for b in cfg["batches"]:
+        out[f"batch{b}"] = throughput(model, device, b, cfg["seqlen"], cfg["new_tokens"], model.config.vocab_size)
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    elif os.path.exists("/proc/self/status"):  # peak RSS of the process while it ran the model
+        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+        out["peak_memory_bytes"] = int(hwm.split()[1]) * 1024
+    else:  # includes loading
+        out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def disk_bytes(folder):
+    if not os.path.isdir(folder):
+        return None  # a hub id: the files live in the hub cache
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith((".safetensors", ".bin")))
+
+
+def speed_report(run_dir, model_spec, device, args):
+    import multiprocessing as mp
+    cfg = {"batches": [1, args.speed_batch], "seqlen": args.speed_seqlen, "new_tokens": args.speed_new_tokens}
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({torch.get_num_threads()} threads)", **cfg}
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for which in ("original", "compressed"):
+            report[which] = pool.apply(speed_child, (which, run_dir, model_spec, str(device), cfg))
+    report["original"]["disk_bytes"] = disk_bytes(common.resolve_model(model_spec))
+    report["compressed"]["disk_bytes"] = disk_bytes(f"{run_dir}/compressed")
+    return report
+
+
+def print_speed(rep, kept_model):
+    print(f"\nspeed and memory on {rep['device']} (prefill {rep['seqlen']} tokens, decode {rep['new_tokens']} tokens)")
+    print("| model | params | disk MB | peak mem MB | " + " | ".join(
+        f"prefill tok/s b{b} | decode tok/s b{b}" for b in rep["batches"]) + " |")
+    print("|---" * (4 + 2 * len(rep["batches"])) + "|")
+    for which in ("original", "compressed"):
+        r = rep[which]
+        disk = "-" if r["disk_bytes"] is None else f"{r['disk_bytes'] / 2**20:.0f}"
+        print(f"| {which} | {r['params']:,} | {disk} | {r['peak_memory_bytes'] / 2**20:.0f} | " + " | ".join(
+            f"{r[f'batch{b}']['prefill_tok_s']:.0f} | {r[f'batch{b}']['decode_tok_s']:.1f}" for b in rep["batches"]) + " |")
+    for b in rep["batches"]:
+        o, c = rep["original"][f"batch{b}"], rep["compressed"][f"batch{b}"]
+        print(f"batch {b}: speedup prefill x{c['prefill_tok_s'] / o['prefill_tok_s']:.2f}, decode "
+              f"x{c['decode_tok_s'] / o['decode_tok_s']:.2f} (ideal x{1 / kept_model:.2f} = 1 / kept fraction)")
+
+
+# ----------------------------------------------------------------------------- main
+
+def measure(model, tok, windows, tasks, manager, args, device, label):
+    out = {"ppl": perplexity(model, windows, args.batch_size, device, label), "params": count_params(model)}
+    if tasks:
+        out["zero_shot"] = zero_shot(model, tok, tasks, manager, args.batch_size)
+    return out
+
+
+def original_metrics(model, tok, windows, tasks, manager, args, device, whiten_hash):
     """The original model's numbers, cached in RUN_DIR keyed on everything they depend on."""
-    key = f"{whiten_hash}|{args.data}|{args.seqlen}|{len(windows)}|{device.type}"
+    key = f"{whiten_hash}|{args.data}|{args.seqlen}|{len(windows)}|{device.type}|{tasks}|{args.task_items}"
     path = os.path.join(args.run_dir, "original_eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) else {}
     if key not in cache:
-        cache[key] = {"ppl": perplexity(model, windows, args.batch_size, device, "original"),
-                      "params": count_params(model)}
+        cache[key] = measure(model, tok, windows, tasks, manager, args, device, "original")
         with open(path, "w") as f:
             json.dump(cache, f, indent=1)
     return cache[key]
@@ -70,15 +252,17 @@ def main(args):
     model, tok = common.load_model(whiten["model"], device)
     if common.config_hash(model) != whiten["config_hash"]:
         raise UserError(f"model {whiten['model']!r} changed since whiten/ was made: re-run the pipeline")
-    windows = eval_windows(common.token_stream(tok, common.load_documents(args.data, "eval")),
-                           args.seqlen, args.max_windows)
+    stream = common.token_stream(tok, common.load_documents(args.data, "eval"))
+    windows = eval_windows(stream, args.seqlen, args.max_windows)
     print(f"evaluating on {windows.numel()} held-out tokens ({len(windows)} x {args.seqlen}) of {args.data!r}")
+    tasks, manager = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None)
     t0 = time.time()
-    original = original_metrics(model, windows, args, device, whiten["hash"])
+    original = original_metrics(model, tok, windows, tasks, manager, args, device, whiten["hash"])
     del model
     model, _ = load_compressed(f"{args.run_dir}/compressed", device)
-    compressed = {"ppl": perplexity(model, windows, args.batch_size, device, "compressed"),
-                  "params": count_params(model)}
+    compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
+    del model
+    speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
     walls = {s: json.load(open(f"{args.run_dir}/{s}/manifest.json")).get("wall_time_s")
              for s in ("whiten", "decompose", "allocation", "compressed")}
     ranks = json.load(open(f"{args.run_dir}/compressed/ranks.json"))
@@ -90,6 +274,8 @@ def main(args):
                "eval": {"data": args.data, "seqlen": args.seqlen, "windows": len(windows),
                         "tokens": windows.numel(), "device": str(device)},
                "wall_time_s": {**walls, "evaluate": round(time.time() - t0, 1)}}
+    if speed:
+        metrics["speed"] = speed
     tmp = os.path.join(args.run_dir, ".metrics.json.tmp")
     with open(tmp, "w") as f:
         json.dump(metrics, f, indent=1)
@@ -98,6 +284,12 @@ def main(args):
           f"| original | {original['params']:,} | 100% | 100% | {original['ppl']:.2f} |\n"
           f"| compressed ({metrics['method']}) | {compressed['params']:,} | "
           f"{metrics['kept_fraction_linear']:.2%} | {metrics['kept_fraction_model']:.2%} | {compressed['ppl']:.2f} |")
+    for t in tasks:
+        print(f"zero-shot {t}: acc {original['zero_shot'][t]['acc']:.4f} -> {compressed['zero_shot'][t]['acc']:.4f}, "
+              f"acc_norm {original['zero_shot'][t].get('acc_norm', float('nan')):.4f} -> "
+              f"{compressed['zero_shot'][t].get('acc_norm', float('nan')):.4f}")
+    if speed:
+        print_speed(speed, metrics["kept_fraction_model"])
     print(f"removed: {1 - metrics['kept_fraction_linear']:.2%} of the linears, "
           f"{1 - metrics['kept_fraction_model']:.2%} of the model; wrote {args.run_dir}/metrics.json")
 
@@ -108,6 +300,14 @@ if __name__ == "__main__":
     p.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
     p.add_argument("--max_windows", type=int, default=40, help="evaluate at most this many windows (0 = all)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks through lm-eval: harness names "
+                   "(online), local_continuation (built from the held-out text; NOT a standard benchmark), "
+                   "local:PATH.jsonl (lines {context, choices, label})")
+    p.add_argument("--task_items", type=int, default=100, help="items of local_continuation")
+    p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s, peak memory, disk size")
+    p.add_argument("--speed_batch", type=int, default=8, help="the larger batch of the speed test (batch 1 always)")
+    p.add_argument("--speed_seqlen", type=int, default=256, help="prompt tokens of the prefill test")
+    p.add_argument("--speed_new_tokens", type=int, default=32, help="generated tokens of the decode test")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
     common.run_main(main, p.parse_args())

@@ -25,12 +25,13 @@ Writes RUN_DIR/allocation/:
 """
 import argparse
 import json
-import math
+import os
 import time
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import common
 import masking
@@ -69,17 +70,25 @@ def allocate_strs(shapes, rho, ctx, args):
     model, ids, factors = ctx["model"], ctx["ids"][:args.strs_samples], ctx["factors"]
     qs = [round(0.1 * i, 1) for i in range(1, 10)]
     ids = ids[:, :args.train_seqlen].to(ctx["device"])
-    table, linears = {}, common.find_linears(model)
-    from tqdm import tqdm
-    for name in tqdm(shapes, desc="STRS sensitivity"):
-        orig = linears[name]
-        for q in qs:
-            k = max(1, int(q * shapes[name][0] * shapes[name][1] // sum(shapes[name])))
-            common.set_module(model, name, masking.fixed_lowrank(orig, factors, name, k))
-            table[(name, q)] = masking.calib_ppl(model, ids)
-        common.set_module(model, name, orig)
+    # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors
+    cache = f"{args.run_dir}/decompose/strs_{args.strs_samples}x{args.train_seqlen}.json"
+    if os.path.isfile(cache):
+        saved = json.load(open(cache))
+        table = {(n, float(q)): p for n, q, p in saved["table"]}
+    else:
+        t0, table, linears = time.time(), {}, common.find_linears(model)
+        for name in tqdm(shapes, desc="STRS sensitivity"):
+            orig = linears[name]
+            for q in qs:
+                k = max(1, int(q * shapes[name][0] * shapes[name][1] // sum(shapes[name])))
+                common.set_module(model, name, masking.fixed_lowrank(orig, factors, name, k))
+                table[(name, q)] = masking.calib_ppl(model, ids)
+            common.set_module(model, name, orig)
+        saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
+        json.dump(saved, open(cache, "w"))
     ranks = strs_search(table, shapes, rho, qs)
-    return ranks, None, {"ppl_passes": len(table), "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
+    return ranks, None, {"ppl_passes": len(table), "sensitivity_wall_time_s": saved["wall_time_s"],
+                         "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
 
 
 def allocate_learned(shapes, rho, ctx, args):
@@ -137,6 +146,7 @@ def main(args):
         save_file(components, f"{out}/components.safetensors")
     with open(f"{out}/ranks.json", "w") as f:
         json.dump({"method": args.method, "keep": args.keep, "kept_fraction_linear": rho, "layers": ranks,
+                   "shapes": shapes,
                    "flags": vars(args), "wall_time_s": wall, **record}, f, indent=1)
     common.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,

@@ -1,0 +1,87 @@
+"""Evaluation users trust: zero-shot through lm-eval on a local task, speed/memory report, STRS,
+and the allocation heatmap, on the tiny model."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_stage
+
+EVAL = ("--seqlen", 64, "--max_windows", 4)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir, text_file):
+    run_stage("learn_masks.py", "--method", "uniform", "--keep", 0.5, "--run_dir", run_dir)
+    run_stage("truncate.py", "--run_dir", run_dir)
+    out = []
+    for speed in (("--speed", "--speed_batch", 2, "--speed_seqlen", 32, "--speed_new_tokens", 4), ()):
+        run_stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", "local_continuation", "--task_items", 12,
+                  *speed, "--run_dir", run_dir)
+        out.append(json.load(open(f"{run_dir}/metrics.json")))
+    return out
+
+
+def test_zero_shot_is_in_range_and_repeatable(evaluated):
+    first, second = evaluated
+    for which in ("original", "compressed"):
+        acc = first[which]["zero_shot"]["local_continuation"]
+        assert set(acc) == {"acc", "acc_norm"} and all(0 <= v <= 1 for v in acc.values())
+        assert acc == second[which]["zero_shot"]["local_continuation"]
+
+
+def test_speed_report_has_every_field(evaluated):
+    speed = evaluated[0]["speed"]
+    assert speed["device"] and speed["batches"] == [1, 2]
+    for which in ("original", "compressed"):
+        r = speed[which]
+        assert r["peak_memory_bytes"] > 0 and r["disk_bytes"] > 0
+        for b in (1, 2):
+            assert r[f"batch{b}"]["prefill_tok_s"] > 0 and r[f"batch{b}"]["decode_tok_s"] > 0
+    assert speed["compressed"]["params"] < speed["original"]["params"]
+    assert speed["compressed"]["disk_bytes"] < speed["original"]["disk_bytes"]
+
+
+def test_bad_tasks(run_dir, text_file, tmp_path):
+    bad_file = tmp_path / "bad.jsonl"
+    bad_file.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "label": 0}\n')
+    for tasks, expect in (("no_such_task_xyz", "unknown task"), (f"local:{bad_file}", "line 2 is malformed"),
+                          (f"local:{tmp_path}/none.jsonl", "does not exist")):
+        proc = run_stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", tasks, "--run_dir", run_dir,
+                         check=False)
+        assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
+
+
+def test_missing_lm_eval_is_a_clear_error(monkeypatch):
+    import common
+    import evaluate
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    with pytest.raises(common.UserError, match="pip install lm-eval"):
+        evaluate.prepare_tasks(["local_continuation"], None, None, None)
+
+
+def test_strs_meets_budget_and_reloads(run_dir):
+    run_stage("learn_masks.py", "--method", "strs", "--keep", 0.6, "--strs_samples", 2, "--train_seqlen", 32,
+              "--run_dir", run_dir)
+    alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
+    assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
+    assert alloc["ppl_passes"] == 9 * len(alloc["layers"])
+    run_stage("truncate.py", "--run_dir", run_dir)
+    assert abs(json.load(open(f"{run_dir}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
+
+
+def test_heatmap_png(run_dir, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import heatmap
+    run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
+    blocks, kinds, cells = heatmap.grid(alloc["layers"], alloc["shapes"])
+    assert len(blocks) * len(kinds) == len(alloc["layers"]) == sum(len(r) for r in cells)
+    run_stage("bench/heatmap.py", f"{run_dir}/allocation/ranks.json", f"{run_dir}/allocation/ranks.json",
+              "-o", tmp_path / "cmp.png")
+    data = (tmp_path / "cmp.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > height / 2 > 0  # two panels side by side
