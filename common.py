@@ -207,18 +207,26 @@ def _embedded_articles():
     return docs
 
 
-def load_documents(spec, split):
-    """Documents of `split` ('calib' or 'eval'). Local and embedded text are split by document:
-    every 5th document (index % 5 == 4) is evaluation, the rest calibration, so they never overlap."""
-    if spec == "wikitext2":
-        from datasets import load_dataset
-        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
-        return ["".join(ds["text"])]
-    if spec == "c4":
-        from datasets import load_dataset
+def _hub_documents(spec, split):
+    """WikiText-2 raw (train / test, joined with blank lines as in GPTQ / SVD-LLM) or a C4 shard."""
+    from datasets import load_dataset
+    try:
+        if spec == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+            return ["\n\n".join(ds["text"])]
         name = "train" if split == "calib" else "validation"
         shard = f"en/c4-{name}.00000-of-{'01024' if split == 'calib' else '00008'}.json.gz"
         return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000]
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"cannot load {spec!r} from the hub ({type(e).__name__}); go online, or use "
+                        "--data embedded or a local .txt/.jsonl file") from None
+
+
+def load_documents(spec, split):
+    """Documents of `split` ('calib' or 'eval'). Local and embedded text are split by document:
+    every 5th document (index % 5 == 4) is evaluation, the rest calibration, so they never overlap."""
+    if spec in ("wikitext2", "c4"):
+        return _hub_documents(spec, split)
     if spec == "embedded":
         docs = _embedded_articles()
     elif os.path.isfile(spec) and spec.endswith(".txt"):

@@ -121,3 +121,14 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
     ranks, _ = masking.export(layers, shapes, 0.5, method)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
+
+
+def test_bad_learning_inputs(run_dir):
+    run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    before = open(f"{run_dir}/allocation/ranks.json").read()
+    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "loss became nan"),
+                         (("--method", "magic"), "unknown --method"),
+                         (("--method", "ara", "--keep", 0.0001), "rank 1 in every layer")):
+        proc = run_stage("learn_masks.py", *args, "--run_dir", run_dir, check=False)
+        assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
+    assert open(f"{run_dir}/allocation/ranks.json").read() == before  # nothing half-written
