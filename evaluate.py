@@ -45,7 +45,8 @@ def perplexity(model, windows, batch_size, device, label):
         logits = model(x).logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss on {label} model, windows {i}..{i + len(x) - 1}")
+            raise UserError(f"non-finite loss on the {label} model, windows {i}..{i + len(x) - 1} (never dropped, "
+                            "METHODS.md §4): the model is broken here; check the allocation or raise --keep")
         nll, count = nll + loss.item(), count + x[:, 1:].numel()
     return math.exp(nll / count)
 

@@ -4,7 +4,7 @@ accuracy when evaluate.py got --tasks, times).
 
 Needs RUN_DIR/whiten and RUN_DIR/decompose (python whiten.py && python decompose.py). Each
 (method, keep) pair overwrites RUN_DIR/allocation, compressed and metrics.json in turn; its metrics
-are kept in RUN_DIR/bench/{method}_{keep}.json and the table in RUN_DIR/bench/table.md.
+are kept in RUN_DIR/NAME/{method}_{keep}.json and the table in RUN_DIR/NAME/table.md (--name, default bench).
 
   python bench/compare.py --methods uniform --keeps 0.9 0.8 0.6
   python bench/compare.py --methods uniform strs ara sigmoid hardconcrete soco --keeps 0.8 0.6 \\
@@ -54,7 +54,7 @@ def run_one(args, method, keep, out):
 
 
 def main(args):
-    out = os.path.join(args.run_dir, "bench")
+    out = os.path.join(args.run_dir, args.name)
     os.makedirs(out, exist_ok=True)
     rows = []
     for method in args.methods:
@@ -83,5 +83,6 @@ if __name__ == "__main__":
     p.add_argument("--run_dir", default="runs/default", help="run dir with whiten/ and decompose/ in it")
     p.add_argument("--learn_args", default="", help="extra flags for learn_masks.py, one string: '--steps 200'")
     p.add_argument("--eval_args", default="", help="extra flags for evaluate.py, one string: '--max_windows 80'")
+    p.add_argument("--name", default="bench", help="sub-folder of RUN_DIR for the rows and table.md")
     p.add_argument("--table_only", action="store_true", help="only rebuild the table from saved rows")
     main(p.parse_args())
