@@ -61,16 +61,20 @@ def layer_cost(rank, m, n):
     return m * n if rank == "dense" else min(rank * (m + n), m * n)
 
 
+def total_cost(ranks, shapes):
+    """sum_l c(k_l): parameters of the compressed linears under `ranks`."""
+    return sum(layer_cost(ranks[name], m, n) for name, (m, n) in shapes.items())
+
+
 def kept_fraction(ranks, shapes):
     """rho = sum_l c(k_l) / sum_l m_l n_l over the compressed linears (METHODS.md §2)."""
-    kept = sum(layer_cost(ranks[name], m, n) for name, (m, n) in shapes.items())
-    return kept / sum(m * n for m, n in shapes.values())
+    return total_cost(ranks, shapes) / sum(m * n for m, n in shapes.values())
 
 
 def fill_budget(ranks, shapes, rho):
     """Hand the budget left over by flooring back out, one rank per layer per pass, so the kept
     fraction lands within one component per layer of rho (tiny layers make flooring visible)."""
-    left = rho * sum(m * n for m, n in shapes.values()) - sum(layer_cost(ranks[k], *shapes[k]) for k in ranks)
+    left = rho * sum(m * n for m, n in shapes.values()) - total_cost(ranks, shapes)
     grew = True
     while grew:
         grew = False

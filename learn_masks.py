@@ -36,6 +36,7 @@ from tqdm import tqdm
 import common
 import masking
 from common import UserError
+from truncate import lowrank_layer
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -56,11 +57,10 @@ def strs_search(ppl_table, shapes, rho, qs):
             q_of[name] = min(q_of[name], q)
         return {name: "dense" if q_of[name] >= 1 else max(1, int(q_of[name] * m * n // (m + n)))
                 for name, (m, n) in shapes.items()}
-    cost = lambda r: sum(common.layer_cost(r[k], *shapes[k]) for k in shapes)
     lo, hi = 0, len(triples)  # more triples below the cut = smaller q = cheaper
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if cost(ranks_at(mid)) <= budget else (mid + 1, hi)
+        lo, hi = (lo, mid) if common.total_cost(ranks_at(mid), shapes) <= budget else (mid + 1, hi)
     return common.fill_budget(ranks_at(lo), shapes, rho)
 
 
@@ -81,7 +81,7 @@ def allocate_strs(shapes, rho, ctx, args):
             orig = linears[name]
             for q in qs:
                 k = max(1, int(q * shapes[name][0] * shapes[name][1] // sum(shapes[name])))
-                common.set_module(model, name, masking.fixed_lowrank(orig, factors, name, k))
+                common.set_module(model, name, lowrank_layer(orig, factors, name, k))
                 table[(name, q)] = masking.calib_ppl(model, ids)
             common.set_module(model, name, orig)
         saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
@@ -103,7 +103,7 @@ METHODS = {"uniform": allocate_uniform, "strs": allocate_strs, **{m: allocate_le
 
 # ----------------------------------------------------------------------------- main
 
-def load_context(args, run_dir, whiten, shapes):
+def load_context(args, run_dir, whiten):
     """Model, calibration ids and factors: only the methods that look at the model need them."""
     device = common.pick_device(args.device)
     model, _ = common.load_model(whiten["model"], device)
@@ -134,7 +134,7 @@ def main(args):
         args.guidance = 50.0 if args.method == "ara" else 0.0
     common.set_seed(args.seed)
     t0 = time.time()
-    ctx = {} if args.method == "uniform" else load_context(args, args.run_dir, whiten, shapes)
+    ctx = {} if args.method == "uniform" else load_context(args, args.run_dir, whiten)
     ranks, components, record = METHODS[args.method](shapes, args.keep, ctx, args)
     rho = common.kept_fraction(ranks, shapes)
     dense = sum(r == "dense" for r in ranks.values())

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 import common
 from common import UserError
-from truncate import lowrank_factors
 
 # Chosen for ~100 CPU-sized steps (the papers train thousands of steps at 1e-3: ARA, 2560)
 DEFAULT_LR = {"sigmoid": 0.1, "hardconcrete": 0.1, "ara": 0.1, "soco": 0.05}
@@ -209,14 +208,6 @@ def task_loss(kind, student, teacher, x, hidden_layers):
                for i in hidden_layers) / len(hidden_layers)  # LLRC's hidden-state MSE
 
 
-def fixed_lowrank(orig, factors, name, k):
-    """A LowRankLinear at rank k from the stored factors (for STRS's one-layer-at-a-time passes)."""
-    A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"], rank=k)
-    W = common.weight_matrix(orig)
-    bias = getattr(orig, "bias", None)
-    return common.LowRankLinear(A.to(W), B.to(W), None if bias is None else bias.detach())
-
-
 @torch.no_grad()
 def calib_ppl(model, ids):
     logits = model(ids).logits.float()
@@ -233,11 +224,10 @@ def soco_select(layers, shapes, rho):
 
     def counts(t):
         return {name: max(1, int((s > t).sum())) for name, s in scores.items()}
-    cost = lambda c: sum(common.layer_cost(c[k], *shapes[k]) for k in c)
     lo, hi = 0.0, max(s.max().item() for s in scores.values())
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if cost(counts(mid)) <= budget else (mid, hi)
+        lo, hi = (lo, mid) if common.total_cost(counts(mid), shapes) <= budget else (mid, hi)
     for name, k in counts(hi).items():
         s, l = scores[name], layers[name]
         keep = torch.zeros_like(s)
@@ -321,13 +311,12 @@ def finalize(r, shapes, rho):
             out[k] = "dense" if k in dense else min(max(1, int(c * r[k] * common.k_star(m, n))),
                                                     common.k_star(m, n) - 1)
         return out
-    cost = lambda rk: sum(common.layer_cost(rk[k], *shapes[k]) for k in shapes)
     lo, hi = 0.0, 1.0
-    while cost(ranks_at(hi)) <= budget and hi < 1e6:
+    while common.total_cost(ranks_at(hi), shapes) <= budget and hi < 1e6:
         hi *= 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(ranks_at(mid)) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if common.total_cost(ranks_at(mid), shapes) <= budget else (lo, mid)
     return common.fill_budget(ranks_at(lo), shapes, rho)
 
 

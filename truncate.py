@@ -43,6 +43,15 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
 
 
+def lowrank_layer(mod, factors, name, rank, index=None, scale=None):
+    """The LowRankLinear that replaces `mod` (weight dtype and device, bias kept) from stored factors."""
+    A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
+                           rank=rank, index=index, scale=scale)
+    W = common.weight_matrix(mod)
+    bias = None if mod.bias is None else mod.bias.detach().clone()
+    return LowRankLinear(A.to(W), B.to(W), bias).to(W.device)
+
+
 def compress_model(model, ranks, factors, components=None):
     """Swap every non-dense layer in `ranks` for a LowRankLinear, in place."""
     linears = common.find_linears(model)
@@ -50,15 +59,11 @@ def compress_model(model, ranks, factors, components=None):
         if rank == "dense":
             continue
         mod = linears[name]
-        W = common.weight_matrix(mod)
-        if rank >= common.k_star(*W.shape):
+        if rank >= common.k_star(*common.weight_matrix(mod).shape):
             continue  # past break-even the dense W is cheaper and exact (METHODS.md §2)
         sub = {} if components is None or f"{name}.index" not in components else \
             {"index": components[f"{name}.index"], "scale": components[f"{name}.scale"]}
-        A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
-                               rank=rank, **sub)
-        bias = None if mod.bias is None else mod.bias.detach().clone()
-        common.set_module(model, name, LowRankLinear(A.to(W), B.to(W), bias).to(W.device))
+        common.set_module(model, name, lowrank_layer(mod, factors, name, rank, **sub))
     return model
 
 
