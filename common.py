@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import sys
 
@@ -126,6 +127,12 @@ def find_linears(model):
     if not found:
         raise UserError("no nn.Linear / Conv1D found inside the decoder blocks")
     return found
+
+
+def layer_type(name):
+    """A layer's position within its decoder block ("self_attn.q_proj"): the name after the first
+    integer path component, which indexes the blocks. Groups e.g. every q_proj, with no architecture names."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
 
 
 def layer_shapes(linears):

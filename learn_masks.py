@@ -25,6 +25,7 @@ Writes RUN_DIR/allocation/:
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 import common
 import masking
+import plots
 from common import UserError
 from truncate import lowrank_layer
 
@@ -43,6 +45,92 @@ from truncate import lowrank_layer
 
 def allocate_uniform(shapes, rho, ctx, args):
     return common.uniform_ranks(shapes, rho), None, {}
+
+
+def lagrangian_ranks(tails, shapes, budget):
+    """Minimise sum_l e_l(option_l) subject to sum_l cost_l(option_l) <= budget, with the options of
+    layer l being rank k in 1..k*-1 (cost k (m + n), loss tails[l][k]) or dense (cost m n, loss 0).
+    Price lambda by bisection in log space: each layer takes argmin e + lambda cost (METHODS.md §3.6)."""
+    opts = {}
+    for name, (m, n) in shapes.items():
+        ks = torch.arange(1, max(common.k_star(m, n), 2), dtype=torch.float64)  # (k*-1,)
+        cost = torch.cat([ks * (m + n), torch.tensor([float(m * n)], dtype=torch.float64)])
+        loss = torch.cat([tails[name][ks.long()], torch.zeros(1, dtype=torch.float64)])
+        opts[name] = (cost, loss, ks.long().tolist() + ["dense"])
+
+    def choose(lam):
+        return {name: ranks[int((loss + lam * cost).argmin())] for name, (cost, loss, ranks) in opts.items()}
+    lo, hi = -60.0, 60.0  # log10 lambda: small = everything dense, large = everything rank 1
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if common.total_cost(choose(10 ** mid), shapes) <= budget else (mid, hi)
+    return choose(10 ** hi)
+
+
+def tail_energy(sigma):
+    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len): the whitened loss of keeping rank k (METHODS.md §1)."""
+    s2 = sigma.double() ** 2
+    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+
+
+def allocate_energy(shapes, rho, ctx, args):
+    """Closed form on the whitened truncation energy, read from decompose/ only (METHODS.md §3.6):
+    e_l(k) = (tail_l(k) / N_l)^p, Lagrangian over ranks and "dense". --energy_norm sets N_l:
+      relative  N_l = sum_i sigma_i^2: every layer's output energy counts 1 (default)
+      raw       N_l = 1: the absolute whitened error (per token) of the layer's output
+      type      relative, but layers compete only within one weight type (same position in the
+                block, e.g. every q_proj), each type keeping the fraction rho of its own parameters
+                (SVD-LLM V2's grouping: errors of different types live in different spaces)
+    and --energy_power p: p = 1 sums the layers' relative energies, which spends the budget where one
+    layer's error is cheapest to remove and leaves some layers with large errors; p > 1 penalises large
+    per-layer errors more than small ones (p -> inf equalises the relative error of every layer), the
+    better model of errors that compound through the depth. Measured on the embedded default
+    (10 x 512 tokens): p = 2 beats uniform at 80% kept, loses at 60%; see README."""
+    tails = {name: tail_energy(ctx["sigmas"][name]) for name in shapes}
+    if args.energy_norm in ("relative", "type"):
+        tails = {name: t / t[0] for name, t in tails.items()}
+    tails = {name: t ** args.energy_power for name, t in tails.items()}
+    record = {"energy_norm": args.energy_norm, "energy_power": args.energy_power}
+    if args.energy_norm != "type":
+        ranks = lagrangian_ranks(tails, shapes, rho * sum(m * n for m, n in shapes.values()))
+        return common.fill_budget(ranks, shapes, rho), None, record
+    ranks = {}
+    for kind in dict.fromkeys(map(common.layer_type, shapes)):
+        group = {name: s for name, s in shapes.items() if common.layer_type(name) == kind}
+        ranks.update(lagrangian_ranks(tails, group, rho * sum(m * n for m, n in group.values())))
+    return common.fill_budget(ranks, shapes, rho), None, record
+
+
+def allocate_svdllm2(shapes, rho, ctx, args):
+    """SVD-LLM V2's heterogeneous ratios (Wang et al. 2025, arXiv 2503.12340 §3.1, Algorithm 1).
+    Per weight type g (every q_proj, every up_proj, ...; same shape within a group):
+      L_min,i = ||W_i X - (W_i X)'||_F at the uniform ratio R   (theoretical truncation loss, Thm 3.1:
+              = sqrt(T sum_{i>k} sigma_i^2) with our G = X X^T / T over T calibration tokens)
+      s_i = 1 / log(L_min,i)                                    (Alg. 1 line 10, "normalize")
+      removed_i = len(g) * R_removed * s_i / sum_{j in g} s_j   (Alg. 1 line 11; ratios average R)
+    so a matrix with a larger loss is compressed less. The paper gives no rule for L_min <= 1 (log <= 0):
+    such a group keeps the uniform ratio, and the run says so."""
+    T, out, uniform_groups = ctx["tokens"], {}, []
+    for kind in dict.fromkeys(map(common.layer_type, shapes)):
+        group = [name for name in shapes if common.layer_type(name) == kind]
+        L = {}
+        for name in group:
+            m, n = shapes[name]
+            k = int(rho * m * n // (m + n))  # the uniform rank (METHODS.md §2)
+            L[name] = math.sqrt(T * tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
+        if min(L.values()) <= 1:
+            uniform_groups.append(kind)
+            out.update({name: rho for name in group})
+            continue
+        s = {name: 1 / math.log(L[name]) for name in group}
+        out.update({name: 1 - len(group) * (1 - rho) * s[name] / sum(s.values()) for name in group})
+    if uniform_groups:
+        print(f"svdllm2: L_min <= 1 in {', '.join(uniform_groups)}: those types keep the uniform ratio")
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        k = int(max(out[name], 0.0) * m * n // (m + n))
+        ranks[name] = "dense" if k >= common.k_star(m, n) else max(k, 1)
+    return common.fill_budget(ranks, shapes, rho), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
 
 
 def strs_search(ppl_table, shapes, rho, qs):
@@ -67,11 +155,16 @@ def strs_search(ppl_table, shapes, rho, qs):
 @torch.no_grad()
 def allocate_strs(shapes, rho, ctx, args):
     """Compress one layer at a time at each q and measure calibration perplexity: #layers x #q passes."""
-    model, ids, factors = ctx["model"], ctx["ids"][:args.strs_samples], ctx["factors"]
+    gpu = ctx["device"].type == "cuda"
+    # ASVD measures each pass on 32 x 2048 tokens; a 2-core CPU affords 4 x 128 (x 9 x #layers passes)
+    samples = args.strs_samples or (32 if gpu else 4)
+    seqlen = args.strs_seqlen or (ctx["ids"].shape[1] if gpu else 128)
+    model, factors = ctx["model"], ctx["factors"]
     qs = [round(0.1 * i, 1) for i in range(1, 10)]
-    ids = ids[:, :args.train_seqlen].to(ctx["device"])
+    ids = ctx["ids"][:samples, :seqlen].to(ctx["device"])
+    print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
     # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors
-    cache = f"{args.run_dir}/decompose/strs_{args.strs_samples}x{args.train_seqlen}.json"
+    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}.json"
     if os.path.isfile(cache):
         saved = json.load(open(cache))
         table = {(n, float(q)): p for n, q, p in saved["table"]}
@@ -87,24 +180,36 @@ def allocate_strs(shapes, rho, ctx, args):
         saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
         json.dump(saved, open(cache, "w"))
     ranks = strs_search(table, shapes, rho, qs)
-    return ranks, None, {"ppl_passes": len(table), "sensitivity_wall_time_s": saved["wall_time_s"],
+    return ranks, None, {"ppl_passes": len(table), "strs_tokens_per_pass": [len(ids), ids.shape[1]],
+                         "sensitivity_wall_time_s": saved["wall_time_s"],
                          "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
 
 
 def allocate_learned(shapes, rho, ctx, args):
     layers = masking.attach(ctx["model"], ctx["factors"], shapes, rho, args)
-    curve = masking.train(ctx["model"], layers, ctx["ids"], rho, args, ctx["device"])
-    ranks, components = masking.export(layers, shapes, rho, args.method)
-    return ranks, components, {"steps": len(curve), "curve": curve}
+    record = masking.train(ctx["model"], layers, ctx["ids"], rho, args, ctx["device"])
+    ranks, components, extra = masking.export(layers, shapes, rho, args.method)
+    curve = record["curve"]
+    gap = curve[-1]["rho_hat"] - rho if curve else 0.0
+    print(f"training ended at rho_hat {rho + gap:.4f} (target {rho:.4f}, gap {gap:+.4f}); "
+          f"{len(record['dense_flips'])} dense flips; export scale {extra.get('export_scale', 1.0)}")
+    return ranks, components, {"steps": len(curve), "train_budget_gap": round(gap, 6), **extra, **record}
 
 
-METHODS = {"uniform": allocate_uniform, "strs": allocate_strs, **{m: allocate_learned for m in masking.GATES}}
+METHODS = {"uniform": allocate_uniform, "energy": allocate_energy, "svdllm2": allocate_svdllm2, "strs": allocate_strs,
+           **{m: allocate_learned for m in masking.GATES}}
 
 
 # ----------------------------------------------------------------------------- main
 
 def load_context(args, run_dir, whiten):
-    """Model, calibration ids and factors: only the methods that look at the model need them."""
+    """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
+    the model, the calibration windows and the factors."""
+    with safe_open(f"{run_dir}/decompose/factors.safetensors", "pt") as f:
+        sigmas = {k[:-len(".sigma")]: f.get_tensor(k) for k in f.keys() if k.endswith(".sigma")}
+    ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
+    if args.method in ("uniform", "energy", "svdllm2"):
+        return ctx
     device = common.pick_device(args.device)
     model, _ = common.load_model(whiten["model"], device)
     if common.config_hash(model) != whiten["config_hash"]:
@@ -115,7 +220,7 @@ def load_context(args, run_dir, whiten):
         ids = f.get_tensor("ids")
     with safe_open(f"{run_dir}/decompose/factors.safetensors", "pt", device=str(device)) as f:
         factors = {k: f.get_tensor(k) for k in f.keys()}
-    return {"model": model, "ids": ids, "factors": factors, "device": device}
+    return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
 
 
 def main(args):
@@ -130,12 +235,13 @@ def main(args):
     floor = sum(m + n for m, n in shapes.values()) / sum(m * n for m, n in shapes.values())
     if args.keep < floor:
         raise UserError(f"--keep {args.keep} is below {floor:.4f}, the cost of rank 1 in every layer; raise it")
-    if args.guidance is None:  # ARA's paper default for ara; off for the others unless asked
-        args.guidance = 50.0 if args.method == "ara" else 0.0
     common.set_seed(args.seed)
     t0 = time.time()
-    ctx = {} if args.method == "uniform" else load_context(args, args.run_dir, whiten)
-    ranks, components, record = METHODS[args.method](shapes, args.keep, ctx, args)
+    if args.keep == 1:  # the original model, whatever the method (no gate has anything to learn)
+        ranks, components, record = {name: "dense" for name in shapes}, None, {}
+    else:
+        ctx = load_context(args, args.run_dir, whiten)
+        ranks, components, record = METHODS[args.method](shapes, args.keep, ctx, args)
     rho = common.kept_fraction(ranks, shapes)
     dense = sum(r == "dense" for r in ranks.values())
     wall = round(time.time() - t0, 1)
@@ -144,10 +250,12 @@ def main(args):
     out = common.stage_dir(args.run_dir, "allocation")
     if components:
         save_file(components, f"{out}/components.safetensors")
+    allocation = {"method": args.method, "keep": args.keep, "kept_fraction_linear": rho, "layers": ranks,
+                  "shapes": shapes, "components": bool(components), "flags": vars(args), "wall_time_s": wall,
+                  **record}
     with open(f"{out}/ranks.json", "w") as f:
-        json.dump({"method": args.method, "keep": args.keep, "kept_fraction_linear": rho, "layers": ranks,
-                   "shapes": shapes,
-                   "flags": vars(args), "wall_time_s": wall, **record}, f, indent=1)
+        json.dump(allocation, f, indent=1)
+    plots.write_allocation_plots(allocation, out)
     common.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
         "seed": args.seed, "flags": vars(args), "wall_time_s": wall})
@@ -161,19 +269,30 @@ if __name__ == "__main__":
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps (cosine-decayed learning rate)")
-    p.add_argument("--batch_size", type=int, default=2, help="calibration windows per step")
-    p.add_argument("--train_seqlen", type=int, default=128, help="tokens of each window used for training")
+    p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
+    p.add_argument("--train_seqlen", type=int, default=128,
+                   help="tokens per training chunk; every calibration window is cut into chunks, all of them used")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see masking.py)")
-    p.add_argument("--alpha", type=float, default=100.0, help="budget weight alpha (ARA: 100)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="ARA guidance weight beta, for every mask type (default 50 for ara, 0 otherwise)")
+    p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
+    p.add_argument("--alpha_growth", type=float, default=100.0,
+                   help="alpha grows geometrically to alpha * this over the first 70%% of the steps (1 = ARA's fixed alpha)")
+    p.add_argument("--guidance", type=float, default=50.0,
+                   help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--tau", type=float, default=0.4, help="Gumbel-sigmoid temperature (LLRC code 0.4, paper 0.1)")
     p.add_argument("--init", choices=["uniform", "paper"], default="uniform",
                    help="start masks at the uniform allocation, or at the paper's init (see masking.py)")
     p.add_argument("--soco_stages", type=float, nargs=3, default=[0.4, 0.4, 0.2],
                    help="SoCo: fractions of steps in coarse / refine / sparsify stages")
     p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")
-    p.add_argument("--strs_samples", type=int, default=4, help="STRS: calibration windows per perplexity pass")
+    p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
+    p.add_argument("--energy_norm", choices=["relative", "raw", "type"], default="relative",
+                   help="energy: how layers' whitened truncation energies compare (see allocate_energy)")
+    p.add_argument("--energy_power", type=float, default=2.0,
+                   help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")
+    p.add_argument("--strs_samples", type=int, default=None,
+                   help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 4 on a CPU)")
+    p.add_argument("--strs_seqlen", type=int, default=None,
+                   help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

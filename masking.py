@@ -1,5 +1,5 @@
 """The learned masks of learn_masks.py (METHODS.md §3): one masked low-rank module for every
-method, four gate parametrisations, the training loop and the export to ranks. Kept beside
+method, one Gate class per method, the training loop and the export to ranks. Kept beside
 learn_masks.py the way nanoGPT keeps model.py beside train.py.
 
 Masked layer (frozen factors of decompose.py, k_max stored components):
@@ -10,12 +10,21 @@ Gates (mask over the k_max components, k_hat = expected number kept):
   sigmoid       g = sigmoid((z + log u - log(1-u)) / tau), mask = 1[g > .5] + g - sg(g)   (§3.1)
   hardconcrete  z = clip(sigmoid((log u - log(1-u) + log a) / beta)(zeta - gamma) + gamma, 0, 1)   (§3.2)
   ara           pi = softmax(p), rho = pi.c, mask = 1[i < round(k_max rho)] + pi B - sg(pi B)   (§3.3)
-  soco          mask = relu(theta) (scores, may exceed 1), pruned by score order           (§3.4)
+  soco          mask = s = softplus(theta) (scores, may exceed 1), pruned by score order   (§3.4)
+Loss (every gate): L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, with rho_hat computed on
+min(r_l, 1) forward but unclamped backward (§3.7), and alpha_t growing geometrically from alpha to
+alpha * --alpha_growth over the first 70% of the steps: a fixed alpha leaves training wherever the
+penalty balances the task gradient (gap ~ dL_task/drho / 2 alpha; 0.048 was measured), a growing one
+shrinks that gap by the same factor, so the exported model is the trained one. (A Lagrange multiplier
+was tried: it winds up while layers sit dense, then overshoots the budget far below the target.)
+
+A new method is one Gate subclass (mask, k_hat, order, scales; optionally plan / extra_terms /
+on_stage / export for a schedule like SoCo's) registered in GATES, plus its flags in learn_masks.py.
+
 Initialisation (--init): 'uniform' (default) starts every gate at the uniform allocation's rank k0;
-'paper' is LLRC's logits 6 -> 3 / SoCo's scores 1. With the dense switch, the paper's init puts
-every layer past r = 1 (k_max = 1.2 k*), i.e. dense, where the task loss has no gradient for the
-mask at all; starting at the budget avoids those wasted steps. ARA's own init (E[rho] = target/1.2)
-is the uniform one.
+'paper' is LLRC's logits 6 -> 3 / SoCo's scores 1, which with k_max = 1.2 k* starts every layer past
+r = 1, i.e. dense; the straight-through budget term pulls them back below 1. ARA's own init
+(E[rho] = target/1.2) is the uniform one.
 """
 import math
 
@@ -27,20 +36,51 @@ from tqdm import tqdm
 import common
 from common import UserError
 
-# Chosen for ~100 CPU-sized steps (the papers train thousands of steps at 1e-3: ARA, 2560)
-DEFAULT_LR = {"sigmoid": 0.1, "hardconcrete": 0.1, "ara": 0.1, "soco": 0.05}
-
 
 # ----------------------------------------------------------------------------- gates
 
-class SigmoidGate(nn.Module):
+class Gate(nn.Module):
+    """What every allocator implements (one subclass per method):
+      mask(train, gen) -> (k_max,)  multiplier of each stored component in the forward pass
+      k_hat()          -> ()        differentiable expected number of kept components
+      order()          -> (k_max,)  component indices, most wanted first: the export keeps the first k
+      scales()         -> (k_max,) or None: learned spectrum scales folded into the exported factors
+    Class-level hooks with defaults (override for a schedule): plan, extra_terms, on_stage, export."""
+    lr = 0.1  # sized for ~100 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
+    frozen = False  # True once a schedule has fixed the layer's selection (the dense flag stops moving)
+
+    def order(self):
+        return torch.arange(self.k_max, device=self.k_hat().device)  # prefix: largest sigma first
+
+    def scales(self):
+        return None
+
+    @classmethod
+    def plan(cls, step, args):
+        """What runs at `step`: one stage, the task and budget terms every step, cosine lr over it."""
+        return {"stage": 0, "task": True, "budget": True, "t": step, "T": args.steps}
+
+    @classmethod
+    def extra_terms(cls, gates, plan, args):
+        return {}
+
+    @classmethod
+    def on_stage(cls, plan, layers, shapes, rho):
+        pass
+
+    @classmethod
+    def export(cls, layers, shapes, rho):
+        return export_topk(layers, shapes, rho)
+
+
+class SigmoidGate(Gate):
     """LLRC / ARS Gumbel-sigmoid mask with straight-through estimator (METHODS.md §3.1)."""
 
     def __init__(self, k_max, k0, args):
         super().__init__()
         i = torch.arange(k_max, dtype=torch.float32)
         z = torch.linspace(6, 3, k_max) if args.init == "paper" else 6 * (1 - i / max(k0, 1))
-        self.z, self.tau = nn.Parameter(z), args.tau
+        self.z, self.tau, self.k_max = nn.Parameter(z), args.tau, k_max
 
     def mask(self, train, gen):
         if not train:
@@ -50,13 +90,16 @@ class SigmoidGate(nn.Module):
         return (g > 0.5).float() + g - g.detach()  # straight-through
 
     def k_hat(self):
-        return torch.sigmoid(self.z).sum()  # expected kept components (cleaner than LLRC's mean logit)
+        # P(g > 0.5) = P(z + logistic noise > 0) = sigmoid(z) at any tau: the expected number of
+        # components the hard training mask keeps (cleaner than LLRC's mean logit)
+        return torch.sigmoid(self.z).sum()
 
-    def export_k(self):
-        return (self.z > 0).sum().item()  # LLRC code: k = #(sigmoid(z) > 0.5), exported as top-k
+    def order(self):
+        # trained as "any subset": export the learned subset (the k largest logits), not a prefix
+        return self.z.detach().argsort(descending=True)
 
 
-class HardConcreteGate(nn.Module):
+class HardConcreteGate(Gate):
     """Louizos et al. hard-concrete L0 gates, gamma = -0.1, zeta = 1.1, beta = 2/3 (METHODS.md §3.2)."""
     gamma, zeta, beta = -0.1, 1.1, 2 / 3
 
@@ -65,7 +108,7 @@ class HardConcreteGate(nn.Module):
         shift = self.beta * math.log(-self.gamma / self.zeta)  # P(on) = sigmoid(log a - shift)
         i = torch.arange(k_max, dtype=torch.float32)
         z = torch.linspace(6, 3, k_max) if args.init == "paper" else 6 * (1 - i / max(k0, 1)) + shift
-        self.log_alpha = nn.Parameter(z)
+        self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
     def mask(self, train, gen):
         if not train:  # test-time gate
@@ -75,13 +118,15 @@ class HardConcreteGate(nn.Module):
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)  # exact zeros and ones occur
 
     def k_hat(self):
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta)).sum()  # L0
+        # the L0 norm the budget was trained on: sum_i P(z_i != 0) (Louizos et al. Eq. 12). The export
+        # keeps this many components (not #(test gate > 0.5), about 74% of them), so it is what was trained
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta)).sum()
 
-    def export_k(self):
-        return (self.mask(False, None) > 0.5).sum().item()
+    def order(self):
+        return self.log_alpha.detach().argsort(descending=True)  # any subset, like sigmoid
 
 
-class AraGate(nn.Module):
+class AraGate(Gate):
     """ARA's simplex mask over D + 1 candidate fractions c_j = 1 - j / D of k_max (METHODS.md §3.3)."""
 
     def __init__(self, k_max, k0, args, D=100, eps=0.05):
@@ -98,6 +143,8 @@ class AraGate(nn.Module):
         pi = torch.full((D + 1,), eps / (D + 1))
         pi[j0] += (1 - eps) * a
         pi[j0 + 1] += (1 - eps) * (1 - a)
+        if args.init == "paper":
+            pi = torch.zeros(D + 1).index_fill_(0, torch.tensor([0]), 1.0) + eps / (D + 1)  # all mass on c = 1
         self.p = nn.Parameter(pi.clamp(min=1e-8).log())
 
     def rho(self):
@@ -114,29 +161,88 @@ class AraGate(nn.Module):
     def k_hat(self):
         return self.k_max * self.rho()
 
-    def export_k(self):
-        return self.k_hat().item()
+
+SOCO_EPS = 0.05  # a score well below this counts as pruned in SoCo's differentiable count
 
 
-class SocoGate(nn.Module):
-    """SoCo's learned non-negative spectrum scores s = relu(theta) (METHODS.md §3.4)."""
+class SocoGate(Gate):
+    """SoCo's learned non-negative spectrum s = softplus(theta) (METHODS.md §3.4). softplus, not relu:
+    a relu score pushed below 0 has zero gradient forever, so a pruned component could never return.
+    Stages over --soco_stages fractions of the steps: (1) coarse: task + budget + L1 sparsity every
+    step; (2) refine: task and sparsity on alternate steps (budget on both); (3) the selection is
+    fixed (per-layer counts from k_hat, ARA's finalisation, then the top-k by s_i sigma_i) and only the
+    kept scores train on the task loss, so they compensate for the pruned ones. The cosine lr restarts
+    at every stage, so the compensation stage trains at the full rate."""
+    lr = 0.05
 
     def __init__(self, k_max, k0, args):
         super().__init__()
-        theta = torch.ones(k_max)
+        s = torch.ones(k_max)
         if args.init != "paper":
-            theta[k0:] = 0.1  # start at the budget; small, not zero, so pruned components can return
-        self.theta = nn.Parameter(theta)
-        self.register_buffer("selected", torch.ones(k_max))  # stage 3 freezes a score-ordered subset
+            s[k0:] = 1e-3  # start at the budget; tiny, not zero, so pruned components can return
+        self.theta = nn.Parameter(s + torch.log(-torch.expm1(-s)))  # softplus^-1(s)
+        self.k_max, self.stages = k_max, args.soco_stages
+        self.register_buffer("selected", torch.ones(k_max))  # stage 3 freezes a subset
 
     def scores(self):
-        return self.theta.clamp(min=0)
+        return F.softplus(self.theta)
 
     def mask(self, train, gen):
         return self.scores() * self.selected
 
     def k_hat(self):
-        return (self.theta.clamp(0, 1) * self.selected).sum()
+        if self.frozen:
+            return self.selected.sum()
+        # components kept, not score mass: 1 - exp(-s / eps) is ~1 for a kept score (s ~ 1, or above 1
+        # when it compensates) and ~s / eps near 0, so the count does not reward shrinking kept scores
+        return (1 - torch.exp(-self.scores() / SOCO_EPS)).sum()
+
+    def order(self):
+        sigma = self.sigma_ref  # set by MaskedLinear: selection sees sigma_i (METHODS.md §3.4: s scales sigma)
+        return (self.scores().detach() * sigma).argsort(descending=True)
+
+    def scales(self):
+        return self.scores().detach()
+
+    @classmethod
+    def plan(cls, step, args):
+        ends = [round(sum(args.soco_stages[:i + 1]) * args.steps) for i in range(3)]
+        stage = 1 + sum(step >= e for e in ends[:2])
+        start = 0 if stage == 1 else ends[stage - 2]
+        t, T = step - start, max(ends[stage - 1] - start, 1)
+        return {"stage": stage, "t": t, "T": T, "budget": stage < 3,
+                "task": stage != 2 or t % 2 == 0, "sparsity": stage == 1 or (stage == 2 and t % 2 == 1)}
+
+    @classmethod
+    def extra_terms(cls, gates, plan, args):
+        if not plan["sparsity"]:
+            return {}
+        return {"sparsity": args.sparsity * torch.cat([g.scores() for g in gates]).mean()}  # L1 on s
+
+    @classmethod
+    def on_stage(cls, plan, layers, shapes, rho):
+        if plan["stage"] != 3:
+            return
+        ranks, _ = finalize({n: l.gate.k_hat().item() for n, l in layers.items()}, shapes, rho)
+        for name, l in layers.items():
+            keep = torch.zeros_like(l.gate.selected)
+            if ranks[name] != "dense":
+                keep[l.gate.order()[:ranks[name]]] = 1
+            l.gate.selected.copy_(keep)
+            l.dense, l.gate.frozen = ranks[name] == "dense", True
+
+    @classmethod
+    def export(cls, layers, shapes, rho):
+        if not all(l.gate.frozen for l in layers.values()):  # no stage 3 ran (e.g. --soco_stages 0.5 0.5 0)
+            cls.on_stage({"stage": 3}, layers, shapes, rho)
+        ranks, components = {}, {}
+        for name, l in layers.items():
+            idx = l.gate.selected.nonzero().squeeze(1)
+            ranks[name] = "dense" if l.dense else len(idx)
+            if not l.dense:
+                components[f"{name}.index"] = idx.cpu().contiguous()
+                components[f"{name}.scale"] = l.gate.scores().detach()[idx].cpu().contiguous()
+        return ranks, components, {}
 
 
 GATES = {"sigmoid": SigmoidGate, "hardconcrete": HardConcreteGate, "ara": AraGate, "soco": SocoGate}
@@ -150,8 +256,10 @@ class MaskedLinear(nn.Module):
         self.orig, self.gate, self.state, self.dense = orig, gate, state, False
         self.register_buffer("U", U)  # (m, k_max)
         self.register_buffer("sigma", sigma[:U.shape[1]].float())  # (k_max,)
-        self.register_buffer("VtSinv", VtSinv)  # (k_max, n)
+        self.register_buffer("sigma_full", sigma.double())  # (min(m, n),): ARA's b_l(r) needs all of it
         self.m, self.n = U.shape[0], VtSinv.shape[1]
+        self.register_buffer("VtSinv", VtSinv)  # (k_max, n)
+        gate.sigma_ref = self.sigma
 
     def ratio(self):
         return self.gate.k_hat() * (self.m + self.n) / (self.m * self.n)  # r_l
@@ -181,12 +289,14 @@ def attach(model, factors, shapes, rho, args):
     return layers
 
 
-def guidance_grid(layer, points=101):
-    """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r k*), on r = 0, .01, .., 1."""
-    s2 = layer.sigma.double() ** 2  # only the k_max stored; the rest of the spectrum is past k* anyway
-    tail = s2.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{i>=k} sigma_i^2
-    ks = (torch.linspace(0, 1, points, dtype=torch.float64) * common.k_star(layer.m, layer.n)).long()
-    return (torch.cat([tail, tail.new_zeros(1)])[ks] / s2.sum()).sqrt().float()
+def guidance_grid(sigma_full, m, n, points=101):
+    """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)), on
+    r = 0, .01, .., 1, over the FULL spectrum (METHODS.md §3.3): the same numbers decompose.py prints."""
+    s2 = sigma_full.double() ** 2
+    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tail[k] = sum_{i>=k} sigma_i^2
+    r = torch.linspace(0, 1, points, dtype=torch.float64)
+    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(s2))
+    return (tail[ks] / s2.sum()).sqrt().float()
 
 
 def guidance_loss(r, b_grid):
@@ -195,6 +305,12 @@ def guidance_loss(r, b_grid):
     b = b_grid.gather(1, idx[:, None]).squeeze(1)
     active = ((r < 1) & (r > 1 - b)).float()  # saving 1 - r smaller than the error paid
     return ((1 - r) * active).mean()
+
+
+def straight_through_min1(r):
+    """Forward min(r, 1), backward as if unclamped (METHODS.md §3.7): a dense layer (r >= 1) still
+    feels the budget, so an over-budget dense layer is pulled back instead of staying dense for good."""
+    return r - (r - r.clamp(max=1)).detach()
 
 
 def task_loss(kind, student, teacher, x, hidden_layers):
@@ -210,126 +326,149 @@ def task_loss(kind, student, teacher, x, hidden_layers):
 
 @torch.no_grad()
 def calib_ppl(model, ids):
-    logits = model(ids).logits.float()
+    logits = model(ids, use_cache=False).logits.float()
     return math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item())
+
+
+def window_chunks(ids, length):
+    """Cut every calibration window (N, T) into ceil(T / length) chunks (N * ceil(T / length), length),
+    the last chunk ending at T, so every calibration token is seen, not only each window's start."""
+    T = ids.shape[1]
+    if length >= T:
+        return ids
+    starts = list(range(0, T - length + 1, length))
+    if starts[-1] + length < T:
+        starts.append(T - length)
+    return torch.cat([ids[:, s:s + length] for s in starts])
+
+
+def batches(chunks, batch_size, gen):
+    """Epochs over a seeded permutation of the chunks: every chunk once before any repeats."""
+    while True:
+        perm = torch.randperm(len(chunks), generator=gen)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            yield chunks[perm[i:i + batch_size]]
 
 
 # ----------------------------------------------------------------------------- training
 
-def soco_select(layers, shapes, rho):
-    """SoCo stage 3: one global score threshold t (bisection) so that keeping the components with
-    s > t in every layer meets the budget; layers left with >= k* components go dense."""
-    budget = rho * sum(m * n for m, n in shapes.values())
-    scores = {name: l.gate.scores().detach() for name, l in layers.items()}
-
-    def counts(t):
-        return {name: max(1, int((s > t).sum())) for name, s in scores.items()}
-    lo, hi = 0.0, max(s.max().item() for s in scores.values())
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if common.total_cost(counts(mid), shapes) <= budget else (mid, hi)
-    for name, k in counts(hi).items():
-        s, l = scores[name], layers[name]
-        keep = torch.zeros_like(s)
-        keep[s.argsort(descending=True)[:k]] = 1
-        l.gate.selected.copy_(keep)
-        l.dense = k >= common.k_star(*shapes[name])
-
-
 def train(model, layers, ids, rho, args, device):
-    """L = L_task + alpha (rho_hat - rho)^2 + beta L_guid (+ SoCo's stage schedule); returns the curve."""
+    """Minimise L_task + alpha_t (rho_hat - rho)^2 + beta L_guid (+ the gate class's schedule).
+    Returns the record: per-step curve, r_l trajectories every --log_every steps, dense flips."""
     names = list(layers)
     gates = [layers[n].gate for n in names]
-    opt = torch.optim.AdamW([p for g in gates for p in g.parameters()],
-                            lr=args.lr or DEFAULT_LR[args.method], weight_decay=0.0)
-    # cosine decay to zero: the gates settle instead of flipping layers dense / low-rank at the last step
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / args.steps)))
+    cls = type(gates[0])
+    base_lr = args.lr or cls.lr
+    opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
     state = layers[names[0]].state
     state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise
-    batches = torch.Generator().manual_seed(args.seed)  # which calibration windows
-    mn = torch.tensor([layers[n].m * layers[n].n for n in names], dtype=torch.float32, device=device)
-    b_grid = torch.stack([guidance_grid(layers[n]) for n in names]).to(device)  # (L, 101)
-    stage_end = [round(sum(args.soco_stages[:i + 1]) * args.steps) for i in range(3)]
+    data = batches(window_chunks(ids, args.train_seqlen), min(args.batch_size, len(ids)),
+                   torch.Generator().manual_seed(args.seed))
+    shapes = {n: (layers[n].m, layers[n].n) for n in names}
+    mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)
+    b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
     hidden = args.loss == "hidden_mse"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # model matmuls only; mask math stays fp32
-    curve, bar = [], tqdm(range(args.steps), desc=f"learn {args.method}")
+    record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
+              "dense_flips": []}
+    bar = tqdm(range(args.steps), desc=f"learn {args.method}")
     for step in bar:
-        soco_stage = 1 + sum(step >= e for e in stage_end[:2]) if args.method == "soco" else 0
-        if soco_stage == 3 and step == stage_end[1]:
-            soco_select(layers, {n: (layers[n].m, layers[n].n) for n in names}, rho)
+        plan = cls.plan(step, args)
+        if plan["t"] == 0:
+            cls.on_stage(plan, layers, shapes, rho)
+        for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
+            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * plan["t"] / plan["T"]))
         r = torch.stack([layers[n].ratio() for n in names])  # (L,) differentiable r_l
-        if soco_stage != 3:
-            for n, dense in zip(names, (r >= 1).tolist()):  # one host sync per step
-                layers[n].dense = dense
-        rho_hat = (r.clamp(max=1) * mn).sum() / mn.sum()  # R_eff of ARA / METHODS.md §2
-        terms = {"budget": args.alpha * (rho_hat - rho) ** 2, "guid": args.guidance * guidance_loss(r, b_grid)}
-        if soco_stage in (1, 2):
-            terms["sparsity"] = args.sparsity * torch.cat([g.scores() for g in gates]).mean()
-        if soco_stage == 3:
-            terms = {}  # selection fixed: only the task loss, so kept scores compensate pruned ones
-        if not (soco_stage == 2 and step % 2):  # SoCo refinement alternates task / sparsity steps
-            x = ids[torch.randint(len(ids), (args.batch_size,), generator=batches), :args.train_seqlen].to(device)
+        r_host = r.tolist()  # one host sync per step
+        for n, rl in zip(names, r_host):
+            if not layers[n].gate.frozen and (rl >= 1) != layers[n].dense:
+                layers[n].dense = rl >= 1
+                record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
+        if step % args.log_every == 0 or step == args.steps - 1:
+            record["trajectory"]["step"].append(step)
+            for n, rl in zip(names, r_host):
+                record["trajectory"]["r"][n].append(round(rl, 4))
+        rho_hat = (straight_through_min1(r) * mn).sum() / mn.sum()  # R_eff of ARA / METHODS.md §2
+        alpha = args.alpha * args.alpha_growth ** min(1.0, step / (0.7 * args.steps))
+        terms = {}
+        if plan["budget"]:
+            terms["budget"] = alpha * (rho_hat - rho) ** 2
+            terms["guid"] = args.guidance * guidance_loss(r, b_grid)
+        terms.update(cls.extra_terms(gates, plan, args))
+        if plan["task"]:
+            x = next(data).to(device)  # (B, train_seqlen)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                with torch.no_grad():
-                    state["teacher"] = True  # the teacher: same weights, masks off
-                    t_out = model(x, output_hidden_states=hidden)
-                    state["teacher"] = False
-                s_out = model(x, output_hidden_states=hidden)
+                t_out = None
+                if args.loss != "ce":  # CE needs no teacher
+                    with torch.no_grad():
+                        state["teacher"] = True  # the teacher: same weights, masks off
+                        t_out = model(x, output_hidden_states=hidden, use_cache=False)
+                        state["teacher"] = False
+                s_out = model(x, output_hidden_states=hidden, use_cache=False)
             terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers)
         loss = sum(terms.values())
-        log = {"step": step, "loss": loss.item(), "rho_hat": rho_hat.item(),
-               **{k: v.item() for k, v in terms.items()}}
+        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": rho_hat.item(),
+               "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
         if not math.isfinite(log["loss"]):
-            raise UserError(f"loss became {log['loss']} at step {step} ({log}); lower --lr or --alpha")
+            culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
+            flag = {"budget": "--alpha", "guid": "--guidance", "sparsity": "--sparsity"}.get(culprit, "--lr")
+            raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
             opt.step()
-        sched.step()
-        curve.append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
+        record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
         bar.set_postfix(loss=f"{log['loss']:.4f}", rho=f"{log['rho_hat']:.3f}")
     state["train"] = False
-    return curve
+    return record
 
 
 # ----------------------------------------------------------------------------- export
 
-def finalize(r, shapes, rho):
-    """ARA's finalisation (METHODS.md §3.3), used for every rank-based gate: layers with r >= 0.99 go
-    dense (the least-wanted dense layers give way if they alone break the budget); the others are
-    scaled by one factor so the budget is met exactly; rank floor(r k*), at least 1."""
+def finalize(k_hat, shapes, rho):
+    """ARA's finalisation (METHODS.md §3.3) on the trained expected counts k_hat_l: layers with
+    r_l >= 0.99 go dense (the least-wanted dense layers give way if they alone break the budget); the
+    others are scaled by one factor c so the budget is met exactly; rank floor(c k_hat_l), at least 1.
+    Returns (ranks, c): c far from 1 means the trained model is not the exported one."""
     budget = rho * sum(m * n for m, n in shapes.values())
-    dense = sorted((n for n in r if r[n] >= 0.99), key=lambda n: -r[n])
+    r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
+    dense = sorted((k for k in r if r[k] >= 0.99), key=lambda k: -r[k])
     low_floor = lambda d: sum(m * n if k in d else m + n for k, (m, n) in shapes.items())
     while dense and low_floor(set(dense)) > budget:
         dense.pop()
 
     def ranks_at(c):
-        out = {}
-        for k, (m, n) in shapes.items():
-            out[k] = "dense" if k in dense else min(max(1, int(c * r[k] * common.k_star(m, n))),
-                                                    common.k_star(m, n) - 1)
-        return out
+        return {k: "dense" if k in dense else min(max(1, int(c * k_hat[k])), common.k_star(m, n) - 1)
+                for k, (m, n) in shapes.items()}
     lo, hi = 0.0, 1.0
     while common.total_cost(ranks_at(hi), shapes) <= budget and hi < 1e6:
         hi *= 2
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if common.total_cost(ranks_at(mid), shapes) <= budget else (lo, mid)
-    return common.fill_budget(ranks_at(lo), shapes, rho)
+    return common.fill_budget(ranks_at(lo), shapes, rho), lo
+
+
+def export_topk(layers, shapes, rho):
+    """Ranks from the trained k_hat (finalize), each layer keeping the first k of its gate's order().
+    A layer whose kept set is not the plain prefix gets an index (and scales, all 1 unless the gate
+    learned some) in components.safetensors, which truncate.py applies."""
+    ranks, c = finalize({name: l.gate.k_hat().item() for name, l in layers.items()}, shapes, rho)
+    components = {}
+    for name, l in layers.items():
+        k = ranks[name]
+        if k == "dense":
+            continue
+        idx = l.gate.order()[:k].sort().values.cpu()
+        scale = l.gate.scales()
+        if scale is None and torch.equal(idx, torch.arange(k)):
+            continue  # the prefix: truncate.py's default top-k
+        components[f"{name}.index"] = idx.contiguous()
+        components[f"{name}.scale"] = torch.ones(k) if scale is None else scale[idx].cpu().contiguous()
+    return ranks, components or None, {"export_scale": round(c, 4)}
 
 
 def export(layers, shapes, rho, method):
-    """Ranks (and SoCo's chosen components with their scales) from the trained gates."""
-    if method == "soco":
-        ranks, components = {}, {}
-        for name, l in layers.items():
-            idx = l.gate.selected.nonzero().squeeze(1)
-            ranks[name] = "dense" if l.dense else len(idx)
-            if not l.dense:
-                components[f"{name}.index"] = idx.cpu().contiguous()
-                components[f"{name}.scale"] = l.gate.scores().detach()[idx].cpu().contiguous()
-        return ranks, components
-    r = {name: l.gate.export_k() * (l.m + l.n) / (l.m * l.n) for name, l in layers.items()}
-    return finalize(r, shapes, rho), None
+    """(ranks, components or None, extra record) from the trained gates."""
+    return GATES[method].export(layers, shapes, rho)

@@ -106,6 +106,9 @@ def main(args):
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
     components = None
+    if allocation.get("components") and not os.path.isfile(comp_path):
+        raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `python learn_masks.py "
+                        f"--run_dir {args.run_dir}`")
     if os.path.isfile(comp_path):
         with safe_open(comp_path, "pt") as f:
             components = {k: f.get_tensor(k) for k in f.keys()}

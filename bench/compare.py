@@ -1,20 +1,26 @@
 """Benchmark: run allocation methods at several budgets on one whitened + decomposed run dir, then
-truncate and evaluate each, and print one markdown table (method, kept, dense layers, ppl, zero-shot
-accuracy when evaluate.py got --tasks, times).
+truncate and evaluate each, and print one markdown table (method, flags, kept, dense layers, ppl,
+zero-shot accuracy when evaluate.py got --tasks, the training's budget gap, times), plus mean and
+spread over seeds where a (method, flags, keep) ran with several.
 
-Needs RUN_DIR/whiten and RUN_DIR/decompose (python whiten.py && python decompose.py). Each
-(method, keep) pair overwrites RUN_DIR/allocation, compressed and metrics.json in turn; its metrics
-are kept in RUN_DIR/NAME/{method}_{keep}.json and the table in RUN_DIR/NAME/table.md (--name, default bench).
+Needs RUN_DIR/whiten and RUN_DIR/decompose (python whiten.py && python decompose.py). Each run
+overwrites RUN_DIR/allocation, compressed and metrics.json in turn; its metrics are kept in
+RUN_DIR/NAME/ (--name, default bench), one JSON per run, and the table (built from every JSON in that
+folder, so several invocations add up) in RUN_DIR/NAME/table.md.
 
-  python bench/compare.py --methods uniform --keeps 0.9 0.8 0.6
-  python bench/compare.py --methods uniform strs ara sigmoid hardconcrete soco --keeps 0.8 0.6 \\
-      --eval_args "--tasks local_continuation --task_items 60"
-  python bench/compare.py --table_only --methods ...      # rebuild the table from the saved rows
+A method may carry its own flags after a colon, commas for spaces: `sigmoid:--guidance,0`.
+
+  python bench/compare.py --methods uniform energy svdllm2 --keeps 0.8 0.6
+  python bench/compare.py --methods ara sigmoid sigmoid:--guidance,0 --keeps 0.8 --seeds 0 1 2
+  python bench/compare.py --table_only                    # rebuild the table from the saved runs
 """
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,36 +38,54 @@ def zero_shot(result):
     return " ".join(f"{v['acc']:.3f}" for v in result.get("zero_shot", {}).values()) or "-"
 
 
-def row(metrics):
-    wall = metrics["bench_wall_s"]
-    return (f"| {metrics['method']} | {metrics['keep']:.2f} | {metrics['kept_fraction_linear']:.2%} / "
-            f"{1 - metrics['kept_fraction_linear']:.2%} | {metrics['kept_fraction_model']:.2%} | "
-            f"{metrics['layers_dense']}/{metrics['layers']} | {metrics['compressed']['ppl']:.2f} | "
-            f"{zero_shot(metrics['compressed'])} | {metrics.get('steps', '-')} | {wall['allocation']:.0f} | "
-            f"{wall['truncate']:.0f} | {wall['evaluate']:.0f} |")
+def row(m):
+    wall = m["bench_wall_s"]
+    gap = "-" if m.get("train_budget_gap") is None else f"{m['train_budget_gap']:+.4f}"
+    return (f"| {m['method']} | {m['flags'] or '-'} | {m['seed']} | {m['keep']:.2f} | "
+            f"{m['kept_fraction_linear']:.2%} / {1 - m['kept_fraction_linear']:.2%} | {m['kept_fraction_model']:.2%} | "
+            f"{m['layers_dense']}/{m['layers']} | {m['compressed']['ppl']:.2f} | {zero_shot(m['compressed'])} | "
+            f"{gap} | {m.get('steps', '-')} | {wall['allocation']:.0f} | {wall['evaluate']:.0f} |")
 
 
-def run_one(args, method, keep, out):
-    wall = {"allocation": stage("learn_masks.py", "--method", method, "--keep", keep,
-                                "--run_dir", args.run_dir, *args.learn_args.split())}
+def run_one(args, spec, keep, seed, out):
+    method, _, flags = spec.partition(":")
+    flags = flags.replace(",", " ").split()
+    wall = {"allocation": stage("learn_masks.py", "--method", method, "--keep", keep, "--seed", seed,
+                                "--run_dir", args.run_dir, *flags, *args.learn_args.split())}
     wall["truncate"] = stage("truncate.py", "--run_dir", args.run_dir)
     wall["evaluate"] = stage("evaluate.py", "--run_dir", args.run_dir, *args.eval_args.split())
     metrics = json.load(open(os.path.join(args.run_dir, "metrics.json")))
     ranks = json.load(open(os.path.join(args.run_dir, "allocation", "ranks.json")))
-    metrics.update(steps=ranks.get("steps", ranks.get("ppl_passes", "-")), bench_wall_s=wall)
-    shutil.copy(os.path.join(args.run_dir, "allocation", "ranks.json"), os.path.join(out, f"{method}_{keep}_ranks.json"))
-    json.dump(metrics, open(os.path.join(out, f"{method}_{keep}.json"), "w"), indent=1)
+    metrics.update(steps=ranks.get("steps", ranks.get("ppl_passes", "-")), bench_wall_s=wall, seed=seed,
+                   flags=" ".join(flags + args.learn_args.split()), train_budget_gap=ranks.get("train_budget_gap"),
+                   strs_tokens_per_pass=ranks.get("strs_tokens_per_pass"))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec}_{keep}_s{seed}")
+    shutil.copy(os.path.join(args.run_dir, "allocation", "ranks.json"), os.path.join(out, f"{name}.ranks"))
+    json.dump(metrics, open(os.path.join(out, f"{name}.json"), "w"), indent=1)
+
+
+def seed_summary(rows):
+    """mean and spread (min..max, sample std) of ppl over seeds, per (method, flags, keep) with > 1 seed."""
+    groups = {}
+    for m in rows:
+        groups.setdefault((m["method"], m["flags"], m["keep"]), []).append(m["compressed"]["ppl"])
+    lines = [f"| {meth} | {flags or '-'} | {keep:.2f} | {len(p)} | {statistics.mean(p):.2f} | {min(p):.2f} .. "
+             f"{max(p):.2f} | {statistics.stdev(p):.2f} |" for (meth, flags, keep), p in groups.items() if len(p) > 1]
+    if not lines:
+        return []
+    return ["", "| method | flags | keep | seeds | mean ppl | min .. max | std |", "|---|---|---|---|---|---|---|", *lines]
 
 
 def main(args):
     out = os.path.join(args.run_dir, args.name)
     os.makedirs(out, exist_ok=True)
-    rows = []
-    for method in args.methods:
-        for keep in args.keeps:
-            if not args.table_only:
-                run_one(args, method, keep, out)
-            rows.append(json.load(open(os.path.join(out, f"{method}_{keep}.json"))))
+    if not args.table_only:
+        for spec in args.methods:
+            for keep in args.keeps:
+                for seed in args.seeds:
+                    run_one(args, spec, keep, seed, out)
+    rows = [json.load(open(p)) for p in glob.glob(os.path.join(out, "*.json"))]
+    rows.sort(key=lambda m: (-m["keep"], m["method"], m["flags"], m["seed"]))
     whiten = json.load(open(os.path.join(args.run_dir, "whiten", "manifest.json")))
     decomp = json.load(open(os.path.join(args.run_dir, "decompose", "manifest.json")))
     first = rows[0]
@@ -69,20 +93,22 @@ def main(args):
         f"original: ppl {first['original']['ppl']:.2f}, zero-shot acc {zero_shot(first['original'])}; "
         f"eval {first['eval']}; whiten {whiten['wall_time_s']} s and decompose {decomp['wall_time_s']} s "
         "(once for all rows)", "",
-        "| method | keep | kept / removed (linears) | kept (model) | dense layers | ppl | zero-shot acc | steps "
-        "| allocation s | truncate s | evaluate s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|", *map(row, rows)])
+        "| method | flags | seed | keep | kept / removed (linears) | kept (model) | dense layers | ppl | zero-shot acc "
+        "| train gap | steps | allocation s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *map(row, rows), *seed_summary(rows)])
     open(os.path.join(out, "table.md"), "w").write(table + "\n")
     print(table)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=["uniform"], help="allocation methods of learn_masks.py")
+    p.add_argument("--methods", nargs="+", default=["uniform"],
+                   help="allocation methods of learn_masks.py, each optionally METHOD:--flag,value")
     p.add_argument("--keeps", nargs="+", type=float, default=[0.9, 0.8, 0.6], help="KEPT fractions")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="learn_masks.py --seed values, one run each")
     p.add_argument("--run_dir", default="runs/default", help="run dir with whiten/ and decompose/ in it")
     p.add_argument("--learn_args", default="", help="extra flags for learn_masks.py, one string: '--steps 200'")
     p.add_argument("--eval_args", default="", help="extra flags for evaluate.py, one string: '--max_windows 80'")
-    p.add_argument("--name", default="bench", help="sub-folder of RUN_DIR for the rows and table.md")
-    p.add_argument("--table_only", action="store_true", help="only rebuild the table from saved rows")
+    p.add_argument("--name", default="bench", help="sub-folder of RUN_DIR for the runs and table.md")
+    p.add_argument("--table_only", action="store_true", help="only rebuild the table from the saved runs")
     main(p.parse_args())

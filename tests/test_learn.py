@@ -38,7 +38,7 @@ def factorize(model, ids, kmax_mult=1.2):
 
 def learn_args(method, **kw):
     base = dict(method=method, loss="kl", hidden_layers=[-1], steps=40, batch_size=4, train_seqlen=32,
-                lr=None, alpha=100.0, guidance=50.0 if method == "ara" else 0.0, tau=0.4, init="uniform",
+                lr=None, alpha=100.0, alpha_growth=100.0, guidance=50.0, tau=0.4, init="uniform", log_every=10,
                 soco_stages=[0.4, 0.4, 0.2], sparsity=1.0, seed=0)
     return argparse.Namespace(**{**base, **kw})
 
@@ -56,7 +56,7 @@ def test_budget_reload_and_determinism(method, run_dir):
         runs.append(json.load(open(f"{d}/allocation/ranks.json")))
     assert runs[0]["layers"] == runs[1]["layers"]  # same seed, same allocation
     curve = runs[0]["curve"]
-    assert len(curve) == 30 and abs(curve[-1]["rho_hat"] - 0.6) < 0.05  # training reached the budget
+    assert len(curve) == 30 and abs(curve[-1]["rho_hat"] - 0.6) < 0.02  # training ends on its budget
     assert abs(runs[0]["kept_fraction_linear"] - 0.6) <= 0.01  # the export meets it exactly
     run_stage("truncate.py", "--run_dir", d)
     assert abs(json.load(open(f"{d}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
@@ -79,7 +79,7 @@ def test_guidance_alone_makes_a_flat_layer_dense():
     gate = masking.AraGate(int(1.2 * common.k_star(m, n)), 8, learn_args("ara"))
     layer = masking.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
                                  torch.randn(gate.k_max, n), gate, {})
-    b = masking.guidance_grid(layer)[None]
+    b = masking.guidance_grid(layer.sigma_full, m, n)[None]
     opt = torch.optim.AdamW(gate.parameters(), lr=0.1)
     r0 = layer.ratio().item()
     for _ in range(200):
@@ -95,7 +95,7 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     args = learn_args("soco", steps=20)
     layers = masking.attach(model, factors, shapes, 0.6, args)
     masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))
-    ranks, components = masking.export(layers, shapes, 0.6, "soco")
+    ranks, components, _ = masking.export(layers, shapes, 0.6, "soco")
     assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
     with torch.no_grad():
         masked = model(calib_ids[:2]).logits
@@ -118,7 +118,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
     args = learn_args(method, steps=60)
     layers = masking.attach(model, factors, shapes, 0.5, args)
     masking.train(model, layers, calib_ids, 0.5, args, torch.device("cpu"))
-    ranks, _ = masking.export(layers, shapes, 0.5, method)
+    ranks, _, _ = masking.export(layers, shapes, 0.5, method)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
 
@@ -126,7 +126,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
 def test_bad_learning_inputs(run_dir):
     run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     before = open(f"{run_dir}/allocation/ranks.json").read()
-    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "loss became nan"),
+    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "budget term of the loss became nan"),
                          (("--method", "magic"), "unknown --method"),
                          (("--method", "ara", "--keep", 0.0001), "rank 1 in every layer")):
         proc = run_stage("learn_masks.py", *args, "--run_dir", run_dir, check=False)

@@ -1,0 +1,202 @@
+"""Issue 7's properties of the allocators (METHODS.md §3), each one a test that failed on the old code:
+dense layers come back when the budget asks, guidance sees the full spectrum, hard-concrete and sigmoid
+export what they trained, SoCo's pruned scores can recover, every calibration token is used, the
+teacher is skipped for CE, and the closed-form allocations meet the budget and follow the spectra."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import common
+import learn_masks
+import masking
+from conftest import tiny_model
+from test_learn import factorize, learn_args
+from truncate import compress_model
+
+
+@pytest.fixture(scope="module")
+def calib_ids():
+    return torch.randint(0, 320, (16, 32), generator=torch.Generator().manual_seed(0))
+
+
+def fake_layer(gate_cls, m=40, n=40, k0=10, **kw):
+    """One MaskedLinear over random factors, with a gate of `gate_cls`."""
+    g = torch.Generator().manual_seed(0)
+    k_max = int(1.2 * common.k_star(m, n))
+    gate = gate_cls(k_max, k0, learn_args("x", **kw))
+    return masking.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, k_max, generator=g),
+                                torch.linspace(2, 0.1, min(m, n)), torch.randn(k_max, n, generator=g), gate,
+                                {"teacher": False, "train": True, "gen": g})
+
+
+# ----------------------------------------------------------------------------- defect 1: dense is not absorbing
+
+def test_straight_through_clamp_reaches_dense_layers():
+    r = torch.tensor([1.3, 0.5], requires_grad=True)
+    out = masking.straight_through_min1(r)
+    assert out.tolist() == [1.0, 0.5]  # forward: min(r, 1)
+    out.sum().backward()
+    assert r.grad.tolist() == [1.0, 1.0]  # backward: as if unclamped, so the budget reaches a dense layer
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara"])
+def test_paper_init_starts_dense_and_the_budget_brings_layers_back(method, calib_ids):
+    model = tiny_model("llama")
+    factors, shapes = factorize(model, calib_ids)
+    args = learn_args(method, init="paper", steps=200, log_every=5)
+    layers = masking.attach(model, factors, shapes, 0.5, args)
+    assert all(l.ratio().item() >= 1 for l in layers.values())  # every layer starts past r = 1: dense
+    record = masking.train(model, layers, calib_ids, 0.5, args, torch.device("cpu"))
+    assert record["curve"][0]["rho_hat"] > 0.99 and abs(record["curve"][-1]["rho_hat"] - 0.5) < 0.03
+    assert any(to == "low-rank" for _, _, to in record["dense_flips"])  # recorded, and the gates moved
+    traj = record["trajectory"]
+    assert traj["step"][0] == 0 and traj["step"][-1] == 199 and all(len(v) == len(traj["step"]) for v in traj["r"].values())
+
+
+# ----------------------------------------------------------------------------- defect 2: full spectrum in b_l(r)
+
+def test_guidance_grid_equals_decompose_relative_errors(run_dir):
+    decomp = json.load(open(f"{run_dir}/decompose/manifest.json"))
+    with safe_open(f"{run_dir}/decompose/factors.safetensors", "pt") as f:
+        for name, info in decomp["layers"].items():
+            grid = masking.guidance_grid(f.get_tensor(f"{name}.sigma"), info["m"], info["n"])
+            for r, err in info["rel_err"].items():
+                assert abs(grid[round(float(r) * 100)].item() - err) < 6e-5, (name, r)
+
+
+# ----------------------------------------------------------------------------- defects 3 and 5: export what was trained
+
+def test_hardconcrete_exports_its_trained_count():
+    a = fake_layer(masking.HardConcreteGate)
+    b = fake_layer(masking.HardConcreteGate)
+    with torch.no_grad():
+        a.gate.log_alpha.fill_(-1.0)  # P(z != 0) = 0.645 each, but no test gate above 0.5
+        b.gate.log_alpha.copy_(torch.cat([torch.full((10,), 0.1), torch.full((14,), -3.0)]))
+    layers = {"a": a, "b": b}
+    shapes = {"a": (40, 40), "b": (40, 40)}
+    k_hat = {n: l.gate.k_hat().item() for n, l in layers.items()}
+    rho = sum(k * 80 for k in k_hat.values()) / 3200
+    ranks, _, _ = masking.export(layers, shapes, rho, "hardconcrete")
+    for n in layers:
+        assert abs(ranks[n] - k_hat[n]) <= 1, (n, ranks[n], k_hat[n])
+
+
+def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
+    layer = fake_layer(masking.SigmoidGate)
+    keep = torch.tensor([0, 2, 3, 7, 11])  # not a prefix
+    with torch.no_grad():
+        layer.gate.z.fill_(-20.0)
+        layer.gate.z[keep] = 20.0
+    shapes = {"l": (40, 40)}
+    ranks, components, _ = masking.export({"l": layer}, shapes, 5 * 80 / 1600, "sigmoid")
+    assert ranks["l"] == 5 and components["l.index"].tolist() == keep.tolist()
+    x = torch.randn(3, 40)
+    layer.state["train"] = False
+    with torch.no_grad():
+        masked = layer(x)
+        factors = {"l.U": layer.U, "l.sigma": layer.sigma_full.float(), "l.VtSinv": layer.VtSinv}
+        model = torch.nn.Module()
+        model.l = layer.orig
+        from truncate import lowrank_layer
+        low = lowrank_layer(layer.orig, factors, "l", 5, index=components["l.index"], scale=components["l.scale"])
+        torch.testing.assert_close(low(x), masked, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- defect 4: SoCo
+
+def test_soco_pruned_score_can_recover():
+    layer = fake_layer(masking.SocoGate)
+    with torch.no_grad():
+        layer.gate.theta[3] = -8.0  # a score pushed to ~0 (relu: below 0, dead for good)
+    before = layer.gate.scores()[3].item()
+    opt = torch.optim.AdamW(layer.gate.parameters(), lr=0.1, weight_decay=0)
+    for _ in range(40):
+        opt.zero_grad()
+        (-layer.gate.scores()[3]).backward()  # the task wants component 3 back
+        opt.step()
+    assert before < 1e-3 and layer.gate.scores()[3].item() > 10 * before
+
+
+def test_soco_counts_components_not_score_mass():
+    layer = fake_layer(masking.SocoGate)
+    with torch.no_grad():
+        layer.gate.theta.copy_(torch.cat([torch.full((5,), 3.0), torch.full((19,), -12.0)]))  # 5 scores ~3
+    assert abs(layer.gate.k_hat().item() - 5) < 0.05  # 5 kept, though their score mass is ~15
+
+
+def test_soco_stages_alternate_and_restart_the_learning_rate():
+    args = learn_args("soco", steps=100)
+    plans = [masking.SocoGate.plan(s, args) for s in range(100)]
+    assert [p["stage"] for p in plans[39:42]] == [1, 2, 2] and plans[80]["stage"] == 3
+    refine = plans[40:80]
+    assert all(p["task"] != p["sparsity"] for p in refine)  # stage 2 alternates task and sparsity
+    assert all(p["task"] and not p["sparsity"] and not p["budget"] for p in plans[80:])
+    assert plans[80]["t"] == 0  # lr restarts: the compensation stage starts at the full rate
+
+
+def test_soco_selection_sees_sigma():
+    layer = fake_layer(masking.SocoGate)
+    with torch.no_grad():
+        layer.gate.theta.fill_(0.5413)  # s = 1 everywhere: sigma alone decides
+    assert layer.gate.order()[:3].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- defects 6 and 9
+
+def test_every_calibration_token_is_reachable():
+    ids = torch.arange(3 * 50).view(3, 50)
+    chunks = masking.window_chunks(ids, 16)
+    assert chunks.shape == (3 * 4, 16) and set(chunks.flatten().tolist()) == set(range(150))
+    seen = set()
+    gen = masking.batches(chunks, 2, torch.Generator().manual_seed(0))
+    for _ in range(len(chunks) // 2):
+        seen |= set(next(gen).flatten().tolist())
+    assert seen == set(range(150))  # one epoch of batches covers every token
+
+
+def test_ce_loss_runs_no_teacher(calib_ids):
+    model = tiny_model("llama")
+    factors, shapes = factorize(model, calib_ids)
+    args = learn_args("ara", loss="ce", steps=3)
+    layers = masking.attach(model, factors, shapes, 0.6, args)
+    state, calls = next(iter(layers.values())).state, []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append((state["teacher"], kw.get("use_cache"))),
+                                    with_kwargs=True)
+    masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))
+    assert calls == [(False, False)] * 3  # one student forward a step, no teacher, no KV cache
+
+
+# ----------------------------------------------------------------------------- closed-form allocations
+
+def spectra(decays, n=64):
+    """Layers of shape (n, n) whose whitened spectra decay at the given rates."""
+    i = torch.arange(n, dtype=torch.float64)
+    return {f"model.layers.{b}.mlp.proj": torch.exp(-d * i) for b, d in enumerate(decays)}
+
+
+@pytest.mark.parametrize("method", ["energy", "svdllm2"])
+@pytest.mark.parametrize("rho", [0.3, 0.6, 0.85])
+def test_closed_form_meets_budget_and_keeps_more_of_a_flat_spectrum(method, rho):
+    sigmas = spectra([0.1, 0.1, 0.01, 0.1])  # layer 2's spectrum is flat: truncating it costs most
+    shapes = {name: (64, 64) for name in sigmas}
+    args = argparse.Namespace(energy_norm="relative", energy_power=2.0)
+    fn = getattr(learn_masks, f"allocate_{method}")
+    ranks, _, _ = fn(shapes, rho, {"sigmas": sigmas, "tokens": 10 ** 6}, args)
+    assert rho - 64 * 2 / (4 * 64 * 64) <= common.kept_fraction(ranks, shapes) <= rho + 1e-9  # within one component
+    flat, uniform = ranks["model.layers.2.mlp.proj"], common.uniform_ranks(shapes, rho)["model.layers.2.mlp.proj"]
+    assert flat == "dense" or (uniform != "dense" and flat > uniform), (flat, uniform)
+
+
+def test_svdllm2_ratios_follow_the_paper():
+    sigmas = spectra([0.3, 0.1])
+    shapes = {name: (64, 64) for name in sigmas}
+    _, _, rec = learn_masks.allocate_svdllm2(shapes, 0.6, {"sigmas": sigmas, "tokens": 10 ** 6}, None)
+    kept = list(rec["kept_ratio"].values())
+    assert abs(sum(kept) / 2 - 0.6) < 1e-12 and kept[1] > kept[0]  # ratios average R; larger loss kept more
+    L = [math.sqrt(10 ** 6 * (s[int(0.6 * 32):] ** 2).sum().item()) for s in sigmas.values()]
+    s = [1 / math.log(x) for x in L]
+    assert abs((1 - kept[0]) - 2 * 0.4 * s[0] / sum(s)) < 1e-12  # Alg. 1 line 11
