@@ -8,10 +8,12 @@ are cast to the model's dtype only when a compressed layer is built.
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifests list their files; whiten records the weights' fingerprint
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # ../shared/DATA.md
 EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
@@ -44,10 +46,69 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
+def check_flags(args, **limits):
+    """Every numeric flag against its range, before any work: limits = {flag: (lo, hi)}, None for
+    unbounded, lo given as ('>', x) for a strict bound. NaN and inf are always refused."""
+    for name, (lo, hi) in limits.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        strict, lo = (True, lo[1]) if isinstance(lo, tuple) else (False, lo)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            low = lo is not None and (v <= lo if strict else v < lo)
+            if not math.isfinite(v) or low or (hi is not None and v > hi):
+                need = " and ".join(x for x in (lo is not None and f"{'>' if strict else '>='} {lo}",
+                                                hi is not None and f"<= {hi}") if x)
+                raise UserError(f"--{name} {v} is out of range: it must be a finite number {need}")
+
+
+def check_run_dir(run_dir):
+    """The run dir must be a writable folder (created if missing)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--run_dir {run_dir} is a file, not a folder: pass a folder path")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run_dir {run_dir} cannot be created ({e.strerror}): pass a writable folder") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"--run_dir {run_dir} is not writable: pass a writable folder")
+
+
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but this machine has no CUDA GPU: use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def max_positions(config):
+    """The longest sequence the model takes, when its config says (None when it does not)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def check_seqlen(config, seqlen, flag="--seqlen"):
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise UserError(f"{flag} {seqlen} is longer than the model's {limit} positions: pass {flag} {limit} or less")
+
+
+def crash_point(name):
+    """Test hook: RANKALLOC_CRASH=name makes the process SIGKILL itself here, where a kill is most
+    harmful (inside a folder swap or a JSON write), so the crash tests do not depend on timing."""
+    if os.environ.get("RANKALLOC_CRASH") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- budget (METHODS.md §2)
@@ -187,6 +248,8 @@ def resolve_model(spec):
         return embedded_model_dir()
     if os.path.isdir(spec):
         return spec
+    if os.path.isfile(spec):
+        raise UserError(f"model {spec!r} is a file, not a model folder: pass the folder holding config.json")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model folder {spec!r} does not exist; pass 'embedded', a local folder or a hub id")
     return spec  # a hub id, for online users
@@ -197,10 +260,19 @@ def load_model(spec, device, dtype=None):
     path = resolve_model(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a missing tokenizer file, a tokenizer that needs sentencepiece, ...
+        raise UserError(f"cannot load the tokenizer of {spec!r} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); check the folder's "
+                        "tokenizer files, install what the message names, or go online for a hub id") from None
+    if not tok("The quick brown fox.").input_ids:  # e.g. a sentencepiece tokenizer without its model file
+        raise UserError(f"the tokenizer of {spec!r} turns plain text into no tokens: its files are incomplete "
+                        "(tokenizer.json / tokenizer.model missing?) or need a package (sentencepiece?)")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    except OSError as e:
-        raise UserError(f"cannot load model {spec!r} ({str(e).splitlines()[0][:120]}); "
-                        "pass 'embedded', a local model folder, or a hub id while online") from None
+    except Exception as e:  # no weights, corrupt or truncated weight file, unknown architecture, offline
+        raise UserError(f"cannot load model {spec!r} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
+                        "an intact local model folder, or a hub id while online") from None
     return model.to(device).eval(), tok
 
 
@@ -241,9 +313,9 @@ def load_documents(spec, split):
     if spec == "embedded":
         docs = _embedded_articles()
     elif os.path.isfile(spec) and spec.endswith(".txt"):
-        docs = [d for d in open(spec, encoding="utf-8").read().split("\n\n") if d.strip()]
+        docs = [d for d in read_text(spec).split("\n\n") if d.strip()]
     elif os.path.isfile(spec) and spec.endswith(".jsonl"):
-        docs = [json.loads(line)["text"] for line in open(spec, encoding="utf-8") if line.strip()]
+        docs = jsonl_texts(spec)
     elif spec.endswith((".txt", ".jsonl")):
         raise UserError(f"data file {spec!r} does not exist")
     elif os.path.exists(spec):
@@ -252,6 +324,31 @@ def load_documents(spec, split):
         raise UserError(f"unknown data {spec!r}: use 'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path")
     keep = 4 if split == "eval" else None
     return [d for i, d in enumerate(docs) if (i % 5 == 4) == (keep == 4)]
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path} > fixed{os.path.splitext(path)[1]}`") from None
+
+
+def jsonl_texts(path):
+    """The "text" of every non-empty line of a .jsonl file; any other line is named and refused."""
+    docs = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path} line {i} is not JSON: each line must be {{\"text\": \"...\"}}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise UserError(f"{path} line {i} has no string \"text\" field: each line must be {{\"text\": \"...\"}}")
+        docs.append(item["text"])
+    return docs
 
 
 def token_stream(tok, docs):
@@ -275,19 +372,99 @@ def config_hash(model):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def weights_hash(model):
+    """Fingerprint of the weights themselves (every tensor's bytes, in name order): a folder replaced by
+    one with the same config and other weights is caught. ~1 s per GB."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_model(model, whiten, rerun="python whiten.py"):
+    """The model now on disk must be the one whiten/ was made from: same config, same weights."""
+    if config_hash(model) != whiten["config_hash"] or weights_hash(model) != whiten["weights_hash"]:
+        raise UserError(f"model {whiten['model']!r} is not the one whiten/ was made from (other config or "
+                        f"weights): re-run the pipeline from `{rerun}`")
+
+
+def tensor_hash(t):
+    return hashlib.blake2b(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=8).hexdigest()
+
+
 def versions():
     import transformers
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def read_manifest(run_dir, stage, hint):
-    """Load DIR/stage/manifest.json or fail with the command that makes it."""
-    path = os.path.join(run_dir, stage, "manifest.json")
+def read_json(path, rerun, keys=()):
+    """A JSON artifact, or one line naming the file and the command that remakes it."""
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: run `{hint} --run_dir {run_dir}` first")
-    manifest = json.load(open(path))
+        raise UserError(f"{path} not found: run `{rerun}` first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, OSError):
+        raise UserError(f"{path} is damaged or incomplete: re-run `{rerun}`") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{path} is damaged or incomplete (no {', '.join(missing)}): re-run `{rerun}`")
+    return obj
+
+
+class TensorFile:
+    """A safetensors artifact read one tensor at a time (so a stage can stream it); a missing,
+    truncated or corrupt file, or a missing tensor, is one line naming the file and the command
+    that remakes it."""
+
+    def __init__(self, path, rerun, device="cpu"):
+        from safetensors import safe_open
+        self.path, self.rerun = path, rerun
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: re-run `{rerun}`")
+        try:
+            self.f = safe_open(path, "pt", device=str(device))
+            self.names = list(self.f.keys())
+        except Exception:  # SafetensorError: bad header, truncated file
+            self.damaged()
+
+    def damaged(self):
+        raise UserError(f"{self.path} is damaged or incomplete: re-run `{self.rerun}`") from None
+
+    def get(self, name):
+        try:
+            return self.f.get_tensor(name)
+        except Exception:  # a tensor missing, or its bytes past the end of a truncated file
+            self.damaged()
+
+
+def read_tensors(path, rerun, keys=None, device="cpu"):
+    """{name: tensor} of a whole safetensors artifact (or of `keys`), through TensorFile."""
+    f = TensorFile(path, rerun, device)
+    return {k: f.get(k) for k in (f.names if keys is None else keys)}
+
+
+def write_json(path, obj):
+    """Write a temporary file, then rename it over `path`: a kill leaves the old file or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    crash_point("json")
+    os.replace(tmp, path)
+
+
+def read_manifest(run_dir, stage, hint):
+    """Load DIR/stage/manifest.json and check that every file it lists is there, whole."""
+    rerun = f"{hint} --run_dir {run_dir}"
+    path = os.path.join(run_dir, stage, "manifest.json")
+    manifest = read_json(path, rerun, keys=("stage", "format_version", "inputs", "files"))
     if manifest.get("stage") != stage or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{hint}`")
+        raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{rerun}`")
+    for name, size in manifest["files"].items():
+        file = os.path.join(run_dir, stage, name)
+        if not os.path.isfile(file) or os.path.getsize(file) != size:
+            raise UserError(f"{file} is damaged or incomplete: re-run `{rerun}`")
     manifest["hash"] = file_hash(path)
     return manifest
 
@@ -302,6 +479,7 @@ def check_parent(manifest, parent, run_dir, rerun):
 def stage_dir(run_dir, stage):
     """A fresh temporary folder; `commit_stage` moves it into place, so a failed run leaves nothing
     that a later stage would accept."""
+    check_run_dir(run_dir)
     tmp = os.path.join(run_dir, f".{stage}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -309,10 +487,20 @@ def stage_dir(run_dir, stage):
 
 
 def commit_stage(run_dir, stage, tmp, manifest):
-    manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest}
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    final = os.path.join(run_dir, stage)
-    shutil.rmtree(final, ignore_errors=True)
+    """Manifest (listing every file and its size) into the temporary folder, then the swap: old folder
+    aside, new one in, old one deleted. A kill anywhere leaves either no stage folder (the next stage
+    says which command to run) or a complete one, never a half-deleted folder with a manifest."""
+    files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest,
+                "files": files}
+    write_json(os.path.join(tmp, "manifest.json"), manifest)
+    crash_point("commit:before")
+    final, old = os.path.join(run_dir, stage), os.path.join(run_dir, f".{stage}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    crash_point("commit:aside")
     os.replace(tmp, final)
+    crash_point("commit:in")
+    shutil.rmtree(old, ignore_errors=True)
     return final

@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -48,33 +47,31 @@ def rank_at_fraction(rho, m, n):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    common.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
     whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    if args.kmax_mult < 1:
-        raise UserError(f"--kmax_mult {args.kmax_mult} < 1 would store fewer than k* components; use >= 1")
     device = common.pick_device(args.device)
     t0 = time.time()
     model, _ = common.load_model(whiten["model"], "cpu")
-    if common.config_hash(model) != whiten["config_hash"]:
-        raise UserError(f"model {whiten['model']!r} differs from the one whiten/ was made with: re-run whiten.py")
+    common.check_model(model, whiten)
     linears = common.find_linears(model)
     groups = whiten["groups"]
     tensors, info = {}, {}
     fractions = (0.9, 0.8, 0.6)
-    with safe_open(f"{args.run_dir}/whiten/whitening.safetensors", "pt") as f:
-        for name, mod in tqdm(linears.items(), desc="SVD"):
-            S = f.get_tensor(f"{groups[name]}.S").to(device)
-            S_inv = f.get_tensor(f"{groups[name]}.S_inv").to(device)
-            W = common.weight_matrix(mod).detach().to(device, torch.float64)
-            m, n = W.shape
-            U, sigma, VtSinv = whitened_svd(W, S, S_inv)
-            k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
-            tensors[f"{name}.U"] = U[:, :k_max].float().cpu().contiguous()
-            tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
-            tensors[f"{name}.VtSinv"] = VtSinv[:k_max].float().cpu().contiguous()
-            errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
-            info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
-            tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
-                       + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
+    f = common.TensorFile(f"{args.run_dir}/whiten/whitening.safetensors", f"python whiten.py --run_dir {args.run_dir}")
+    for name, mod in tqdm(linears.items(), desc="SVD"):
+        S = f.get(f"{groups[name]}.S").to(device)
+        S_inv = f.get(f"{groups[name]}.S_inv").to(device)
+        W = common.weight_matrix(mod).detach().to(device, torch.float64)
+        m, n = W.shape
+        U, sigma, VtSinv = whitened_svd(W, S, S_inv)
+        k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
+        tensors[f"{name}.U"] = U[:, :k_max].float().cpu().contiguous()
+        tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
+        tensors[f"{name}.VtSinv"] = VtSinv[:k_max].float().cpu().contiguous()
+        errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
+        info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
+        tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
+                   + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
     out = common.stage_dir(args.run_dir, "decompose")
     save_file(tensors, f"{out}/factors.safetensors")
     common.commit_stage(args.run_dir, "decompose", out, {

@@ -74,7 +74,7 @@ def check_task_file(path):
     """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
-    for i, line in enumerate(open(path, encoding="utf-8"), 1):
+    for i, line in enumerate(common.read_text(path).splitlines(), 1):
         try:
             item = json.loads(line)
             ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
@@ -105,7 +105,7 @@ def prepare_tasks(names, stream, tok, args):
         raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
     folder = os.path.join(args.run_dir, "tasks")
     os.makedirs(folder, exist_ok=True)
-    resolved = []
+    resolved, files = [], {}
     for name in names:
         if name == "local_continuation":
             path = os.path.join(folder, "local_continuation.jsonl")
@@ -120,12 +120,14 @@ def prepare_tasks(names, stream, tok, args):
             continue
         task_yaml(name, path, folder)
         resolved.append(name)
+        files[name] = path
     manager = TaskManager(include_path=folder)
     unknown = [n for n in resolved if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval --tasks list`, or use "
                         "local_continuation / local:PATH.jsonl")
-    return resolved, manager
+    # what each task's numbers depend on: a local task's items (file contents), a harness task's name
+    return resolved, manager, [common.file_hash(files[t]) if t in files else t for t in resolved]
 
 
 def zero_shot(model, tok, tasks, manager, batch_size):
@@ -234,39 +236,57 @@ def measure(model, tok, windows, tasks, manager, args, device, label):
     return out
 
 
-def original_metrics(model, tok, windows, tasks, manager, args, device, whiten_hash):
-    """The original model's numbers, cached in RUN_DIR keyed on everything they depend on."""
-    key = f"{whiten_hash}|{args.data}|{args.seqlen}|{len(windows)}|{device.type}|{tasks}|{args.task_items}"
+def original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten):
+    """The original model's numbers, cached in RUN_DIR keyed on the CONTENTS they depend on: the
+    weights, the exact evaluation tokens, each task's items. An unreadable cache is rebuilt."""
+    key = "|".join(map(str, [whiten["weights_hash"], common.tensor_hash(windows), device.type, *task_keys]))
     path = os.path.join(args.run_dir, "original_eval.json")
-    cache = json.load(open(path)) if os.path.isfile(path) else {}
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        assert isinstance(cache, dict)
+    except (OSError, ValueError, AssertionError):
+        cache = {}
     if key not in cache:
         cache[key] = measure(model, tok, windows, tasks, manager, args, device, "original")
-        with open(path, "w") as f:
-            json.dump(cache, f, indent=1)
+        common.write_json(path, cache)
     return cache[key]
 
 
+def check_chain(run_dir):
+    """compressed <- allocation <- decompose <- whiten: every link made from what is on disk now."""
+    whiten = common.read_manifest(run_dir, "whiten", "python whiten.py")
+    decomp = common.read_manifest(run_dir, "decompose", "python decompose.py")
+    alloc = common.read_manifest(run_dir, "allocation", "python learn_masks.py")
+    comp = common.read_manifest(run_dir, "compressed", "python truncate.py")
+    common.check_parent(decomp, whiten, run_dir, "python decompose.py")
+    common.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
+    common.check_parent(comp, alloc, run_dir, "python truncate.py")
+    return {m["stage"]: m for m in (whiten, decomp, alloc, comp)}
+
+
 def main(args):
-    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    comp = common.read_manifest(args.run_dir, "compressed", "python truncate.py")
+    common.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
+                       speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
+    chain = check_chain(args.run_dir)
+    whiten, comp = chain["whiten"], chain["compressed"]
+    common.check_run_dir(args.run_dir)
     device = common.pick_device(args.device)
     model, tok = common.load_model(whiten["model"], device)
-    if common.config_hash(model) != whiten["config_hash"]:
-        raise UserError(f"model {whiten['model']!r} changed since whiten/ was made: re-run the pipeline")
+    common.check_model(model, whiten)
+    common.check_seqlen(model.config, args.seqlen)
     stream = common.token_stream(tok, common.load_documents(args.data, "eval"))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
     print(f"evaluating on {windows.numel()} held-out tokens ({len(windows)} x {args.seqlen}) of {args.data!r}")
-    tasks, manager = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None)
+    tasks, manager, task_keys = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None, [])
     t0 = time.time()
-    original = original_metrics(model, tok, windows, tasks, manager, args, device, whiten["hash"])
+    original = original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten)
     del model
     model, _ = load_compressed(f"{args.run_dir}/compressed", device)
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
-    walls = {s: json.load(open(f"{args.run_dir}/{s}/manifest.json")).get("wall_time_s")
-             for s in ("whiten", "decompose", "allocation", "compressed")}
-    ranks = json.load(open(f"{args.run_dir}/compressed/ranks.json"))
+    ranks = common.read_json(f"{args.run_dir}/compressed/ranks.json", "python truncate.py", keys=("layers", "method"))
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],
                "kept_fraction_linear": comp["kept_fraction_linear"],
                "kept_fraction_model": compressed["params"] / original["params"],
@@ -274,13 +294,12 @@ def main(args):
                "layers": len(ranks["layers"]),
                "eval": {"data": args.data, "seqlen": args.seqlen, "windows": len(windows),
                         "tokens": windows.numel(), "device": str(device)},
-               "wall_time_s": {**walls, "evaluate": round(time.time() - t0, 1)}}
+               "chain": {stage: m["hash"] for stage, m in chain.items()},  # which artifacts these numbers describe
+               "wall_time_s": {**{s: m.get("wall_time_s") for s, m in chain.items()},
+                               "evaluate": round(time.time() - t0, 1)}}
     if speed:
         metrics["speed"] = speed
-    tmp = os.path.join(args.run_dir, ".metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(args.run_dir, "metrics.json"))
+    common.write_json(os.path.join(args.run_dir, "metrics.json"), metrics)
     print(f"\n| model | params | kept (linears) | kept (model) | ppl |\n|---|---|---|---|---|\n"
           f"| original | {original['params']:,} | 100% | 100% | {original['ppl']:.2f} |\n"
           f"| compressed ({metrics['method']}) | {compressed['params']:,} | "

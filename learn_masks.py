@@ -18,7 +18,8 @@ with L_task = KL(teacher || student) by default; the teacher is the same model w
 Writes RUN_DIR/allocation/:
   ranks.json                {"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
                             training curve, wall time}
-  components.safetensors    soco only: {layer}.index (k,), {layer}.scale (k,)
+  components.safetensors    where a layer keeps a learned subset (sigmoid, hardconcrete) or learned
+                            scales (soco): {layer}.index (k,), {layer}.scale (k,)
   manifest.json             decompose/ hash, method, seed, flags
 
   python learn_masks.py --method ara --keep 0.8
@@ -30,7 +31,6 @@ import os
 import time
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -163,12 +163,14 @@ def allocate_strs(shapes, rho, ctx, args):
     qs = [round(0.1 * i, 1) for i in range(1, 10)]
     ids = ctx["ids"][:samples, :seqlen].to(ctx["device"])
     print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
-    # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors
-    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}.json"
-    if os.path.isfile(cache):
-        saved = json.load(open(cache))
+    # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors, keyed
+    # on the exact calibration tokens it measured (an unreadable cache is rebuilt, never fatal)
+    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}_{common.tensor_hash(ids.cpu())}.json"
+    try:
+        with open(cache) as f:
+            saved = json.load(f)
         table = {(n, float(q)): p for n, q, p in saved["table"]}
-    else:
+    except (OSError, ValueError, KeyError, TypeError):
         t0, table, linears = time.time(), {}, common.find_linears(model)
         for name in tqdm(shapes, desc="STRS sensitivity"):
             orig = linears[name]
@@ -178,7 +180,7 @@ def allocate_strs(shapes, rho, ctx, args):
                 table[(name, q)] = masking.calib_ppl(model, ids)
             common.set_module(model, name, orig)
         saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
-        json.dump(saved, open(cache, "w"))
+        common.write_json(cache, saved)
     ranks = strs_search(table, shapes, rho, qs)
     return ranks, None, {"ppl_passes": len(table), "strs_tokens_per_pass": [len(ids), ids.shape[1]],
                          "sensitivity_wall_time_s": saved["wall_time_s"],
@@ -192,7 +194,8 @@ def allocate_learned(shapes, rho, ctx, args):
     curve = record["curve"]
     gap = curve[-1]["rho_hat"] - rho if curve else 0.0
     print(f"training ended at rho_hat {rho + gap:.4f} (target {rho:.4f}, gap {gap:+.4f}); "
-          f"{len(record['dense_flips'])} dense flips; export scale {extra.get('export_scale', 1.0)}")
+          f"{len(record['dense_flips'])} dense flips; export scale {extra.get('export_scale', 1.0)}; "
+          f"{record['calibration_seen']:.0%} of the calibration chunks seen")
     return ranks, components, {"steps": len(curve), "train_budget_gap": round(gap, 6), **extra, **record}
 
 
@@ -205,29 +208,46 @@ METHODS = {"uniform": allocate_uniform, "energy": allocate_energy, "svdllm2": al
 def load_context(args, run_dir, whiten):
     """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
     the model, the calibration windows and the factors."""
-    with safe_open(f"{run_dir}/decompose/factors.safetensors", "pt") as f:
-        sigmas = {k[:-len(".sigma")]: f.get_tensor(k) for k in f.keys() if k.endswith(".sigma")}
+    rerun = f"python decompose.py --run_dir {run_dir}"
+    f = common.TensorFile(f"{run_dir}/decompose/factors.safetensors", rerun)
+    sigmas = {k[:-len(".sigma")]: f.get(k) for k in f.names if k.endswith(".sigma")}
     ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
     if args.method in ("uniform", "energy", "svdllm2"):
         return ctx
     device = common.pick_device(args.device)
     model, _ = common.load_model(whiten["model"], device)
-    if common.config_hash(model) != whiten["config_hash"]:
-        raise UserError(f"model {whiten['model']!r} changed since whiten/ was made: re-run the pipeline")
+    common.check_model(model, whiten)
+    if args.loss == "hidden_mse":
+        L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
+        if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
+            raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} "
+                            f"(or -{L + 1}..-1)")
     for p in model.parameters():
         p.requires_grad_(False)
-    with safe_open(f"{run_dir}/whiten/calib_ids.safetensors", "pt") as f:
-        ids = f.get_tensor("ids")
-    with safe_open(f"{run_dir}/decompose/factors.safetensors", "pt", device=str(device)) as f:
-        factors = {k: f.get_tensor(k) for k in f.keys()}
+    ids = common.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
+                              keys=["ids"])["ids"]
+    factors = common.read_tensors(f"{run_dir}/decompose/factors.safetensors", rerun, device=device)
     return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
 
 
-def main(args):
+def check_args(args):
+    """Every flag in range before any work (one line and exit 2 otherwise)."""
     if not 0 < args.keep <= 1:
         raise UserError(f"--keep {args.keep} is outside (0, 1]: it is the KEPT fraction, e.g. 0.8 = 20% removed")
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    common.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
+                       alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), tau=((">", 0), None),
+                       sparsity=(0, None), log_every=(1, None), energy_power=((">", 0), None),
+                       strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, None), soco_stages=(0, 1),
+                       settle=(0, 1))
+    if abs(sum(args.soco_stages) - 1) > 1e-6:
+        raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
+                        "they are fractions of --steps and must sum to 1")
+
+
+def main(args):
+    check_args(args)
     whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
     decomp = common.read_manifest(args.run_dir, "decompose", "python decompose.py")
     common.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
@@ -253,8 +273,7 @@ def main(args):
     allocation = {"method": args.method, "keep": args.keep, "kept_fraction_linear": rho, "layers": ranks,
                   "shapes": shapes, "components": bool(components), "flags": vars(args), "wall_time_s": wall,
                   **record}
-    with open(f"{out}/ranks.json", "w") as f:
-        json.dump(allocation, f, indent=1)
+    common.write_json(f"{out}/ranks.json", allocation)
     plots.write_allocation_plots(allocation, out)
     common.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
@@ -271,16 +290,21 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=100, help="optimiser steps (cosine-decayed learning rate)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
     p.add_argument("--train_seqlen", type=int, default=128,
-                   help="tokens per training chunk; every calibration window is cut into chunks, all of them used")
+                   help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
+                   "seeded epochs over all of them (ranks.json records the fraction seen)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see masking.py)")
     p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="fraction of the steps at the end in which the dense layers are fixed and alpha grows, so "
+                   "training ends on its budget (0 = ARA's single phase)")
     p.add_argument("--alpha_growth", type=float, default=100.0,
-                   help="alpha grows geometrically to alpha * this over the first 70%% of the steps (1 = ARA's fixed alpha)")
+                   help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
     p.add_argument("--guidance", type=float, default=50.0,
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--tau", type=float, default=0.4, help="Gumbel-sigmoid temperature (LLRC code 0.4, paper 0.1)")
     p.add_argument("--init", choices=["uniform", "paper"], default="uniform",
-                   help="start masks at the uniform allocation, or at the paper's init (see masking.py)")
+                   help="start masks at the uniform allocation, or at LLRC's logits 6 -> 3 / SoCo's scores 1, "
+                   "which start every layer dense (ARA: its own init either way; see masking.py)")
     p.add_argument("--soco_stages", type=float, nargs=3, default=[0.4, 0.4, 0.2],
                    help="SoCo: fractions of steps in coarse / refine / sparsify stages")
     p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")

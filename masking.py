@@ -11,20 +11,26 @@ Gates (mask over the k_max components, k_hat = expected number kept):
   hardconcrete  z = clip(sigmoid((log u - log(1-u) + log a) / beta)(zeta - gamma) + gamma, 0, 1)   (§3.2)
   ara           pi = softmax(p), rho = pi.c, mask = 1[i < round(k_max rho)] + pi B - sg(pi B)   (§3.3)
   soco          mask = s = softplus(theta) (scores, may exceed 1), pruned by score order   (§3.4)
-Loss (every gate): L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, with rho_hat computed on
-min(r_l, 1) forward but unclamped backward (§3.7), and alpha_t growing geometrically from alpha to
-alpha * --alpha_growth over the first 70% of the steps: a fixed alpha leaves training wherever the
-penalty balances the task gradient (gap ~ dL_task/drho / 2 alpha; 0.048 was measured), a growing one
-shrinks that gap by the same factor, so the exported model is the trained one. (A Lagrange multiplier
-was tried: it winds up while layers sit dense, then overshoots the budget far below the target.)
+Loss (every gate): L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, in two phases:
+  explore (first 1 - --settle of the steps): alpha_t = alpha, rho_hat on min(r_l, 1) forward but
+      unclamped backward (§3.7), so the budget also reaches dense layers and any layer can flip;
+  settle (last --settle): which layers are dense is frozen, rho_hat counts dense layers as constants,
+      and alpha_t grows geometrically to alpha * --alpha_growth, so the LOW-RANK layers close the gap
+      under the task loss. A fixed alpha ends wherever the penalty balances the task gradient (ARA at
+      80% kept ended 0.010 over; sigmoid 0.048), and the export then cuts every low-rank layer by one
+      factor: the exported model is not the trained one. Growing alpha with the dense switch still
+      live was measured to hurt (ARA 80%: ppl 34.49 fixed alpha, 40.80 x10, 41.42 x100): the pressure
+      pushes dense layers across r = 1, where they lose half their spectrum at once. A Lagrange
+      multiplier winds up while layers sit dense and then overshoots the budget far below the target.
 
 A new method is one Gate subclass (mask, k_hat, order, scales; optionally plan / extra_terms /
 on_stage / export for a schedule like SoCo's) registered in GATES, plus its flags in learn_masks.py.
 
 Initialisation (--init): 'uniform' (default) starts every gate at the uniform allocation's rank k0;
-'paper' is LLRC's logits 6 -> 3 / SoCo's scores 1, which with k_max = 1.2 k* starts every layer past
-r = 1, i.e. dense; the straight-through budget term pulls them back below 1. ARA's own init
-(E[rho] = target/1.2) is the uniform one.
+'paper' is LLRC's logits 6 -> 3 (sigmoid; hard-concrete takes the same numbers as log alpha) and
+SoCo's scores 1, which with k_max = 1.2 k* starts every layer past r = 1, i.e. dense; the
+straight-through budget term pulls them back below 1. ARA's own init (E[rho] = target / 1.2, the
+uniform allocation) is what ARA gets with either value.
 """
 import math
 
@@ -143,19 +149,18 @@ class AraGate(Gate):
         pi = torch.full((D + 1,), eps / (D + 1))
         pi[j0] += (1 - eps) * a
         pi[j0 + 1] += (1 - eps) * (1 - a)
-        if args.init == "paper":
-            pi = torch.zeros(D + 1).index_fill_(0, torch.tensor([0]), 1.0) + eps / (D + 1)  # all mass on c = 1
         self.p = nn.Parameter(pi.clamp(min=1e-8).log())
 
     def rho(self):
-        return torch.softmax(self.p, 0) @ self.c  # expected kept fraction of k_max
+        # elementwise, not a matmul: bf16 autocast would round rho and move round(k_max rho) by a component
+        return (torch.softmax(self.p, 0) * self.c).sum()  # expected kept fraction of k_max
 
     def mask(self, train, gen):
         rho = self.rho()
         hard = (torch.arange(self.k_max, device=rho.device) < torch.round(self.k_max * rho)).float()
         if not train:
             return hard
-        soft = torch.softmax(self.p, 0) @ self.B  # (k_max,) non-increasing in i
+        soft = (torch.softmax(self.p, 0)[:, None] * self.B).sum(0)  # pi^T B (k_max,), non-increasing in i
         return hard + soft - soft.detach()
 
     def k_hat(self):
@@ -225,9 +230,9 @@ class SocoGate(Gate):
             return
         ranks, _ = finalize({n: l.gate.k_hat().item() for n, l in layers.items()}, shapes, rho)
         for name, l in layers.items():
-            keep = torch.zeros_like(l.gate.selected)
+            keep = torch.ones_like(l.gate.selected)  # a dense layer keeps reporting k_max: r >= 1
             if ranks[name] != "dense":
-                keep[l.gate.order()[:ranks[name]]] = 1
+                keep.zero_()[l.gate.order()[:ranks[name]]] = 1
             l.gate.selected.copy_(keep)
             l.dense, l.gate.frozen = ranks[name] == "dense", True
 
@@ -362,35 +367,49 @@ def train(model, layers, ids, rho, args, device):
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
     state = layers[names[0]].state
     state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise
-    data = batches(window_chunks(ids, args.train_seqlen), min(args.batch_size, len(ids)),
-                   torch.Generator().manual_seed(args.seed))
+    chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
+    data = batches(chunks, min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
     shapes = {n: (layers[n].m, layers[n].n) for n in names}
     mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)
     b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
     hidden = args.loss == "hidden_mse"
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # model matmuls only; mask math stays fp32
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls in tf32; the gates' math is elementwise fp32
     record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
               "dense_flips": []}
+    with torch.no_grad():  # the starting state is not a flip
+        for n in names:
+            layers[n].dense = layers[n].ratio().item() >= 1
+    settle_len = max(1, round(args.settle * args.steps))
+    settle_start = args.steps - settle_len if args.settle > 0 else args.steps
     bar = tqdm(range(args.steps), desc=f"learn {args.method}")
     for step in bar:
         plan = cls.plan(step, args)
         if plan["t"] == 0:
-            cls.on_stage(plan, layers, shapes, rho)
+            before = {n: layers[n].dense for n in names}
+            cls.on_stage(plan, layers, shapes, rho)  # a schedule may fix the dense flags (SoCo stage 3)
+            record["dense_flips"] += [[step, n, "dense" if layers[n].dense else "low-rank"]
+                                      for n in names if layers[n].dense != before[n]]
         for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
             group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * plan["t"] / plan["T"]))
         r = torch.stack([layers[n].ratio() for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
+        settling = step >= settle_start
         for n, rl in zip(names, r_host):
-            if not layers[n].gate.frozen and (rl >= 1) != layers[n].dense:
+            if not settling and not layers[n].gate.frozen and (rl >= 1) != layers[n].dense:
                 layers[n].dense = rl >= 1
                 record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
         if step % args.log_every == 0 or step == args.steps - 1:
             record["trajectory"]["step"].append(step)
             for n, rl in zip(names, r_host):
                 record["trajectory"]["r"][n].append(round(rl, 4))
-        rho_hat = (straight_through_min1(r) * mn).sum() / mn.sum()  # R_eff of ARA / METHODS.md §2
-        alpha = args.alpha * args.alpha_growth ** min(1.0, step / (0.7 * args.steps))
+        if settling:  # dense layers count as constants: only the low-rank ones move toward the budget
+            dense = torch.tensor([layers[n].dense for n in names], device=r.device)
+            r_eff = torch.where(dense, torch.ones_like(r), r.clamp(max=1))
+            alpha = args.alpha * args.alpha_growth ** min(1.0, (step - settle_start) / (0.8 * settle_len))
+        else:
+            r_eff, alpha = straight_through_min1(r), args.alpha
+        rho_hat = (r_eff * mn).sum() / mn.sum()  # R_eff of ARA / METHODS.md §2
         terms = {}
         if plan["budget"]:
             terms["budget"] = alpha * (rho_hat - rho) ** 2
@@ -421,6 +440,8 @@ def train(model, layers, ids, rho, args, device):
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
         bar.set_postfix(loss=f"{log['loss']:.4f}", rho=f"{log['rho_hat']:.3f}")
     state["train"] = False
+    task_steps = sum(1 for c in record["curve"] if "task" in c)
+    record["calibration_seen"] = round(min(1.0, task_steps * min(args.batch_size, len(chunks)) / len(chunks)), 4)
     return record
 
 
@@ -429,7 +450,7 @@ def train(model, layers, ids, rho, args, device):
 def finalize(k_hat, shapes, rho):
     """ARA's finalisation (METHODS.md §3.3) on the trained expected counts k_hat_l: layers with
     r_l >= 0.99 go dense (the least-wanted dense layers give way if they alone break the budget); the
-    others are scaled by one factor c so the budget is met exactly; rank floor(c k_hat_l), at least 1.
+    others are scaled by one factor c so the budget is met exactly; rank round(c k_hat_l), at least 1.
     Returns (ranks, c): c far from 1 means the trained model is not the exported one."""
     budget = rho * sum(m * n for m, n in shapes.values())
     r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
@@ -439,7 +460,7 @@ def finalize(k_hat, shapes, rho):
         dense.pop()
 
     def ranks_at(c):
-        return {k: "dense" if k in dense else min(max(1, int(c * k_hat[k])), common.k_star(m, n) - 1)
+        return {k: "dense" if k in dense else min(max(1, int(c * k_hat[k] + 0.5)), common.k_star(m, n) - 1)
                 for k, (m, n) in shapes.items()}
     lo, hi = 0.0, 1.0
     while common.total_cost(ranks_at(hi), shapes) <= budget and hi < 1e6:

@@ -15,12 +15,10 @@ Reload it with one call (generate() works):
   python truncate.py --run_dir runs/default
 """
 import argparse
-import json
 import os
 import time
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 import common
@@ -70,11 +68,12 @@ def compress_model(model, ranks, factors, components=None):
 def load_compressed(path, device="cpu"):
     """Rebuild a model saved by truncate.py: (model, tokenizer), ready for generate()."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    rerun = "python truncate.py"
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    ranks = json.load(open(os.path.join(path, "ranks.json")))["layers"]
+    ranks = common.read_json(os.path.join(path, "ranks.json"), rerun, keys=("layers",))["layers"]
     for name, mod in common.find_linears(model).items():
         if ranks.get(name, "dense") != "dense":
             m, n = common.weight_matrix(mod).shape
@@ -82,8 +81,25 @@ def load_compressed(path, device="cpu"):
             bias = None if mod.bias is None else torch.empty(m, dtype=mod.weight.dtype)
             common.set_module(model, name, LowRankLinear(torch.empty(m, k, dtype=mod.weight.dtype),
                                                          torch.empty(k, n, dtype=mod.weight.dtype), bias))
-    load_model(model, os.path.join(path, "model.safetensors"))  # strict; handles tied embeddings
+    try:
+        load_model(model, os.path.join(path, "model.safetensors"))  # strict; handles tied embeddings
+    except Exception:  # truncated or corrupt file, tensors of the wrong shape
+        raise UserError(f"{path}/model.safetensors is damaged or incomplete: re-run `{rerun}`") from None
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def check_ranks(ranks, layers, rerun):
+    """Every compressed layer has "dense" or an integer rank in 1..k_max; ranks >= k* become "dense"."""
+    for name, v in layers.items():
+        r = ranks.get(name)
+        if r == "dense":
+            continue
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= v["k_max"]:
+            raise UserError(f"allocation/ranks.json gives {name} the rank {r!r}: a rank must be \"dense\" or an "
+                            f"integer in 1..{v['k_max']}; re-run `{rerun}`")
+        if r >= common.k_star(v["m"], v["n"]):
+            ranks[name] = "dense"  # normalise, so the saved ranks say what the model holds
+    return ranks
 
 
 # ----------------------------------------------------------------------------- main
@@ -94,27 +110,22 @@ def main(args):
     alloc = common.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
     common.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
     common.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
+    rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
+    allocation = common.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, keys=("layers",))
+    ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
     model, tok = common.load_model(whiten["model"], "cpu")
-    allocation = json.load(open(f"{args.run_dir}/allocation/ranks.json"))
-    ranks = allocation["layers"]
-    for name, v in decomp["layers"].items():
-        if ranks[name] != "dense" and ranks[name] >= common.k_star(v["m"], v["n"]):
-            ranks[name] = "dense"  # normalise, so the saved ranks say what the model holds
-        elif ranks[name] != "dense" and ranks[name] > v["k_max"]:
-            raise UserError(f"rank {ranks[name]} of {name} exceeds the {v['k_max']} stored components")
+    common.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
     components = None
     if allocation.get("components") and not os.path.isfile(comp_path):
-        raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `python learn_masks.py "
-                        f"--run_dir {args.run_dir}`")
-    if os.path.isfile(comp_path):
-        with safe_open(comp_path, "pt") as f:
-            components = {k: f.get_tensor(k) for k in f.keys()}
-    with safe_open(f"{args.run_dir}/decompose/factors.safetensors", "pt") as f:
-        needed = [n for n, r in ranks.items() if r != "dense"]
-        factors = {f"{n}.{t}": f.get_tensor(f"{n}.{t}") for n in needed for t in ("U", "sigma", "VtSinv")}
+        raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
+    if allocation.get("components"):
+        components = common.read_tensors(comp_path, rerun)
+    needed = [f"{n}.{t}" for n, r in ranks.items() if r != "dense" for t in ("U", "sigma", "VtSinv")]
+    factors = common.read_tensors(f"{args.run_dir}/decompose/factors.safetensors",
+                                  f"python decompose.py --run_dir {args.run_dir}", keys=needed)
     compress_model(model, ranks, factors, components)
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
@@ -123,8 +134,7 @@ def main(args):
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
     save_model(model, f"{out}/model.safetensors")
-    with open(f"{out}/ranks.json", "w") as f:
-        json.dump({**allocation, "layers": ranks}, f, indent=1)
+    common.write_json(f"{out}/ranks.json", {**allocation, "layers": ranks})
     common.commit_stage(args.run_dir, "compressed", out, {
         "inputs": {"allocation": alloc["hash"], "decompose": decomp["hash"]}, "model": whiten["model"],
         "params_original": n_before, "params_compressed": n_after, "kept_fraction_linear": rho_linear,

@@ -17,6 +17,7 @@ Writes RUN_DIR/whiten/:
   python whiten.py --model embedded --data embedded --nsamples 64 --seqlen 512
 """
 import argparse
+import sys
 import time
 
 import torch
@@ -25,6 +26,8 @@ from tqdm import tqdm
 
 import common
 from common import UserError
+
+MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one token repeated, say)
 
 
 # ----------------------------------------------------------------------------- math
@@ -108,25 +111,48 @@ def accumulate_gram(model, linears, groups, ids, batch_size, device):
 
 # ----------------------------------------------------------------------------- main
 
+def check_calibration(ids, widest):
+    """Refuse calibration text too repetitive to whiten with: with fewer distinct tokens than a handful,
+    every Gram matrix is near-singular and the factors fit noise; warn when there are fewer distinct
+    tokens than the widest layer has inputs."""
+    distinct = ids.unique().numel()
+    if distinct < MIN_DISTINCT_TOKENS:
+        raise UserError(f"the calibration text has only {distinct} distinct tokens in {ids.numel()}: it is "
+                        "degenerate (repeated text?); pass real text with --data")
+    if distinct < widest:
+        print(f"WARNING: only {distinct} distinct calibration tokens for layers with up to {widest} inputs: "
+              "the Gram matrices may be poorly conditioned; more varied --data is better", file=sys.stderr)
+    return distinct
+
+
 def main(args):
+    common.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
+                       seed=(0, None))
+    common.check_run_dir(args.run_dir)
     common.set_seed(args.seed)
     device = common.pick_device(args.device)
     t0 = time.time()
     model, tok = common.load_model(args.model, device)
+    common.check_seqlen(model.config, args.seqlen)
     linears = common.find_linears(model)
     stream = common.token_stream(tok, common.load_documents(args.data, "calib"))
     ids = sample_windows(stream, args.nsamples, args.seqlen, args.seed)
+    distinct = check_calibration(ids, max(common.weight_matrix(m).shape[1] for m in linears.values()))
     groups = share_groups(model, linears, ids[:1, :8].to(device))
     print(f"{len(linears)} linear layers in {len(set(groups.values()))} input groups; "
-          f"{ids.numel()} calibration tokens ({args.nsamples} x {args.seqlen}) on {device}")
+          f"{ids.numel()} calibration tokens ({args.nsamples} x {args.seqlen}, {distinct} distinct) on {device}")
     G = accumulate_gram(model, linears, groups, ids, args.batch_size, device)
 
     tensors, fixes = {}, {}
     for leader, Gg in tqdm(G.items(), desc="whitening"):
+        if not Gg.diagonal().mean().item() > 0:
+            raise UserError(f"{leader} never received input during calibration (its Gram matrix is zero): "
+                            "the model does not use it in its forward pass; it cannot be compressed")
         try:
             S, S_inv, fix = whitening_factor(Gg, args.whitening)
         except (ValueError, torch.linalg.LinAlgError) as e:
-            raise UserError(f"whitening failed for {leader}: {e}; try --whitening eigh or more --nsamples")
+            other = "eigh" if args.whitening == "cholesky" else "cholesky"
+            raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None
         if fix:
             print(f"  numerical fix on {leader}: {fix}")  # never silent (STYLE.md habit 6)
             fixes[leader] = fix
@@ -137,10 +163,10 @@ def main(args):
     save_file({"ids": ids}, f"{out}/calib_ids.safetensors")
     common.commit_stage(args.run_dir, "whiten", out, {
         "inputs": {}, "model": args.model, "config_hash": common.config_hash(model),
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "weights_hash": common.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-        "whitening": args.whitening, "groups": groups, "shapes": common.layer_shapes(linears),
-        "fixes": fixes, "wall_time_s": round(time.time() - t0, 1)})
+        "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups,
+        "shapes": common.layer_shapes(linears), "fixes": fixes, "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/whiten in {time.time() - t0:.1f}s ({len(fixes)} numerical fixes)")
 
 

@@ -85,11 +85,11 @@ def run_dir(tmp_path_factory, tiny_dir, text_file):
     return d
 
 
-def run_stage(script, *args, check=True):
+def run_stage(script, *args, check=True, env=None):
     """Run a stage script as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc

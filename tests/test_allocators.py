@@ -43,7 +43,7 @@ def test_straight_through_clamp_reaches_dense_layers():
     assert r.grad.tolist() == [1.0, 1.0]  # backward: as if unclamped, so the budget reaches a dense layer
 
 
-@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara"])
+@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "soco"])
 def test_paper_init_starts_dense_and_the_budget_brings_layers_back(method, calib_ids):
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
@@ -200,3 +200,12 @@ def test_svdllm2_ratios_follow_the_paper():
     L = [math.sqrt(10 ** 6 * (s[int(0.6 * 32):] ** 2).sum().item()) for s in sigmas.values()]
     s = [1 / math.log(x) for x in L]
     assert abs((1 - kept[0]) - 2 * 0.4 * s[0] / sum(s)) < 1e-12  # Alg. 1 line 11
+
+
+def test_a_nan_loss_names_its_term(calib_ids):
+    model = tiny_model("llama")
+    factors, shapes = factorize(model, calib_ids)
+    args = learn_args("ara", steps=2, guidance=float("nan"))
+    layers = masking.attach(model, factors, shapes, 0.6, args)
+    with pytest.raises(common.UserError, match="guid term of the loss became nan at step 0: check --guidance"):
+        masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))

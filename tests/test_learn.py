@@ -38,7 +38,7 @@ def factorize(model, ids, kmax_mult=1.2):
 
 def learn_args(method, **kw):
     base = dict(method=method, loss="kl", hidden_layers=[-1], steps=40, batch_size=4, train_seqlen=32,
-                lr=None, alpha=100.0, alpha_growth=100.0, guidance=50.0, tau=0.4, init="uniform", log_every=10,
+                lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5, guidance=50.0, tau=0.4, init="uniform", log_every=10,
                 soco_stages=[0.4, 0.4, 0.2], sparsity=1.0, seed=0)
     return argparse.Namespace(**{**base, **kw})
 
@@ -126,7 +126,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
 def test_bad_learning_inputs(run_dir):
     run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     before = open(f"{run_dir}/allocation/ranks.json").read()
-    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "budget term of the loss became nan"),
+    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "--alpha nan is out of range"),
                          (("--method", "magic"), "unknown --method"),
                          (("--method", "ara", "--keep", 0.0001), "rank 1 in every layer")):
         proc = run_stage("learn_masks.py", *args, "--run_dir", run_dir, check=False)
