@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import artifacts
 import common
-from common import UserError
 
 
 # ----------------------------------------------------------------------------- math
@@ -48,16 +48,16 @@ def rank_at_fraction(rho, m, n):
 
 def main(args):
     common.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
-    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     device = common.pick_device(args.device)
     t0 = time.time()
     model, _ = common.load_model(whiten["model"], "cpu")
-    common.check_model(model, whiten)
+    artifacts.check_model(model, whiten)
     linears = common.find_linears(model)
     groups = whiten["groups"]
     tensors, info = {}, {}
     fractions = (0.9, 0.8, 0.6)
-    f = common.TensorFile(f"{args.run_dir}/whiten/whitening.safetensors", f"python whiten.py --run_dir {args.run_dir}")
+    f = artifacts.TensorFile(f"{args.run_dir}/whiten/whitening.safetensors", f"python whiten.py --run_dir {args.run_dir}")
     for name, mod in tqdm(linears.items(), desc="SVD"):
         S = f.get(f"{groups[name]}.S").to(device)
         S_inv = f.get(f"{groups[name]}.S_inv").to(device)
@@ -72,9 +72,9 @@ def main(args):
         info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
         tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
                    + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
-    out = common.stage_dir(args.run_dir, "decompose")
+    out = artifacts.stage_dir(args.run_dir, "decompose")
     save_file(tensors, f"{out}/factors.safetensors")
-    common.commit_stage(args.run_dir, "decompose", out, {
+    artifacts.commit_stage(args.run_dir, "decompose", out, {
         "inputs": {"whiten": whiten["hash"]}, "model": whiten["model"], "kmax_mult": args.kmax_mult,
         "layers": info, "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/decompose in {time.time() - t0:.1f}s")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import artifacts
 import common
 from common import UserError
 from truncate import count_params, load_compressed
@@ -127,7 +128,7 @@ def prepare_tasks(names, stream, tok, args):
         raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval --tasks list`, or use "
                         "local_continuation / local:PATH.jsonl")
     # what each task's numbers depend on: a local task's items (file contents), a harness task's name
-    return resolved, manager, [common.file_hash(files[t]) if t in files else t for t in resolved]
+    return resolved, manager, [artifacts.file_hash(files[t]) if t in files else t for t in resolved]
 
 
 def zero_shot(model, tok, tasks, manager, batch_size):
@@ -239,7 +240,7 @@ def measure(model, tok, windows, tasks, manager, args, device, label):
 def original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten):
     """The original model's numbers, cached in RUN_DIR keyed on the CONTENTS they depend on: the
     weights, the exact evaluation tokens, each task's items. An unreadable cache is rebuilt."""
-    key = "|".join(map(str, [whiten["weights_hash"], common.tensor_hash(windows), device.type, *task_keys]))
+    key = "|".join(map(str, [whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, *task_keys]))
     path = os.path.join(args.run_dir, "original_eval.json")
     try:
         with open(path) as f:
@@ -249,19 +250,19 @@ def original_metrics(model, tok, windows, tasks, manager, task_keys, args, devic
         cache = {}
     if key not in cache:
         cache[key] = measure(model, tok, windows, tasks, manager, args, device, "original")
-        common.write_json(path, cache)
+        artifacts.write_json(path, cache)
     return cache[key]
 
 
 def check_chain(run_dir):
     """compressed <- allocation <- decompose <- whiten: every link made from what is on disk now."""
-    whiten = common.read_manifest(run_dir, "whiten", "python whiten.py")
-    decomp = common.read_manifest(run_dir, "decompose", "python decompose.py")
-    alloc = common.read_manifest(run_dir, "allocation", "python learn_masks.py")
-    comp = common.read_manifest(run_dir, "compressed", "python truncate.py")
-    common.check_parent(decomp, whiten, run_dir, "python decompose.py")
-    common.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
-    common.check_parent(comp, alloc, run_dir, "python truncate.py")
+    whiten = artifacts.read_manifest(run_dir, "whiten", "python whiten.py")
+    decomp = artifacts.read_manifest(run_dir, "decompose", "python decompose.py")
+    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py")
+    comp = artifacts.read_manifest(run_dir, "compressed", "python truncate.py")
+    artifacts.check_parent(decomp, whiten, run_dir, "python decompose.py")
+    artifacts.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
+    artifacts.check_parent(comp, alloc, run_dir, "python truncate.py")
     return {m["stage"]: m for m in (whiten, decomp, alloc, comp)}
 
 
@@ -273,7 +274,7 @@ def main(args):
     common.check_run_dir(args.run_dir)
     device = common.pick_device(args.device)
     model, tok = common.load_model(whiten["model"], device)
-    common.check_model(model, whiten)
+    artifacts.check_model(model, whiten)
     common.check_seqlen(model.config, args.seqlen)
     stream = common.token_stream(tok, common.load_documents(args.data, "eval"))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
@@ -286,7 +287,7 @@ def main(args):
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
-    ranks = common.read_json(f"{args.run_dir}/compressed/ranks.json", "python truncate.py", keys=("layers", "method"))
+    ranks = artifacts.read_json(f"{args.run_dir}/compressed/ranks.json", "python truncate.py", keys=("layers", "method"))
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],
                "kept_fraction_linear": comp["kept_fraction_linear"],
                "kept_fraction_model": compressed["params"] / original["params"],
@@ -299,7 +300,7 @@ def main(args):
                                "evaluate": round(time.time() - t0, 1)}}
     if speed:
         metrics["speed"] = speed
-    common.write_json(os.path.join(args.run_dir, "metrics.json"), metrics)
+    artifacts.write_json(os.path.join(args.run_dir, "metrics.json"), metrics)
     print(f"\n| model | params | kept (linears) | kept (model) | ppl |\n|---|---|---|---|---|\n"
           f"| original | {original['params']:,} | 100% | 100% | {original['ppl']:.2f} |\n"
           f"| compressed ({metrics['method']}) | {compressed['params']:,} | "

@@ -27,13 +27,13 @@ Writes RUN_DIR/allocation/:
 import argparse
 import json
 import math
-import os
 import time
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import artifacts
 import common
 import masking
 import plots
@@ -165,7 +165,7 @@ def allocate_strs(shapes, rho, ctx, args):
     print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
     # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors, keyed
     # on the exact calibration tokens it measured (an unreadable cache is rebuilt, never fatal)
-    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}_{common.tensor_hash(ids.cpu())}.json"
+    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}.json"
     try:
         with open(cache) as f:
             saved = json.load(f)
@@ -180,7 +180,7 @@ def allocate_strs(shapes, rho, ctx, args):
                 table[(name, q)] = masking.calib_ppl(model, ids)
             common.set_module(model, name, orig)
         saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
-        common.write_json(cache, saved)
+        artifacts.write_json(cache, saved)
     ranks = strs_search(table, shapes, rho, qs)
     return ranks, None, {"ppl_passes": len(table), "strs_tokens_per_pass": [len(ids), ids.shape[1]],
                          "sensitivity_wall_time_s": saved["wall_time_s"],
@@ -209,14 +209,14 @@ def load_context(args, run_dir, whiten):
     """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
     the model, the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {run_dir}"
-    f = common.TensorFile(f"{run_dir}/decompose/factors.safetensors", rerun)
+    f = artifacts.TensorFile(f"{run_dir}/decompose/factors.safetensors", rerun)
     sigmas = {k[:-len(".sigma")]: f.get(k) for k in f.names if k.endswith(".sigma")}
     ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
     if args.method in ("uniform", "energy", "svdllm2"):
         return ctx
     device = common.pick_device(args.device)
     model, _ = common.load_model(whiten["model"], device)
-    common.check_model(model, whiten)
+    artifacts.check_model(model, whiten)
     if args.loss == "hidden_mse":
         L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
         if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
@@ -224,9 +224,9 @@ def load_context(args, run_dir, whiten):
                             f"(or -{L + 1}..-1)")
     for p in model.parameters():
         p.requires_grad_(False)
-    ids = common.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
+    ids = artifacts.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
                               keys=["ids"])["ids"]
-    factors = common.read_tensors(f"{run_dir}/decompose/factors.safetensors", rerun, device=device)
+    factors = artifacts.read_tensors(f"{run_dir}/decompose/factors.safetensors", rerun, device=device)
     return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
 
 
@@ -248,9 +248,9 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    decomp = common.read_manifest(args.run_dir, "decompose", "python decompose.py")
-    common.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
+    artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     floor = sum(m + n for m, n in shapes.values()) / sum(m * n for m, n in shapes.values())
     if args.keep < floor:
@@ -267,15 +267,15 @@ def main(args):
     wall = round(time.time() - t0, 1)
     print(f"{args.method}: {common.kept_removed(rho)} of the compressed linears "
           f"(target kept {args.keep:.2%}); {dense}/{len(ranks)} layers dense; {wall}s")
-    out = common.stage_dir(args.run_dir, "allocation")
+    out = artifacts.stage_dir(args.run_dir, "allocation")
     if components:
         save_file(components, f"{out}/components.safetensors")
     allocation = {"method": args.method, "keep": args.keep, "kept_fraction_linear": rho, "layers": ranks,
                   "shapes": shapes, "components": bool(components), "flags": vars(args), "wall_time_s": wall,
                   **record}
-    common.write_json(f"{out}/ranks.json", allocation)
+    artifacts.write_json(f"{out}/ranks.json", allocation)
     plots.write_allocation_plots(allocation, out)
-    common.commit_stage(args.run_dir, "allocation", out, {
+    artifacts.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
         "seed": args.seed, "flags": vars(args), "wall_time_s": wall})
 

@@ -21,6 +21,7 @@ import time
 import torch
 from safetensors.torch import load_model, save_model
 
+import artifacts
 import common
 from common import LowRankLinear, UserError
 
@@ -73,7 +74,7 @@ def load_compressed(path, device="cpu"):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    ranks = common.read_json(os.path.join(path, "ranks.json"), rerun, keys=("layers",))["layers"]
+    ranks = artifacts.read_json(os.path.join(path, "ranks.json"), rerun, keys=("layers",))["layers"]
     for name, mod in common.find_linears(model).items():
         if ranks.get(name, "dense") != "dense":
             m, n = common.weight_matrix(mod).shape
@@ -105,37 +106,37 @@ def check_ranks(ranks, layers, rerun):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    whiten = common.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    decomp = common.read_manifest(args.run_dir, "decompose", "python decompose.py")
-    alloc = common.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
-    common.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
-    common.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
+    alloc = artifacts.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
+    artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
+    artifacts.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
     rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
-    allocation = common.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, keys=("layers",))
+    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, keys=("layers",))
     ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
     model, tok = common.load_model(whiten["model"], "cpu")
-    common.check_model(model, whiten)
+    artifacts.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
     components = None
     if allocation.get("components") and not os.path.isfile(comp_path):
         raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
     if allocation.get("components"):
-        components = common.read_tensors(comp_path, rerun)
+        components = artifacts.read_tensors(comp_path, rerun)
     needed = [f"{n}.{t}" for n, r in ranks.items() if r != "dense" for t in ("U", "sigma", "VtSinv")]
-    factors = common.read_tensors(f"{args.run_dir}/decompose/factors.safetensors",
+    factors = artifacts.read_tensors(f"{args.run_dir}/decompose/factors.safetensors",
                                   f"python decompose.py --run_dir {args.run_dir}", keys=needed)
     compress_model(model, ranks, factors, components)
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
 
-    out = common.stage_dir(args.run_dir, "compressed")
+    out = artifacts.stage_dir(args.run_dir, "compressed")
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
     save_model(model, f"{out}/model.safetensors")
-    common.write_json(f"{out}/ranks.json", {**allocation, "layers": ranks})
-    common.commit_stage(args.run_dir, "compressed", out, {
+    artifacts.write_json(f"{out}/ranks.json", {**allocation, "layers": ranks})
+    artifacts.commit_stage(args.run_dir, "compressed", out, {
         "inputs": {"allocation": alloc["hash"], "decompose": decomp["hash"]}, "model": whiten["model"],
         "params_original": n_before, "params_compressed": n_after, "kept_fraction_linear": rho_linear,
         "kept_fraction_model": n_after / n_before, "wall_time_s": round(time.time() - t0, 1)})

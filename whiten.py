@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import artifacts
 import common
 from common import UserError
 
@@ -158,12 +159,12 @@ def main(args):
             fixes[leader] = fix
         tensors[f"{leader}.S"], tensors[f"{leader}.S_inv"] = S.cpu().contiguous(), S_inv.cpu().contiguous()
 
-    out = common.stage_dir(args.run_dir, "whiten")
+    out = artifacts.stage_dir(args.run_dir, "whiten")
     save_file(tensors, f"{out}/whitening.safetensors")
     save_file({"ids": ids}, f"{out}/calib_ids.safetensors")
-    common.commit_stage(args.run_dir, "whiten", out, {
-        "inputs": {}, "model": args.model, "config_hash": common.config_hash(model),
-        "weights_hash": common.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
+    artifacts.commit_stage(args.run_dir, "whiten", out, {
+        "inputs": {}, "model": args.model, "config_hash": artifacts.config_hash(model),
+        "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups,
         "shapes": common.layer_shapes(linears), "fixes": fixes, "wall_time_s": round(time.time() - t0, 1)})

@@ -15,7 +15,6 @@ import learn_masks
 import masking
 from conftest import tiny_model
 from test_learn import factorize, learn_args
-from truncate import compress_model
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Evaluation users trust: zero-shot through lm-eval on a local task, speed/memory report, STRS,
 and the allocation heatmap, on the tiny model."""
 import json
-import os
 import sys
 
 import pytest
 
-from conftest import ROOT, run_stage
+from conftest import run_stage
 
 EVAL = ("--seqlen", 64, "--max_windows", 4)
 

@@ -126,6 +126,7 @@ CASES = [
     ("decompose device bogus", None, "decompose.py", ["--device", "bogus"], "is not a device"),
     ("learn keep nan", None, "learn_masks.py", ["--keep", "nan"], "outside (0, 1]"),
     ("learn keep 0", None, "learn_masks.py", ["--keep", 0], "outside (0, 1]"),
+    ("learn keep 1.5", None, "learn_masks.py", ["--keep", 1.5], "outside (0, 1]"),
     ("learn keep tiny", None, "learn_masks.py", ["--keep", 0.001], "rank 1 in every layer"),
     ("learn steps -5", None, "learn_masks.py", ["--method", "ara", "--steps", -5], "--steps -5 is out of range"),
     ("learn steps 0", None, "learn_masks.py", ["--method", "ara", "--steps", 0], "--steps 0 is out of range"),

@@ -44,22 +44,6 @@ def bad(script, *args, expect):
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_inputs(run_dir, tiny_dir, text_file, tmp_path):
-    fresh = str(tmp_path / "fresh")
-    bad("whiten.py", "--model", "./no/such/model", "--run_dir", fresh, expect="does not exist")
-    bad("whiten.py", "--model", tiny_dir, "--data", "nosuchdata", "--run_dir", fresh, expect="unknown data")
-    bad("whiten.py", "--model", tiny_dir, "--data", str(tmp_path / "x.txt"), "--run_dir", fresh,
-        expect="does not exist")
-    bad("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 100000, "--run_dir", fresh,
-        expect="fewer than")
-    assert not os.path.exists(f"{fresh}/whiten")  # nothing half-written
-    bad("decompose.py", "--run_dir", fresh, expect="run `python whiten.py")
-    bad("learn_masks.py", "--keep", 0, "--run_dir", run_dir, expect="outside (0, 1]")
-    bad("learn_masks.py", "--keep", 1.5, "--run_dir", run_dir, expect="outside (0, 1]")
-    bad("learn_masks.py", "--keep", 0.001, "--run_dir", run_dir, expect="rank 1 in every layer")
-    bad("learn_masks.py", "--method", "magic", "--run_dir", run_dir, expect="unknown --method")
-
-
 def test_stale_artifacts_are_refused(tmp_path, tiny_dir, text_file):
     d = str(tmp_path / "run")
     run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, *FAST, "--run_dir", d)
