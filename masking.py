@@ -15,8 +15,8 @@ Loss (every gate): L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, in two 
   explore (first 1 - --settle of the steps): alpha_t = alpha, rho_hat on min(r_l, 1) forward but
       unclamped backward (§3.7), so the budget also reaches dense layers and any layer can flip;
   settle (last --settle): which layers are dense is frozen, rho_hat counts dense layers as constants,
-      and alpha_t grows geometrically to alpha * --alpha_growth, so the LOW-RANK layers close the gap
-      under the task loss. A fixed alpha ends wherever the penalty balances the task gradient (ARA at
+      and alpha_t grows geometrically to alpha * --alpha_growth (the cosine lr restarts), so the
+      LOW-RANK layers close the gap under the task loss. A fixed alpha ends wherever the penalty balances the task gradient (ARA at
       80% kept ended 0.010 over; sigmoid 0.048), and the export then cuts every low-rank layer by one
       factor: the exported model is not the trained one. Growing alpha with the dense switch still
       live was measured to hurt (ARA 80%: ppl 34.49 fixed alpha, 40.80 x10, 41.42 x100): the pressure
@@ -390,8 +390,11 @@ def train(model, layers, ids, rho, args, device):
             cls.on_stage(plan, layers, shapes, rho)  # a schedule may fix the dense flags (SoCo stage 3)
             record["dense_flips"] += [[step, n, "dense" if layers[n].dense else "low-rank"]
                                       for n in names if layers[n].dense != before[n]]
+        t, T = plan["t"], plan["T"]
+        if T == args.steps and step >= settle_start:  # one-stage schedule: the cosine restarts when settling
+            t, T = step - settle_start, settle_len  # begins, else the low-rank gates cannot move far enough
         for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
-            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * plan["t"] / plan["T"]))
+            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
         r = torch.stack([layers[n].ratio() for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
         settling = step >= settle_start

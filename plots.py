@@ -6,6 +6,7 @@
 
   python plots.py runs/default/allocation/ranks.json                    # -> heatmap.png next to it
   python plots.py a/ranks.json b/ranks.json -o compare.png              # methods side by side
+  python plots.py --trajectory runs/default/allocation/ranks.json -o traj.png   # r_l over training
 
 matplotlib is the one plotting library users already have (requirements.txt says so).
 """
@@ -92,7 +93,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ranks", nargs="+", help="ranks.json files (allocation/ or compressed/)")
     p.add_argument("-o", "--out", default=None, help="PNG path (default: heatmap.png next to the first file)")
+    p.add_argument("--trajectory", action="store_true", help="draw r_l over the training steps of one learned run")
     a = p.parse_args()
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ranks[0])), "heatmap.png")
-    heatmap([json.load(open(path)) for path in a.ranks], out)
+    kind = "trajectory" if a.trajectory else "heatmap"
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ranks[0])), f"{kind}.png")
+    if a.trajectory:
+        trajectory(json.load(open(a.ranks[0])), out)
+    else:
+        heatmap([json.load(open(path)) for path in a.ranks], out)
     print(f"wrote {out}")
