@@ -17,9 +17,10 @@ import sys
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-FORMAT_VERSION = 2  # 2: manifests list their files; whiten records the weights' fingerprint
+from modeling_lowrank import LowRankLinear  # noqa: F401 (one definition; it travels with compressed folders)
+
+FORMAT_VERSION = 3  # 2: manifests list their files, whiten records the weights' fingerprint; 3: sharded, compact S
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # ../shared/DATA.md
 EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
@@ -86,6 +87,11 @@ def pick_device(name):
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda are supported")
     return device
+
+
+def peak_gpu(device):
+    """{"peak_gpu_bytes": ...} of this process on a CUDA device (for the manifests and bench/scale.py), else {}."""
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
 def max_positions(config):
@@ -196,19 +202,6 @@ def set_module(model, name, new):
     setattr(model.get_submodule(parent), child, new)
 
 
-class LowRankLinear(nn.Module):
-    """y = A (B x) + b with A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n) (METHODS.md §1)."""
-
-    def __init__(self, A, B, bias=None):
-        super().__init__()
-        self.A = nn.Parameter(A)  # (m, k)
-        self.B = nn.Parameter(B)  # (k, n)
-        self.bias = None if bias is None else nn.Parameter(bias)
-
-    def forward(self, x):  # x (..., n) -> (..., m)
-        return F.linear(F.linear(x, self.B), self.A, self.bias)
-
-
 # ----------------------------------------------------------------------------- model and text
 
 def embedded_model_dir():
@@ -246,7 +239,9 @@ def resolve_model(spec):
     return spec  # a hub id, for online users
 
 
-def load_model(spec, device, dtype=None):
+def load_model(spec, device, dtype=None, device_map=None):
+    """(model, tokenizer) in eval mode on `device`, or placed by accelerate with device_map="auto" (a model
+    past one GPU: its blocks spread over every visible GPU, then the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(spec)
     try:
@@ -259,12 +254,21 @@ def load_model(spec, device, dtype=None):
         raise UserError(f"the tokenizer of {spec!r} turns plain text into no tokens: its files are incomplete "
                         "(tokenizer.json / tokenizer.model missing?) or need a package (sentencepiece?)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                     **({"device_map": device_map} if device_map else {}))
     except Exception as e:  # no weights, corrupt or truncated weight file, unknown architecture, offline
         raise UserError(f"cannot load model {spec!r} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
                         "an intact local model folder, or a hub id while online") from None
-    return model.to(device).eval(), tok
+    return (model if device_map else model.to(device)).eval(), tok
+
+
+def input_device(model):
+    """Where token ids go: the input embeddings' device (differs from the model's blocks under a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _embedded_articles():
@@ -290,7 +294,8 @@ def _hub_documents(spec, split):
             return ["\n\n".join(ds["text"])]
         name = "train" if split == "calib" else "validation"
         shard = f"en/c4-{name}.00000-of-{'01024' if split == 'calib' else '00008'}.json.gz"
-        return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000]
+        # evaluation: the first 2000 validation documents, as SVD-LLM's evaluator (utils/data_utils.py)
+        return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000 if split == "calib" else 2000]
     except (ConnectionError, OSError) as e:
         raise UserError(f"cannot load {spec!r} from the hub ({type(e).__name__}); go online, or use "
                         "--data embedded or a local .txt/.jsonl file") from None

@@ -8,8 +8,13 @@ We store the factors up to k_max = min(rank, floor(kmax_mult * k*)) components, 
 the break-even rank (METHODS.md §2). The default kmax_mult = 1.2 is ARA's choice: a little past
 break-even, because any rank >= k* is applied as the dense W anyway. The full spectrum is kept.
 
+Streams: one whitening factor at a time (read once for all the layers that share it), one shard written
+per decoder block. SVD runs on the device in float64 (--device auto: the GPU when there is one; H100 /
+H200 have full-rate float64, and the whitened spectra span many orders of magnitude, see METHODS.md §1).
+
 Writes RUN_DIR/decompose/:
-  factors.safetensors  {layer}.U (m, k_max), {layer}.sigma (min(m,n),) float64, {layer}.VtSinv (k_max, n)
+  block_NNN.safetensors  per decoder block: {layer}.U (m, k_max), {layer}.sigma (min(m,n),) float64,
+                         {layer}.VtSinv (k_max, n); U and VtSinv in float32, or bfloat16 for a bf16 model
   manifest.json        shapes, k*, k_max, relative whitened truncation errors, whiten/ hash
 
   python decompose.py --run_dir runs/default
@@ -23,13 +28,17 @@ from tqdm import tqdm
 
 import artifacts
 import common
+from whiten import expand_factor
 
 
 # ----------------------------------------------------------------------------- math
 
-def whitened_svd(W, S, S_inv):
-    """W (m, n), S, S_inv (n, n) float64 -> U (m, r), sigma (r,), VtSinv (r, n)."""
+def whitened_svd(W, S, S_inv=None):
+    """W (m, n), S (n, n) float64 -> U (m, r), sigma (r,), VtSinv (r, n). S_inv None: S is lower-triangular
+    (Cholesky) and V^T S^-1 is one triangular solve, X S = V^T, never an explicit inverse."""
     U, sigma, Vt = torch.linalg.svd(W @ S, full_matrices=False)  # W S = U diag(sigma) V^T
+    if S_inv is None:
+        return U, sigma, torch.linalg.solve_triangular(S, Vt, upper=False, left=False)
     return U, sigma, Vt @ S_inv
 
 
@@ -46,6 +55,13 @@ def rank_at_fraction(rho, m, n):
 
 # ----------------------------------------------------------------------------- main
 
+def factor_dtype(model_dtype):
+    """U and V^T S^-1 are stored in the model's dtype when it is bfloat16 (truncate.py casts A and B to it
+    anyway, and rounding U before or after the sqrt(sigma) scaling is the same relative error), else in
+    float32: float16's range cannot hold V^T S^-1 of a nearly dead input direction (large 1 / sqrt(lambda))."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
+
+
 def main(args):
     common.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
@@ -54,29 +70,39 @@ def main(args):
     model, _ = common.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
     linears = common.find_linears(model)
-    groups = whiten["groups"]
-    tensors, info = {}, {}
-    fractions = (0.9, 0.8, 0.6)
-    f = artifacts.TensorFile(f"{args.run_dir}/whiten/whitening.safetensors", f"python whiten.py --run_dir {args.run_dir}")
-    for name, mod in tqdm(linears.items(), desc="SVD"):
-        S = f.get(f"{groups[name]}.S").to(device)
-        S_inv = f.get(f"{groups[name]}.S_inv").to(device)
-        W = common.weight_matrix(mod).detach().to(device, torch.float64)
-        m, n = W.shape
-        U, sigma, VtSinv = whitened_svd(W, S, S_inv)
-        k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
-        tensors[f"{name}.U"] = U[:, :k_max].float().cpu().contiguous()
-        tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
-        tensors[f"{name}.VtSinv"] = VtSinv[:k_max].float().cpu().contiguous()
-        errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
-        info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
-        tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
-                   + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
+    groups, store = whiten["groups"], factor_dtype(model.dtype)
+    members = {}  # {leader: [layers]}: each shared S is read and expanded once
+    for name in linears:
+        members.setdefault(groups[name], []).append(name)
+    S_file = artifacts.Shards(args.run_dir, "whiten", f"python whiten.py --run_dir {args.run_dir}", whiten["shards"])
     out = artifacts.stage_dir(args.run_dir, "decompose")
-    save_file(tensors, f"{out}/factors.safetensors")
+    info, shards, tensors, fractions = {}, {}, {}, (0.9, 0.8, 0.6)
+    order = list(dict.fromkeys(groups[n] for n in linears))  # leaders in forward order: shards block by block
+    for g_i, leader in enumerate(tqdm(order, desc="SVD")):
+        n = common.weight_matrix(linears[leader]).shape[1]
+        S, S_inv = expand_factor(S_file.get(f"{leader}.S").to(device), n, whiten["whitening"])
+        for name in members[leader]:
+            W = common.weight_matrix(linears[name]).detach().to(device, torch.float64)
+            m = W.shape[0]
+            U, sigma, VtSinv = whitened_svd(W, S, S_inv)  # float64 on the device (METHODS.md §1)
+            k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
+            tensors[f"{name}.U"] = U[:, :k_max].to(store).cpu().contiguous()
+            tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
+            tensors[f"{name}.VtSinv"] = VtSinv[:k_max].to(store).cpu().contiguous()
+            errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
+            info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
+            tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
+                       + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
+        shard = whiten["shards"][leader]  # the decoder block's shard name, as in whiten/
+        last = g_i + 1 == len(order) or whiten["shards"][order[g_i + 1]] != shard
+        if last:  # the block is done: write its factors and free them
+            save_file(tensors, f"{out}/{shard}")
+            shards.update({k.rsplit(".", 1)[0]: shard for k in tensors})
+            tensors = {}
     artifacts.commit_stage(args.run_dir, "decompose", out, {
         "inputs": {"whiten": whiten["hash"]}, "model": whiten["model"], "kmax_mult": args.kmax_mult,
-        "layers": info, "wall_time_s": round(time.time() - t0, 1)})
+        "factor_dtype": str(store).replace("torch.", ""), "layers": info, "shards": shards,
+        **common.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/decompose in {time.time() - t0:.1f}s")
 
 

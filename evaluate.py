@@ -2,7 +2,10 @@
 
 Perplexity on held-out text: the evaluation split never overlaps the calibration split
 (embedded / local text: every 5th document; wikitext2: test vs train; c4: validation vs train).
-Non-overlapping --seqlen windows; ppl = exp(sum NLL / #predicted tokens). A non-finite loss is an
+Non-overlapping --seqlen windows; ppl = exp(sum NLL / #predicted tokens). --protocol paper is the
+papers' setting (METHODS.md §4): WikiText-2 test joined with blank lines (or C4: the first 2000 validation
+documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
+its protocol: data, split, window length, windows, tokens, dtype. A non-finite loss is an
 error, never a dropped window (METHODS.md §4). Also parameter counts and kept fractions
 (of the compressed linears and of the whole model, printed as kept AND removed).
 
@@ -10,6 +13,7 @@ Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, k
 kept_fraction_model, eval settings, wall time of every stage.
 
   python evaluate.py --run_dir runs/default
+  python evaluate.py --run_dir runs/llama2 --protocol paper     # online: WikiText-2, as the papers report
 """
 import argparse
 import json
@@ -42,7 +46,7 @@ def perplexity(model, windows, batch_size, device, label):
     """exp(mean next-token NLL) over all windows; raises on a non-finite loss."""
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=f"ppl {label}"):
-        x = windows[i:i + batch_size].to(device)  # (B, T)
+        x = windows[i:i + batch_size].to(common.input_device(model))  # (B, T)
         logits = model(x).logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         if not torch.isfinite(loss):
@@ -50,6 +54,33 @@ def perplexity(model, windows, batch_size, device, label):
                             "METHODS.md §4): the model is broken here; check the allocation or raise --keep")
         nll, count = nll + loss.item(), count + x[:, 1:].numel()
     return math.exp(nll / count)
+
+
+PROTOCOLS = {  # what --protocol fixes; flags left unset take these values
+    "default": {"data": "embedded", "seqlen": 512, "max_windows": 40, "dtype": "auto"},
+    # the papers' (SVD-LLM, ARA; METHODS.md §4): WikiText-2 test joined with blank lines (or --data c4: the first
+    # 2000 validation documents, as SVD-LLM's evaluator), every non-overlapping 2048-token window, float32
+    "paper": {"data": "wikitext2", "seqlen": 2048, "max_windows": 0, "dtype": "float32"},
+}
+
+
+def resolve_protocol(args):
+    """Fill --data / --seqlen / --max_windows / --dtype from --protocol; under 'paper' an explicit flag that
+    contradicts it is refused (a number reported as 'paper protocol' must be one)."""
+    fixed = PROTOCOLS[args.protocol]
+    for key, value in fixed.items():
+        given = getattr(args, key)
+        if args.protocol == "paper" and given is not None and given != value and not (key == "data" and given == "c4"):
+            raise UserError(f"--protocol paper fixes --{key} {value}; drop --{key} {given} (or use --protocol default)")
+        setattr(args, key, value if given is None else given)
+    return args
+
+
+def protocol_line(ev):
+    """What every printed perplexity says about how it was measured."""
+    windows = f"{ev['windows']} x {ev['seqlen']} tokens" + (" (every window)" if ev["all_windows"] else "")
+    return (f"protocol {ev['protocol']}: {ev['data']} {ev['split']}, non-overlapping windows {windows}, "
+            f"{ev['tokens']:,} tokens, {ev['dtype']}")
 
 
 # ----------------------------------------------------------------------------- zero-shot (lm-evaluation-harness)
@@ -240,7 +271,8 @@ def measure(model, tok, windows, tasks, manager, args, device, label):
 def original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten):
     """The original model's numbers, cached in RUN_DIR keyed on the CONTENTS they depend on: the
     weights, the exact evaluation tokens, each task's items. An unreadable cache is rebuilt."""
-    key = "|".join(map(str, [whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, *task_keys]))
+    dtype = str(next(model.parameters()).dtype)
+    key = "|".join(map(str, [whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, dtype, *task_keys]))
     path = os.path.join(args.run_dir, "original_eval.json")
     try:
         with open(path) as f:
@@ -267,23 +299,30 @@ def check_chain(run_dir):
 
 
 def main(args):
+    resolve_protocol(args)
     common.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
                        speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
     common.check_run_dir(args.run_dir)
     device = common.pick_device(args.device)
-    model, tok = common.load_model(whiten["model"], device)
+    dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
+    model, tok = common.load_model(whiten["model"], device, dtype=dtype, **placement)
     artifacts.check_model(model, whiten)
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     common.check_seqlen(model.config, args.seqlen)
     stream = common.token_stream(tok, common.load_documents(args.data, "eval"))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
-    print(f"evaluating on {windows.numel()} held-out tokens ({len(windows)} x {args.seqlen}) of {args.data!r}")
+    ev = {"protocol": args.protocol, "data": args.data, "split": "test" if args.data == "wikitext2" else
+          "validation" if args.data == "c4" else "held-out documents", "seqlen": args.seqlen, "windows": len(windows),
+          "all_windows": len(windows) == len(stream) // args.seqlen, "tokens": windows.numel(), "dtype": dtype_name,
+          "device": str(device) if not args.device_map else f"device_map={args.device_map}"}
+    print(f"evaluating: {protocol_line(ev)}")
     tasks, manager, task_keys = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None, [])
     t0 = time.time()
     original = original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten)
     del model
-    model, _ = load_compressed(f"{args.run_dir}/compressed", device)
+    model, _ = load_compressed(f"{args.run_dir}/compressed", device, **({"dtype": dtype} if dtype else {}), **placement)
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
@@ -293,15 +332,15 @@ def main(args):
                "kept_fraction_model": compressed["params"] / original["params"],
                "layers_dense": sum(r == "dense" for r in ranks["layers"].values()),
                "layers": len(ranks["layers"]),
-               "eval": {"data": args.data, "seqlen": args.seqlen, "windows": len(windows),
-                        "tokens": windows.numel(), "device": str(device)},
+               "eval": ev,
                "chain": {stage: m["hash"] for stage, m in chain.items()},  # which artifacts these numbers describe
                "wall_time_s": {**{s: m.get("wall_time_s") for s, m in chain.items()},
                                "evaluate": round(time.time() - t0, 1)}}
     if speed:
         metrics["speed"] = speed
     artifacts.write_json(os.path.join(args.run_dir, "metrics.json"), metrics)
-    print(f"\n| model | params | kept (linears) | kept (model) | ppl |\n|---|---|---|---|---|\n"
+    print(f"\nperplexity, {protocol_line(ev)}")
+    print(f"| model | params | kept (linears) | kept (model) | ppl |\n|---|---|---|---|---|\n"
           f"| original | {original['params']:,} | 100% | 100% | {original['ppl']:.2f} |\n"
           f"| compressed ({metrics['method']}) | {compressed['params']:,} | "
           f"{metrics['kept_fraction_linear']:.2%} | {metrics['kept_fraction_model']:.2%} | {compressed['ppl']:.2f} |")
@@ -317,9 +356,17 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="embedded", help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
-    p.add_argument("--max_windows", type=int, default=40, help="evaluate at most this many windows (0 = all)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
+                   help="default: embedded text, 40 x 512 tokens, the model's dtype; paper: WikiText-2 test (or --data "
+                   "c4), every 2048-token window, float32 (METHODS.md §4)")
+    p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
+    p.add_argument("--max_windows", type=int, default=None,
+                   help="evaluate at most this many windows, 0 = all (default: the protocol's)")
+    p.add_argument("--dtype", choices=list(common.DTYPES), default=None,
+                   help="dtype both models are evaluated in (default: the protocol's; auto = the model's own)")
+    p.add_argument("--device_map", choices=["auto"], default=None,
+                   help="auto: accelerate spreads each model over every visible GPU and the CPU (models past one GPU)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks through lm-eval: harness names "
                    "(online), local_continuation (built from the held-out text; NOT a standard benchmark), "

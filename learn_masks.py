@@ -205,18 +205,23 @@ METHODS = {"uniform": allocate_uniform, "energy": allocate_energy, "svdllm2": al
 
 # ----------------------------------------------------------------------------- main
 
-def load_context(args, run_dir, whiten):
+def load_context(args, run_dir, whiten, decomp):
     """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
     the model, the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {run_dir}"
-    f = artifacts.TensorFile(f"{run_dir}/decompose/factors.safetensors", rerun)
-    sigmas = {k[:-len(".sigma")]: f.get(k) for k in f.names if k.endswith(".sigma")}
+    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"])
+    sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
     ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
     if args.method in ("uniform", "energy", "svdllm2"):
         return ctx
     device = common.pick_device(args.device)
-    model, _ = common.load_model(whiten["model"], device)
-    artifacts.check_model(model, whiten)
+    model, _ = common.load_model(whiten["model"], device, device_map=args.device_map)
+    artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
+    dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else None)
+    if dtype is not None:
+        model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
+    if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
+        masking.checkpoint_blocks(model)
     if args.loss == "hidden_mse":
         L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
         if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
@@ -226,7 +231,8 @@ def load_context(args, run_dir, whiten):
         p.requires_grad_(False)
     ids = artifacts.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
                               keys=["ids"])["ids"]
-    factors = artifacts.read_tensors(f"{run_dir}/decompose/factors.safetensors", rerun, device=device)
+    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], device=device)
+    factors = {f"{n}.{t}": f.get(f"{n}.{t}") for n in decomp["layers"] for t in ("U", "sigma", "VtSinv")}
     return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
 
 
@@ -260,7 +266,7 @@ def main(args):
     if args.keep == 1:  # the original model, whatever the method (no gate has anything to learn)
         ranks, components, record = {name: "dense" for name in shapes}, None, {}
     else:
-        ctx = load_context(args, args.run_dir, whiten)
+        ctx = load_context(args, args.run_dir, whiten, decomp)
         ranks, components, record = METHODS[args.method](shapes, args.keep, ctx, args)
     rho = common.kept_fraction(ranks, shapes)
     dense = sum(r == "dense" for r in ranks.values())
@@ -317,6 +323,13 @@ if __name__ == "__main__":
                    help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 4 on a CPU)")
     p.add_argument("--strs_seqlen", type=int, default=None,
                    help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
+    p.add_argument("--dtype", choices=list(common.DTYPES), default="auto",
+                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, the model's own on the CPU); "
+                   "the gates always train in float32")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
+    p.add_argument("--device_map", choices=["auto"], default=None,
+                   help="auto: accelerate spreads the model over every visible GPU and the CPU (models past one GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

@@ -259,6 +259,7 @@ class MaskedLinear(nn.Module):
     def __init__(self, orig, U, sigma, VtSinv, gate, state):
         super().__init__()
         self.orig, self.gate, self.state, self.dense = orig, gate, state, False
+        self.step_mask = None  # this step's training mask, drawn once before the forward (see draw_masks)
         self.register_buffer("U", U)  # (m, k_max)
         self.register_buffer("sigma", sigma[:U.shape[1]].float())  # (k_max,)
         self.register_buffer("sigma_full", sigma.double())  # (min(m, n),): ARA's b_l(r) needs all of it
@@ -273,7 +274,8 @@ class MaskedLinear(nn.Module):
         if self.state["teacher"] or self.dense:
             return self.orig(x)
         h = F.linear(x, self.VtSinv)  # (..., k_max)
-        h = h * (self.gate.mask(self.state["train"], self.state["gen"]) * self.sigma).to(h.dtype)
+        mask = self.step_mask if self.step_mask is not None else self.gate.mask(self.state["train"], self.state["gen"])
+        h = h * (mask * self.sigma).to(h.dtype)  # (k_max,) in fp32, cast once per call to the factors' dtype
         return F.linear(h, self.U, getattr(self.orig, "bias", None))  # (..., m)
 
 
@@ -286,12 +288,38 @@ def attach(model, factors, shapes, rho, args):
     layers = {}
     for name, orig in common.find_linears(model).items():
         m, n = shapes[name]
-        U, VtSinv = factors[f"{name}.U"], factors[f"{name}.VtSinv"]
+        like = {"device": common.weight_matrix(orig).device, "dtype": common.weight_matrix(orig).dtype}
+        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)  # stored once in the
+        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts of weights or factors
         k = common.k_star(m, n) if k0[name] == "dense" else k0[name]
         gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), args).to(U.device)
         layers[name] = MaskedLinear(orig, U, factors[f"{name}.sigma"], VtSinv, gate, state)
         common.set_module(model, name, layers[name])
     return layers
+
+
+def draw_masks(layers, gen):
+    """Every layer's training mask for this step, drawn once, in forward order, before the forward: an
+    activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise."""
+    for l in layers.values():
+        l.step_mask = None if l.dense else l.gate.mask(True, gen)
+
+
+def clear_masks(layers):
+    for l in layers.values():
+        l.step_mask = None
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing per decoder block: only each block's input is kept for backward, and the
+    block is recomputed there (non-reentrant, so gradients reach the gates through the drawn masks)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in common.decoder_blocks(model):
+        def forward(*args, _f=block.forward, **kwargs):
+            if not torch.is_grad_enabled():  # the teacher pass: nothing to save
+                return _f(*args, **kwargs)
+            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        block.forward = forward
 
 
 def guidance_grid(sigma_full, m, n, points=101):
@@ -373,8 +401,6 @@ def train(model, layers, ids, rho, args, device):
     mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)
     b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
     hidden = args.loss == "hidden_mse"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls in tf32; the gates' math is elementwise fp32
     record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
               "dense_flips": []}
     with torch.no_grad():  # the starting state is not a flip
@@ -395,7 +421,7 @@ def train(model, layers, ids, rho, args, device):
             t, T = step - settle_start, settle_len  # begins, else the low-rank gates cannot move far enough
         for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
             group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
-        r = torch.stack([layers[n].ratio() for n in names])  # (L,) differentiable r_l
+        r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
         settling = step >= settle_start
         for n, rl in zip(names, r_host):
@@ -419,16 +445,16 @@ def train(model, layers, ids, rho, args, device):
             terms["guid"] = args.guidance * guidance_loss(r, b_grid)
         terms.update(cls.extra_terms(gates, plan, args))
         if plan["task"]:
-            x = next(data).to(device)  # (B, train_seqlen)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                t_out = None
-                if args.loss != "ce":  # CE needs no teacher
-                    with torch.no_grad():
-                        state["teacher"] = True  # the teacher: same weights, masks off
-                        t_out = model(x, output_hidden_states=hidden, use_cache=False)
-                        state["teacher"] = False
-                s_out = model(x, output_hidden_states=hidden, use_cache=False)
-            terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers)
+            x = next(data).to(common.input_device(model))  # (B, train_seqlen)
+            t_out = None
+            if args.loss != "ce":  # CE needs no teacher
+                with torch.no_grad():
+                    state["teacher"] = True  # the teacher: same weights, masks off
+                    t_out = model(x, output_hidden_states=hidden, use_cache=False)
+                    state["teacher"] = False
+            draw_masks(layers, state["gen"])
+            s_out = model(x, output_hidden_states=hidden, use_cache=False)
+            terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
         loss = sum(terms.values())
         log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": rho_hat.item(),
                "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
@@ -440,6 +466,7 @@ def train(model, layers, ids, rho, args, device):
         if loss.requires_grad:
             loss.backward()
             opt.step()
+        clear_masks(layers)
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
         bar.set_postfix(loss=f"{log['loss']:.4f}", rho=f"{log['rho_hat']:.3f}")
     state["train"] = False

@@ -6,20 +6,26 @@ A layer whose rank is "dense" (or >= k*, where dense is cheaper AND exact, METHO
 If the allocation chose a subset of components with learned scales (SoCo, METHODS.md §3.4),
 component i enters with sigma_i * s_i: the learned spectrum is folded into A and B.
 
-Writes RUN_DIR/compressed/: config.json, tokenizer files, model.safetensors, ranks.json, manifest.json.
-Reload it with one call (generate() works):
+The model is built layer by layer: each layer's factors are read from decompose/'s shards when it is
+swapped in, and the original layer is dropped at once, so memory stays at about one model.
+
+Writes RUN_DIR/compressed/: config.json (with "lowrank_ranks" and an auto_map entry), modeling_lowrank.py,
+tokenizer files, model.safetensors, ranks.json, manifest.json. Reload it with one call (generate() works):
 
   from truncate import load_compressed
   model, tok = load_compressed("runs/default/compressed")
+  # or, anywhere, without this repository:
+  model = AutoModelForCausalLM.from_pretrained("runs/default/compressed", trust_remote_code=True)
 
   python truncate.py --run_dir runs/default
 """
 import argparse
 import os
+import shutil
 import time
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 import artifacts
 import common
@@ -52,41 +58,41 @@ def lowrank_layer(mod, factors, name, rank, index=None, scale=None):
 
 
 def compress_model(model, ranks, factors, components=None):
-    """Swap every non-dense layer in `ranks` for a LowRankLinear, in place."""
-    linears = common.find_linears(model)
-    for name, rank in ranks.items():
+    """Swap every non-dense layer in `ranks` for a LowRankLinear, in place, one layer at a time: the original
+    layer is dropped as soon as its replacement is in, so at most one layer's factors are alive beside the
+    model (never the original model plus every factor). `factors` may be a lazy artifacts.Shards."""
+    for name in list(common.find_linears(model)):  # names only: holding the modules would keep every W alive
+        rank = ranks.get(name, "dense")
         if rank == "dense":
             continue
-        mod = linears[name]
+        mod = model.get_submodule(name)
         if rank >= common.k_star(*common.weight_matrix(mod).shape):
             continue  # past break-even the dense W is cheaper and exact (METHODS.md §2)
         sub = {} if components is None or f"{name}.index" not in components else \
             {"index": components[f"{name}.index"], "scale": components[f"{name}.scale"]}
         common.set_module(model, name, lowrank_layer(mod, factors, name, rank, **sub))
+        del mod
     return model
 
 
-def load_compressed(path, device="cpu"):
-    """Rebuild a model saved by truncate.py: (model, tokenizer), ready for generate()."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_compressed(path, device="cpu", dtype="auto", **kwargs):
+    """Rebuild a model saved by truncate.py: (model, tokenizer), ready for generate(). The same code as
+    `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_lowrank.py): the
+    architecture is built on the meta device and filled from the weights file, never randomly initialised.
+    kwargs go to from_pretrained (device_map="auto" for a model past one GPU)."""
+    from transformers import AutoTokenizer
+    from modeling_lowrank import LowRankForCausalLM
     rerun = "python truncate.py"
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    ranks = artifacts.read_json(os.path.join(path, "ranks.json"), rerun, keys=("layers",))["layers"]
-    for name, mod in common.find_linears(model).items():
-        if ranks.get(name, "dense") != "dense":
-            m, n = common.weight_matrix(mod).shape
-            k = ranks[name]
-            bias = None if mod.bias is None else torch.empty(m, dtype=mod.weight.dtype)
-            common.set_module(model, name, LowRankLinear(torch.empty(m, k, dtype=mod.weight.dtype),
-                                                         torch.empty(k, n, dtype=mod.weight.dtype), bias))
+    artifacts.read_json(os.path.join(path, "config.json"), rerun, keys=("lowrank_ranks",))
     try:
-        load_model(model, os.path.join(path, "model.safetensors"))  # strict; handles tied embeddings
-    except Exception:  # truncated or corrupt file, tensors of the wrong shape
+        model = LowRankForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except Exception:  # truncated or corrupt file, tensors of the wrong shape or missing
         raise UserError(f"{path}/model.safetensors is damaged or incomplete: re-run `{rerun}`") from None
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def check_ranks(ranks, layers, rerun):
@@ -124,14 +130,17 @@ def main(args):
         raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
     if allocation.get("components"):
         components = artifacts.read_tensors(comp_path, rerun)
-    needed = [f"{n}.{t}" for n, r in ranks.items() if r != "dense" for t in ("U", "sigma", "VtSinv")]
-    factors = artifacts.read_tensors(f"{args.run_dir}/decompose/factors.safetensors",
-                                  f"python decompose.py --run_dir {args.run_dir}", keys=needed)
+    factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
+                               decomp["shards"])  # read one layer at a time
     compress_model(model, ranks, factors, components)
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
 
     out = artifacts.stage_dir(args.run_dir, "compressed")
+    # the folder carries its own module: from_pretrained(out, trust_remote_code=True) rebuilds this model
+    model.config.lowrank_ranks = {n: r for n, r in ranks.items() if r != "dense"}
+    model.config.auto_map = {"AutoModelForCausalLM": "modeling_lowrank.LowRankForCausalLM"}
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_lowrank.py"), out)
     model.config.save_pretrained(out)
     tok.save_pretrained(out)
     save_model(model, f"{out}/model.safetensors")

@@ -1,8 +1,12 @@
 """Stage 1: activation whitening (SVD-LLM, METHODS.md §1).
 
-Runs calibration text through the model, accumulates each linear layer's input Gram matrix
-G = X X^T / T (n, n) (per batch in float32, summed over batches in float64) (layers that read the same tensor, e.g. q/k/v, share one G), and
-computes a whitening factor S with S S^T = G:
+Runs calibration text through the model ONE DECODER BLOCK AT A TIME (the GPTQ / SVD-LLM low-resource
+pattern): the inputs of every block are captured once (capture_block_inputs), then each block runs over
+all calibration batches with hooks that accumulate its linears' input Gram matrices
+G = X X^T / T (n, n) (per batch in float32, summed in float64; layers that read the same tensor, e.g.
+q/k/v, share one G), its whitening factors are computed and written, and the ORIGINAL block's outputs
+become the next block's inputs. Only one block's Grams are alive at a time; the model stays on the CPU
+and each block visits the device in turn. A whitening factor S with S S^T = G:
   cholesky (SVD-LLM): S = chol(G), lower-triangular; if G is not positive definite we add
                       (-lambda_min + eps) I, print it and record it in the manifest.
   eigh (SVD-LLM V2):  G = Q Lambda Q^T, S = Q Lambda^1/2, S^-1 = Lambda^-1/2 Q^T (pseudo-inverse
@@ -10,7 +14,9 @@ computes a whitening factor S with S S^T = G:
 Then ||(W - W') X||_F = ||(W - W') S||_F, since S^-1 X has orthonormal rows (SVD-LLM Thm 3.2).
 
 Writes RUN_DIR/whiten/:
-  whitening.safetensors  {group}.S (n, n), {group}.S_inv (n, n) float64
+  block_NNN.safetensors  one shard per decoder block: {group}.S, compact (see compact_factor): cholesky
+                         the packed lower triangle (n (n+1) / 2,), eigh the whole (n, n); float32. S^-1 is
+                         never stored: decompose.py solves with S.
   calib_ids.safetensors  ids (nsamples, seqlen) int64: the calibration windows, reused by later stages
   manifest.json          model, data, groups, shapes, numerical fixes, seed, versions
 
@@ -19,6 +25,7 @@ Writes RUN_DIR/whiten/:
 import argparse
 import sys
 import time
+import weakref
 
 import torch
 from safetensors.torch import save_file
@@ -70,11 +77,11 @@ def sample_windows(stream, nsamples, seqlen, seed):
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
 
 
-# ----------------------------------------------------------------------------- Gram accumulation
+# ----------------------------------------------------------------------------- whole-model Gram accumulation (the oracle)
 
 @torch.no_grad()
 def share_groups(model, linears, probe):
-    """Group layers that receive the very same input tensor (q/k/v, gate/up): one G per group."""
+    """(Whole-model path, kept as the oracle the block path is tested against.) Group layers that receive the very same input tensor (q/k/v, gate/up): one G per group."""
     seen, groups, hooks, alive = {}, {}, [], []
     for name, mod in linears.items():
         def hook(_m, inp, name=name):
@@ -91,7 +98,7 @@ def share_groups(model, linears, probe):
 
 @torch.no_grad()
 def accumulate_gram(model, linears, groups, ids, batch_size, device):
-    """G_g = sum_t x_t x_t^T / T over all calibration tokens, float64, one per group."""
+    """(Whole-model oracle: every G of the model alive at once.) G_g = sum_t x_t x_t^T / T, float64."""
     G, hooks = {}, []
     for leader in sorted(set(groups.values())):
         n = common.weight_matrix(linears[leader]).shape[1]
@@ -110,6 +117,129 @@ def accumulate_gram(model, linears, groups, ids, batch_size, device):
     return {k: v / T for k, v in G.items()}
 
 
+# ----------------------------------------------------------------------------- block-by-block Gram accumulation
+
+class StopForward(Exception):
+    """Raised by the last block's stub: nothing after the decoder blocks needs to run."""
+
+
+def block_names(linears, blocks):
+    """[[full layer names inside block b] for every block b], in forward order."""
+    inside = [{id(m) for m in block.modules()} for block in blocks]
+    return [[name for name, mod in linears.items() if id(mod) in ids] for ids in inside]
+
+
+def move_outside_blocks(model, blocks, device):
+    """Put every parameter and buffer that is not inside a decoder block (embeddings, rotary tables,
+    final norm, head) on `device`; the blocks stay where they are and visit the device one at a time."""
+    inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in inside:
+            t.data = t.data.to(device)  # .data keeps tied tensors tied
+
+
+@torch.no_grad()
+def capture_block_inputs(model, blocks, ids, batch_size, device):
+    """The GPTQ / SVD-LLM low-resource pattern, architecture-agnostic: every block's forward is replaced by
+    a stub that records what the model passes it (positional and keyword arguments: masks, positions,
+    rotary tables, which may differ per block, e.g. sliding-window layers) and returns its input; the
+    last stub stops the forward. Returns hidden (list over batches of (B, T, H): block 0's input) and
+    calls[b][i] = (args, kwargs, positional) of block b on batch i, the hidden states left out."""
+    hidden, calls = [], [[] for _ in blocks]
+    for b, block in enumerate(blocks):
+        def stub(*args, b=b, **kwargs):
+            positional = len(args) > 0
+            h = args[0] if positional else kwargs.pop("hidden_states")
+            calls[b].append((args[1:], kwargs, positional))
+            if b == 0:
+                hidden.append(h)
+            if b == len(blocks) - 1:
+                raise StopForward
+            return h
+        block.forward = stub  # an instance attribute shadows the class's forward
+    try:
+        for i in range(0, len(ids), batch_size):
+            try:
+                model(ids[i:i + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return hidden, calls
+
+
+GRAMS = {"alive": 0, "peak": 0}  # Gram matrices alive at once (counted by weakref), recorded in the manifest
+
+
+def new_gram(n, device):
+    def freed():
+        GRAMS["alive"] -= 1
+    G = torch.zeros(n, n, dtype=torch.float64, device=device)
+    GRAMS["alive"] += 1
+    GRAMS["peak"] = max(GRAMS["peak"], GRAMS["alive"])
+    weakref.finalize(G, freed)
+    return G
+
+
+@torch.no_grad()
+def block_grams(block, linears, hidden, calls, T):
+    """Run one decoder block over every calibration batch with hooks on its linears. Layers whose input is
+    the very same tensor (q/k/v, gate/up) form one group with one G = sum_t x_t x_t^T / T (float64).
+    Returns ({layer: group leader}, {leader: G}); `hidden` is replaced by the block's outputs in place,
+    so the next block receives the ORIGINAL block's outputs."""
+    groups, G, seen, hooks = {}, {}, {}, []
+    for name, mod in linears.items():
+        def hook(_m, inp, name=name):
+            x = inp[0]
+            # group by identity of the input tensor; `seen` keeps it alive so no address is reused in this batch
+            leader = seen.setdefault((x.data_ptr(), tuple(x.shape)), (name, x))[0]
+            if groups.setdefault(name, leader) != leader:
+                raise RuntimeError(f"{name} shares its input with {leader} on one batch but not on another")
+            if leader == name:
+                x = x.reshape(-1, x.shape[-1]).float()  # (B*T, n)
+                if name not in G:
+                    G[name] = new_gram(x.shape[1], x.device)
+                G[name] += (x.T @ x).double()  # one batch's X X^T in float32, the sum in float64 (METHODS.md §1)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for i, (args, kwargs, positional) in enumerate(calls):
+            seen.clear()
+            out = block(hidden[i], *args, **kwargs) if positional else block(*args, hidden_states=hidden[i], **kwargs)
+            hidden[i] = out[0] if isinstance(out, tuple) else out
+    finally:
+        for h in hooks:
+            h.remove()
+        seen.clear()
+    for g in G.values():
+        g.div_(T)
+    return groups, G
+
+
+def compact_factor(S, method):
+    """What whiten/ stores per group, never S^-1 (decompose.py solves with S instead):
+    cholesky: the lower triangle of S, packed row by row, float32 (half of n^2);
+    eigh:     S = Q Lambda^1/2 whole, float32 (its columns are orthogonal, so S^-1 is S^T scaled).
+    float32 is exact enough: at full rank W' = W S S^-1 = W for ANY invertible S, so rounding S only makes
+    the whitening optimal for S S^T = G (1 + O(1e-7)), far below G's own sampling error and the jitter."""
+    if method == "cholesky":
+        return S[torch.ones_like(S, dtype=torch.bool).tril()].float()  # (n (n + 1) / 2,)
+    return S.float()
+
+
+def expand_factor(t, n, method, rcond=1e-10):
+    """Inverse of compact_factor: S (n, n) float64 and S^-1 where it is not a triangular solve (eigh:
+    S^-1 = Lambda^-1/2 Q^T = (S / ||S_:j||^2)^T, rows of dropped eigenvalues zero, as in whitening_factor)."""
+    if method == "cholesky":
+        S = torch.zeros(n, n, dtype=torch.float64, device=t.device)
+        S[torch.ones(n, n, dtype=torch.bool, device=t.device).tril()] = t.double()
+        return S, None
+    S = t.double().reshape(n, n)
+    lam = (S ** 2).sum(0)  # (n,): the eigenvalues of G, since Q has orthonormal columns
+    keep = lam > rcond * lam.max()
+    return S, (S * torch.where(keep, 1 / lam.clamp(min=1e-300), torch.zeros_like(lam))).T
+
+
 # ----------------------------------------------------------------------------- main
 
 def check_calibration(ids, widest):
@@ -126,6 +256,33 @@ def check_calibration(ids, widest):
     return distinct
 
 
+def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
+    """Grams of block b, then each group's S (compact) and any numerical fix; the block visits `device`."""
+    block.to(device)
+    groups, G = block_grams(block, {n: linears[n] for n in names}, hidden, calls, T)
+    block.to("cpu")
+    tensors, fixes = {}, {}
+    for leader in list(G):
+        Gg = G.pop(leader)  # freed as soon as its factor is computed
+        if not Gg.diagonal().mean().item() > 0:
+            raise UserError(f"{leader} receives only zeros during calibration (its Gram matrix is zero), so it "
+                            "cannot be whitened with any method: the calibration text does not exercise it")
+        try:
+            S, _, fix = whitening_factor(Gg, method)
+        except (ValueError, torch.linalg.LinAlgError) as e:
+            other = "eigh" if method == "cholesky" else "cholesky"
+            raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None
+        if fix:
+            tqdm.write(f"  numerical fix on {leader}: {fix}")  # never silent (STYLE.md habit 6)
+            fixes[leader] = fix
+        tensors[f"{leader}.S"] = compact_factor(S, method).cpu().contiguous()
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise UserError(f"{missing[0]} never received input during calibration: the model does not use it in "
+                        "its forward pass, so it cannot be compressed")
+    return groups, tensors, fixes
+
+
 def main(args):
     common.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
                        seed=(0, None))
@@ -133,42 +290,37 @@ def main(args):
     common.set_seed(args.seed)
     device = common.pick_device(args.device)
     t0 = time.time()
-    model, tok = common.load_model(args.model, device)
+    model, tok = common.load_model(args.model, "cpu")  # blocks visit the device one at a time
     common.check_seqlen(model.config, args.seqlen)
     linears = common.find_linears(model)
+    blocks = common.decoder_blocks(model)
     stream = common.token_stream(tok, common.load_documents(args.data, "calib"))
     ids = sample_windows(stream, args.nsamples, args.seqlen, args.seed)
     distinct = check_calibration(ids, max(common.weight_matrix(m).shape[1] for m in linears.values()))
-    groups = share_groups(model, linears, ids[:1, :8].to(device))
-    print(f"{len(linears)} linear layers in {len(set(groups.values()))} input groups; "
-          f"{ids.numel()} calibration tokens ({args.nsamples} x {args.seqlen}, {distinct} distinct) on {device}")
-    G = accumulate_gram(model, linears, groups, ids, args.batch_size, device)
-
-    tensors, fixes = {}, {}
-    for leader, Gg in tqdm(G.items(), desc="whitening"):
-        if not Gg.diagonal().mean().item() > 0:
-            raise UserError(f"{leader} never received input during calibration (its Gram matrix is zero): "
-                            "the model does not use it in its forward pass; it cannot be compressed")
-        try:
-            S, S_inv, fix = whitening_factor(Gg, args.whitening)
-        except (ValueError, torch.linalg.LinAlgError) as e:
-            other = "eigh" if args.whitening == "cholesky" else "cholesky"
-            raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None
-        if fix:
-            print(f"  numerical fix on {leader}: {fix}")  # never silent (STYLE.md habit 6)
-            fixes[leader] = fix
-        tensors[f"{leader}.S"], tensors[f"{leader}.S_inv"] = S.cpu().contiguous(), S_inv.cpu().contiguous()
-
+    print(f"{len(linears)} linear layers in {len(blocks)} decoder blocks; {ids.numel()} calibration tokens "
+          f"({args.nsamples} x {args.seqlen}, {distinct} distinct) on {device}")
+    move_outside_blocks(model, blocks, device)
+    hidden, calls = capture_block_inputs(model, blocks, ids, args.batch_size, device)
     out = artifacts.stage_dir(args.run_dir, "whiten")
-    save_file(tensors, f"{out}/whitening.safetensors")
+    groups, fixes, shards = {}, {}, {}
+    for b, names in enumerate(tqdm(block_names(linears, blocks), desc="whiten blocks")):
+        g, tensors, f = whiten_block(b, blocks[b], names, linears, hidden, calls[b], ids.numel(), args.whitening,
+                                     device)
+        groups.update(g)
+        fixes.update(f)
+        shards.update({leader: f"block_{b:03d}.safetensors" for leader in set(g.values())})
+        save_file(tensors, f"{out}/block_{b:03d}.safetensors")  # one shard per block: no stage needs them all
+        del tensors
     save_file({"ids": ids}, f"{out}/calib_ids.safetensors")
     artifacts.commit_stage(args.run_dir, "whiten", out, {
         "inputs": {}, "model": args.model, "config_hash": artifacts.config_hash(model),
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-        "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups,
-        "shapes": common.layer_shapes(linears), "fixes": fixes, "wall_time_s": round(time.time() - t0, 1)})
-    print(f"wrote {args.run_dir}/whiten in {time.time() - t0:.1f}s ({len(fixes)} numerical fixes)")
+        "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
+        "shapes": common.layer_shapes(linears), "fixes": fixes, "gram_matrices_alive_peak": GRAMS["peak"],
+        **common.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
+    print(f"wrote {args.run_dir}/whiten in {time.time() - t0:.1f}s ({len(set(groups.values()))} input groups, "
+          f"{len(fixes)} numerical fixes, at most {GRAMS['peak']} Gram matrices alive at once)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Benchmark: what each stage costs as the model gets deeper. Runs all five stages (uniform allocation) as
+separate processes on the embedded model and on random-weight models of the same family with more decoder
+blocks, and prints one markdown table per model: wall time, peak RSS (the process's high-water mark, read
+with wait4), peak GPU memory (from the stage's manifest, when it ran on a GPU) and bytes written, plus the
+model's own bytes, so a reader can see that a stage's memory beyond the model itself does not grow with depth.
+
+  python bench/scale.py --blocks 30 60 120                 # random SmolLM2-shaped models, 30/60/120 blocks
+  python bench/scale.py --embedded --blocks                 # the embedded model only
+  python bench/scale.py --shape llama2-7b --blocks 8 --dtype bfloat16 --nsamples 256 --seqlen 2048   # GPU
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPES = {  # LlamaConfig fields; the number of blocks comes from --blocks
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+}
+
+
+def random_model(folder, shape, blocks, dtype):
+    """A random-weight Llama of the given shape, saved with the embedded model's tokenizer (no download)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import common
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=blocks, **SHAPES[shape])
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    if shape != "smollm2":  # keep token ids inside the vocabulary
+        assert tok.vocab_size <= config.vocab_size
+    tok.save_pretrained(folder)
+    return folder
+
+
+def folder_bytes(folder, suffix=".safetensors"):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs if f.endswith(suffix))
+
+
+def run(script, *args):
+    """One stage in its own process: (wall s, peak RSS bytes) of that process alone (os.wait4)."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    if status != 0:
+        raise SystemExit(f"{script} failed:\n{err[-2000:]}")
+    return time.time() - t0, usage.ru_maxrss * 1024  # Linux: KiB
+
+
+def bench_model(model, run_dir, args):
+    common_flags = ["--run_dir", run_dir, "--device", args.device]
+    stages = [("whiten.py", ["--model", model, "--nsamples", args.nsamples, "--seqlen", args.seqlen,
+                             "--batch_size", args.batch_size], "whiten"),
+              ("decompose.py", [], "decompose"),
+              ("learn_masks.py", ["--keep", args.keep], "allocation"),
+              ("truncate.py", [], "compressed"),
+              ("evaluate.py", ["--max_windows", args.eval_windows, "--seqlen", args.seqlen], None)]
+    rows = []
+    for script, flags, out in stages:
+        wall, rss = run(script, *flags, *(common_flags if script != "truncate.py" else common_flags[:2]))
+        man = json.load(open(os.path.join(run_dir, out, "manifest.json"))) if out else {}
+        written = folder_bytes(os.path.join(run_dir, out)) if out else 0
+        rows.append((script, wall, rss, man.get("peak_gpu_bytes"), written))
+    return rows
+
+
+def table(name, model_bytes, blocks, rows):
+    lines = [f"**{name}** ({blocks} blocks, model {model_bytes / 2**20:,.0f} MiB on disk)", "",
+             "| stage | wall s | peak RSS MiB | RSS - model MiB | peak GPU MiB | written MiB |",
+             "|---|---|---|---|---|---|"]
+    for script, wall, rss, gpu, written in rows:
+        lines.append(f"| {script} | {wall:.1f} | {rss / 2**20:,.0f} | {(rss - model_bytes) / 2**20:,.0f} | "
+                     f"{'-' if gpu is None else f'{gpu / 2**20:,.0f}'} | {written / 2**20:,.1f} |")
+    return "\n".join(lines)
+
+
+def main(args):
+    work = os.path.join(ROOT, "runs", "scale")
+    os.makedirs(work, exist_ok=True)
+    todo = [("embedded", "embedded")] if args.embedded else []
+    todo += [(f"{args.shape}-{b}", random_model(os.path.join(work, f"model_{args.shape}_{b}"), args.shape, b, args.dtype))
+             for b in args.blocks]
+    out = []
+    for name, model in todo:
+        import common
+        folder = common.resolve_model(model)
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        rows = bench_model(model, os.path.join(work, f"run_{name}"), args)
+        out.append(table(name, folder_bytes(folder), cfg["num_hidden_layers"], rows))
+        print(out[-1] + "\n", flush=True)
+    with open(os.path.join(work, "table.md"), "w") as f:
+        f.write("\n\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--blocks", type=int, nargs="*", default=[30, 60, 120], help="decoder blocks of the random models")
+    p.add_argument("--shape", choices=list(SHAPES), default="smollm2", help="width of the random models")
+    p.add_argument("--embedded", action="store_true", help="also the embedded SmolLM2-135M")
+    p.add_argument("--dtype", default="float32", help="dtype of the random models (bfloat16 for the 7B shape)")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (papers: 256)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (papers: 2048)")
+    p.add_argument("--batch_size", type=int, default=4, help="whiten.py windows per forward")
+    p.add_argument("--keep", type=float, default=0.8, help="kept fraction (uniform allocation)")
+    p.add_argument("--eval_windows", type=int, default=2, help="evaluate.py windows")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    main(p.parse_args())
