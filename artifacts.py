@@ -106,7 +106,7 @@ class TensorFile:
 class Shards:
     """The tensors of a sharded stage folder (one safetensors file per decoder block), one tensor at a time:
     `where` maps a tensor's prefix (a layer or group name) to its file, as the stage's manifest records
-    it. Each file is opened once, when first needed; damage is one line, as in TensorFile."""
+    it. One file is open at a time (stages read block by block); damage is one line, as in TensorFile."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu"):
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
@@ -116,8 +116,8 @@ class Shards:
         if prefix not in self.where:
             raise UserError(f"{self.folder} has no tensor {name}: re-run `{self.rerun}`")
         file = self.where[prefix]
-        if file not in self.open:
-            self.open[file] = TensorFile(os.path.join(self.folder, file), self.rerun, self.device)
+        if file not in self.open:  # one file open at a time: a closed shard's mapped pages leave the process
+            self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
         return self.open[file].get(name)
 
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected

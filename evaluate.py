@@ -307,8 +307,10 @@ def main(args):
     common.check_run_dir(args.run_dir)
     device = common.pick_device(args.device)
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
-    model, tok = common.load_model(whiten["model"], device, dtype=dtype, **placement)
-    artifacts.check_model(model, whiten)
+    model, tok = common.load_model(whiten["model"], device, **placement)
+    artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
+    if dtype is not None:
+        model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     common.check_seqlen(model.config, args.seqlen)
     stream = common.token_stream(tok, common.load_documents(args.data, "eval"))

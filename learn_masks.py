@@ -217,7 +217,9 @@ def load_context(args, run_dir, whiten, decomp):
     device = common.pick_device(args.device)
     model, _ = common.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
-    dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else None)
+    # bf16 on a GPU; float16 is never used for the factors (its range cannot hold V^T S^-1, see decompose.py)
+    dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
+                                          torch.float32 if model.dtype == torch.float16 else None)
     if dtype is not None:
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
@@ -231,8 +233,7 @@ def load_context(args, run_dir, whiten, decomp):
         p.requires_grad_(False)
     ids = artifacts.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
                               keys=["ids"])["ids"]
-    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], device=device)
-    factors = {f"{n}.{t}": f.get(f"{n}.{t}") for n in decomp["layers"] for t in ("U", "sigma", "VtSinv")}
+    factors = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"])  # lazy, CPU: read per layer
     return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
 
 
@@ -323,9 +324,9 @@ if __name__ == "__main__":
                    help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 4 on a CPU)")
     p.add_argument("--strs_seqlen", type=int, default=None,
                    help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
-    p.add_argument("--dtype", choices=list(common.DTYPES), default="auto",
-                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, the model's own on the CPU); "
-                   "the gates always train in float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, on the CPU the model's own, "
+                   "float32 for a float16 model); the gates always train in float32")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
     p.add_argument("--device_map", choices=["auto"], default=None,

@@ -289,20 +289,28 @@ def attach(model, factors, shapes, rho, args):
     for name, orig in common.find_linears(model).items():
         m, n = shapes[name]
         like = {"device": common.weight_matrix(orig).device, "dtype": common.weight_matrix(orig).dtype}
-        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)  # stored once in the
-        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts of weights or factors
+        # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
+        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
+        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+        sigma = factors[f"{name}.sigma"].to(like["device"])
         k = common.k_star(m, n) if k0[name] == "dense" else k0[name]
         gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), args).to(U.device)
-        layers[name] = MaskedLinear(orig, U, factors[f"{name}.sigma"], VtSinv, gate, state)
+        layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
         common.set_module(model, name, layers[name])
     return layers
 
 
-def draw_masks(layers, gen):
+def draw_masks(layers, gens, seed):
     """Every layer's training mask for this step, drawn once, in forward order, before the forward: an
-    activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise."""
+    activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
+    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
     for l in layers.values():
-        l.step_mask = None if l.dense else l.gate.mask(True, gen)
+        if l.dense:
+            l.step_mask = None
+            continue
+        if l.U.device not in gens:
+            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed)
+        l.step_mask = l.gate.mask(True, gens[l.U.device])
 
 
 def clear_masks(layers):
@@ -394,7 +402,8 @@ def train(model, layers, ids, rho, args, device):
     base_lr = args.lr or cls.lr
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
     state = layers[names[0]].state
-    state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise
+    state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise outside train()'s steps
+    gens = {}  # gate noise of the training steps, per device (draw_masks)
     chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
     data = batches(chunks, min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
     shapes = {n: (layers[n].m, layers[n].n) for n in names}
@@ -452,7 +461,7 @@ def train(model, layers, ids, rho, args, device):
                     state["teacher"] = True  # the teacher: same weights, masks off
                     t_out = model(x, output_hidden_states=hidden, use_cache=False)
                     state["teacher"] = False
-            draw_masks(layers, state["gen"])
+            draw_masks(layers, gens, args.seed)
             s_out = model(x, output_hidden_states=hidden, use_cache=False)
             terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
         loss = sum(terms.values())

@@ -73,4 +73,13 @@ class LowRankForCausalLM:
                 lowrank_skeleton(self, config.lowrank_ranks)
 
         Compressed.__name__ = Compressed.__qualname__ = f"LowRank{base.__name__}"
-        return Compressed.from_pretrained(path, *args, config=config, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = Compressed.from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
+        # transformers only warns about these; a compressed model with a tensor left empty must not load
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        bad = {k: [n for n in v if n not in tied] for k, v in info.items()
+               if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(bad.values()):
+            raise ValueError(f"{path}: weights file does not match lowrank_ranks: "
+                             + "; ".join(f"{k} {v[:3]}" for k, v in bad.items() if v))
+        return (model, info) if want_info else model

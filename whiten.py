@@ -40,22 +40,24 @@ MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one tok
 
 # ----------------------------------------------------------------------------- math
 
-def whitening_factor(G, method="cholesky", eps=1e-6, rcond=1e-10):
-    """G (n, n) float64 -> S, S_inv (n, n) float64 and a dict describing any fix applied."""
+def whitening_factor(G, method="cholesky", eps=1e-6, rcond=1e-10, inverse=True):
+    """G (n, n) float64 -> S, S_inv (n, n) float64 (None with inverse=False: whiten.py never needs it, a
+    triangular solve does its job downstream) and a dict describing any fix applied."""
     n = G.shape[0]
     scale = G.diagonal().mean().item()
     if not scale > 0:
         raise ValueError("Gram matrix is all zeros: this layer never received input")
-    I = torch.eye(n, dtype=G.dtype, device=G.device)
+    def inv(S):  # S^-1 by one triangular solve, only when asked (an n x n float64 buffer)
+        return torch.linalg.solve_triangular(S, torch.eye(n, dtype=G.dtype, device=G.device), upper=False)
     if method == "cholesky":
         S, info = torch.linalg.cholesky_ex(G)
         if info.item() == 0:
-            return S, torch.linalg.solve_triangular(S, I, upper=False), {}
+            return S, inv(S) if inverse else None, {}
         # SVD-LLM: G is singular / indefinite (dead channels, few tokens): shift its spectrum up
         lam_min = torch.linalg.eigvalsh(G)[0].item()
         jitter = -lam_min + eps * scale
-        S = torch.linalg.cholesky(G + jitter * I)
-        return S, torch.linalg.solve_triangular(S, I, upper=False), {"jitter": jitter, "lambda_min": lam_min}
+        S = torch.linalg.cholesky(G + jitter * torch.eye(n, dtype=G.dtype, device=G.device))
+        return S, inv(S) if inverse else None, {"jitter": jitter, "lambda_min": lam_min}
     if method == "eigh":
         lam, Q = torch.linalg.eigh(G)  # G = Q diag(lam) Q^T
         keep = lam > rcond * lam[-1]
@@ -268,7 +270,7 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
             raise UserError(f"{leader} receives only zeros during calibration (its Gram matrix is zero), so it "
                             "cannot be whitened with any method: the calibration text does not exercise it")
         try:
-            S, _, fix = whitening_factor(Gg, method)
+            S, _, fix = whitening_factor(Gg, method, inverse=False)
         except (ValueError, torch.linalg.LinAlgError) as e:
             other = "eigh" if method == "cholesky" else "cholesky"
             raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None

@@ -49,16 +49,28 @@ def folder_bytes(folder, suffix=".safetensors"):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs if f.endswith(suffix))
 
 
+# Each stage runs under this launcher, which writes the process's VmHWM (peak RSS since exec) when it exits.
+# Not wait4's ru_maxrss: Linux carries the forking parent's high-water mark across fork + exec into it.
+LAUNCHER = """import atexit, os, runpy, sys
+def hwm():
+    line = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    open(os.environ["SCALE_HWM_FILE"], "w").write(line.split()[1])
+atexit.register(hwm)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run(script, *args):
-    """One stage in its own process: (wall s, peak RSS bytes) of that process alone (os.wait4)."""
+    """One stage in its own process: (wall s, peak RSS bytes of that process alone)."""
+    hwm = os.path.join(ROOT, "runs", "scale", ".hwm")
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
-    if status != 0:
-        raise SystemExit(f"{script} failed:\n{err[-2000:]}")
-    return time.time() - t0, usage.ru_maxrss * 1024  # Linux: KiB
+    cmd = [sys.executable, "-c", LAUNCHER, os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env={**os.environ, "SCALE_HWM_FILE": hwm})
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} failed:\n{proc.stderr[-2000:]}")
+    return time.time() - t0, int(open(hwm).read()) * 1024  # VmHWM is in KiB
 
 
 def bench_model(model, run_dir, args):
@@ -94,7 +106,13 @@ def main(args):
     todo = [("embedded", "embedded")] if args.embedded else []
     todo += [(f"{args.shape}-{b}", random_model(os.path.join(work, f"model_{args.shape}_{b}"), args.shape, b, args.dtype))
              for b in args.blocks]
-    out = []
+    # what any stage costs before it touches a model: the interpreter with torch and transformers imported
+    imports = os.path.join(work, "imports_only.py")
+    with open(imports, "w") as f:
+        f.write("import torch, transformers, safetensors, tqdm, common, artifacts, masking\n")
+    _, base = run(imports)
+    out = [f"Interpreter with torch + transformers + this project imported: {base / 2**20:,.0f} MiB peak RSS."]
+    print(out[0], flush=True)
     for name, model in todo:
         import common
         folder = common.resolve_model(model)
