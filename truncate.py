@@ -25,7 +25,6 @@ import shutil
 import time
 
 import torch
-from safetensors.torch import save_model
 
 import artifacts
 import common
@@ -141,9 +140,10 @@ def main(args):
     model.config.lowrank_ranks = {n: r for n, r in ranks.items() if r != "dense"}
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_lowrank.LowRankForCausalLM"}
     shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_lowrank.py"), out)
-    model.config.save_pretrained(out)
+    # config (with lowrank_ranks and auto_map) and the weights, in shards of at most 2 GB with an index for a
+    # large model: the layout from_pretrained, lm-eval and accelerate expect
+    model.save_pretrained(out, max_shard_size="2GB")
     tok.save_pretrained(out)
-    save_model(model, f"{out}/model.safetensors")
     artifacts.write_json(f"{out}/ranks.json", {**allocation, "layers": ranks})
     artifacts.commit_stage(args.run_dir, "compressed", out, {
         "inputs": {"allocation": alloc["hash"], "decompose": decomp["hash"]}, "model": whiten["model"],
