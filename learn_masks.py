@@ -284,7 +284,8 @@ def main(args):
     plots.write_allocation_plots(allocation, out)
     artifacts.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
-        "seed": args.seed, "flags": vars(args), "wall_time_s": wall})
+        "seed": args.seed, "flags": vars(args), **common.peak_gpu(common.pick_device(args.device)),
+        "wall_time_s": wall})
 
 
 if __name__ == "__main__":

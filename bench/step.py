@@ -1,0 +1,98 @@
+"""Benchmark: what one training step of learn_masks.py costs against its floor, one teacher forward
+plus one student forward and backward of the masked model (the issue's target: at most 1.3 x), with and
+without activation checkpointing, plus peak GPU memory on a GPU. Reads a run dir with whiten/ and
+decompose/ (python whiten.py && python decompose.py); the model is the one whiten/ was made from.
+
+  python bench/step.py --run_dir runs/default --method ara --batch_size 2 --train_seqlen 128
+  python bench/step.py --run_dir runs/llama2 --batch_size 2 --train_seqlen 2048     # the 7B target, GPU
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import artifacts  # noqa: E402
+import common  # noqa: E402
+import learn_masks  # noqa: E402
+import masking  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor_step(model, layers, x, device):
+    """One teacher forward + one student forward and backward, nothing else (no budget, no optimiser)."""
+    state = next(iter(layers.values())).state
+    with torch.no_grad():
+        state["teacher"] = True
+        t = model(x, use_cache=False)
+        state["teacher"] = False
+    masking.draw_masks(layers, {}, 0)
+    s = model(x, use_cache=False)
+    masking.task_loss("kl", s, t, x, [-1]).backward()
+    masking.clear_masks(layers)
+
+
+def timed(fn, device, repeat, warm=True):
+    if warm:
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def measure(args, checkpointing):
+    ns = argparse.Namespace(**{**vars(args), "checkpointing": "on" if checkpointing else "off"})
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
+    shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
+    ctx = learn_masks.load_context(ns, args.run_dir, whiten, decomp)
+    device, model = ctx["device"], ctx["model"]
+    layers = masking.attach(model, ctx["factors"], shapes, args.keep, ns)
+    x = masking.window_chunks(ctx["ids"], args.train_seqlen)[:args.batch_size].to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    floor = timed(lambda: floor_step(model, layers, x, device), device, args.repeat)
+
+    def steps(n):  # the real training loop for n steps (its setup included, hence the difference below)
+        masking.train(model, layers, ctx["ids"], args.keep, argparse.Namespace(**{**vars(ns), "steps": n}), device)
+    short, long = timed(lambda: steps(2), device, 1, warm=False), timed(lambda: steps(2 + args.repeat), device, 1, warm=False)
+    step = (long - short) / args.repeat
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return floor, step, peak
+
+
+def main(args):
+    print(f"| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB |\n|---|---|---|---|---|---|")
+    for ckpt in (False, True):
+        floor, step, peak = measure(args, ckpt)
+        print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {floor:.3f} | {step:.3f} | "
+              f"{step / floor:.2f} | {'-' if peak is None else f'{peak:.1f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run_dir", default="runs/default")
+    p.add_argument("--method", default="ara")
+    p.add_argument("--keep", type=float, default=0.8)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--train_seqlen", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=4, help="timed repetitions")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args()
+    # the learn_masks.py flags the step reads, at their defaults
+    defaults = dict(loss="kl", hidden_layers=[-1], lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5,
+                    guidance=50.0, tau=0.4, init="uniform", log_every=10, soco_stages=[0.4, 0.4, 0.2], sparsity=1.0,
+                    seed=0, device_map=None, steps=1)
+    main(argparse.Namespace(**{**defaults, **vars(args)}))
