@@ -101,13 +101,34 @@ def allocate_energy(shapes, rho, ctx, args):
     return common.fill_budget(ranks, shapes, rho), None, record
 
 
+def removed_ratios(s, total, shapes):
+    """removed_i = total * s_i / sum_j s_j (SVD-LLM V2 Alg. 1 line 11), each within [0, 1 - (m + n) / (m n)]
+    (at least rank 1 kept). The paper's line can ask a matrix with a tiny loss to remove more than all of it:
+    such a matrix keeps rank 1 and the others share the rest of `total` in the same proportions, so the
+    group still averages the target (water-filling)."""
+    cap = {name: 1 - sum(shapes[name]) / (shapes[name][0] * shapes[name][1]) for name in s}
+    fixed, left = {}, total
+    while True:
+        free = {name: v for name, v in s.items() if name not in fixed}
+        if not free:  # every matrix at rank 1: the group cannot remove more
+            return fixed
+        share = {name: left * v / sum(free.values()) for name, v in free.items()}
+        over = {name for name, r in share.items() if r > cap[name]}
+        if not over:
+            return {**fixed, **share}
+        for name in over:
+            fixed[name] = cap[name]
+            left -= cap[name]
+
+
 def allocate_svdllm2(shapes, rho, ctx, args):
     """SVD-LLM V2's heterogeneous ratios (Wang et al. 2025, arXiv 2503.12340 §3.1, Algorithm 1).
     Per weight type g (every q_proj, every up_proj, ...; same shape within a group):
       L_min,i = ||W_i X - (W_i X)'||_F at the uniform ratio R   (theoretical truncation loss, Thm 3.1:
               = sqrt(T sum_{i>k} sigma_i^2) with our G = X X^T / T over T calibration tokens)
       s_i = 1 / log(L_min,i)                                    (Alg. 1 line 10, "normalize")
-      removed_i = len(g) * R_removed * s_i / sum_{j in g} s_j   (Alg. 1 line 11; ratios average R)
+      removed_i = len(g) * R_removed * s_i / sum_{j in g} s_j   (Alg. 1 line 11; ratios average R;
+                                                                 clamped, see removed_ratios)
     so a matrix with a larger loss is compressed less. The paper gives no rule for L_min <= 1 (log <= 0):
     such a group keeps the uniform ratio, and the run says so."""
     T, out, uniform_groups = ctx["tokens"], {}, []
@@ -123,7 +144,7 @@ def allocate_svdllm2(shapes, rho, ctx, args):
             out.update({name: rho for name in group})
             continue
         s = {name: 1 / math.log(L[name]) for name in group}
-        out.update({name: 1 - len(group) * (1 - rho) * s[name] / sum(s.values()) for name in group})
+        out.update({name: 1 - r for name, r in removed_ratios(s, len(group) * (1 - rho), shapes).items()})
     if uniform_groups:
         print(f"svdllm2: L_min <= 1 in {', '.join(uniform_groups)}: those types keep the uniform ratio")
     ranks = {}
