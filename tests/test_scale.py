@@ -184,3 +184,21 @@ def test_evaluate_in_another_dtype_names_it(run_dir):
                      json.load(open(f"{run_dir}/whiten/manifest.json"))["data"], "--run_dir", run_dir)
     assert "non-overlapping windows 2 x 32 tokens, 64 tokens, bfloat16" in proc.stdout
     assert json.load(open(f"{run_dir}/metrics.json"))["eval"]["dtype"] == "bfloat16"
+
+
+def test_device_map_auto_runs_and_matches(run_dir):
+    """--device_map auto hands placement to accelerate (here: everything on the CPU); the allocation and the
+    perplexity are the same as without it."""
+    quick = ("--method", "ara", "--keep", 0.6, "--steps", 4, "--train_seqlen", 32, "--run_dir", run_dir)
+    runs = []
+    for extra in ([], ["--device_map", "auto"]):
+        run_stage("learn_masks.py", *quick, *extra)
+        runs.append(json.load(open(f"{run_dir}/allocation/ranks.json"))["layers"])
+    assert runs[0] == runs[1]
+    run_stage("truncate.py", "--run_dir", run_dir)
+    data = json.load(open(f"{run_dir}/whiten/manifest.json"))["data"]
+    ppl = []
+    for extra in ([], ["--device_map", "auto"]):
+        run_stage("evaluate.py", "--max_windows", 2, "--seqlen", 32, "--data", data, "--run_dir", run_dir, *extra)
+        ppl.append(json.load(open(f"{run_dir}/metrics.json"))["compressed"]["ppl"])
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
