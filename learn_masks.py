@@ -268,6 +268,7 @@ def check_args(args):
                        alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), tau=((">", 0), None),
                        sparsity=(0, None), log_every=(1, None), energy_power=((">", 0), None),
                        strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, None), soco_stages=(0, 1),
+                       teacher_cache_gb=(0, None),
                        settle=(0, 1))
     if abs(sum(args.soco_stages) - 1) > 1e-6:
         raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
@@ -346,6 +347,10 @@ if __name__ == "__main__":
                    help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 4 on a CPU)")
     p.add_argument("--strs_seqlen", type=int, default=None,
                    help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
+    p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
+                   help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
+                   "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
+    p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, on the CPU the model's own, "
                    "float32 for a float16 model); the gates always train in float32")

@@ -33,6 +33,7 @@ straight-through budget term pulls them back below 1. ARA's own init (E[rho] = t
 uniform allocation) is what ARA gets with either value.
 """
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -383,12 +384,43 @@ def window_chunks(ids, length):
     return torch.cat([ids[:, s:s + length] for s in starts])
 
 
-def batches(chunks, batch_size, gen):
-    """Epochs over a seeded permutation of the chunks: every chunk once before any repeats."""
+def batch_indices(n_chunks, batch_size, gen):
+    """Epochs over a seeded permutation of the chunk indices: every chunk once before any repeats."""
     while True:
-        perm = torch.randperm(len(chunks), generator=gen)
+        perm = torch.randperm(n_chunks, generator=gen)
         for i in range(0, len(perm) - batch_size + 1, batch_size):
-            yield chunks[perm[i:i + batch_size]]
+            yield perm[i:i + batch_size]
+
+
+def batches(chunks, batch_size, gen):
+    for idx in batch_indices(len(chunks), batch_size, gen):
+        yield chunks[idx]
+
+
+class TeacherCache:
+    """The teacher's logits per calibration chunk, float32 on the CPU, once computed: on a schedule that
+    revisits chunks (ARA: 10 epochs) every later visit skips the teacher forward. Exact: the same numbers
+    a fresh teacher forward gives."""
+
+    def __init__(self):
+        self.logits = {}
+
+    def get(self, idx):  # (B, T, V) or None unless every chunk of the batch is cached
+        return torch.stack([self.logits[i] for i in idx]) if all(i in self.logits for i in idx) else None
+
+    def put(self, idx, logits):
+        for i, row in zip(idx, logits.float().cpu()):
+            self.logits[i] = row.clone()
+
+
+def use_teacher_cache(args, n_chunks, vocab):
+    """--teacher_cache auto: only where it pays (KL loss, the steps revisit chunks) and fits
+    --teacher_cache_gb of CPU memory; on / off force it (on still needs the KL loss)."""
+    if args.loss != "kl" or args.teacher_cache == "off":
+        return False
+    revisits = args.steps * min(args.batch_size, n_chunks) > n_chunks
+    fits = n_chunks * args.train_seqlen * vocab * 4 <= args.teacher_cache_gb * 2 ** 30
+    return args.teacher_cache == "on" or revisits and fits
 
 
 # ----------------------------------------------------------------------------- training
@@ -405,13 +437,14 @@ def train(model, layers, ids, rho, args, device):
     state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise outside train()'s steps
     gens = {}  # gate noise of the training steps, per device (draw_masks)
     chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
-    data = batches(chunks, min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
+    data = batch_indices(len(chunks), min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
+    cache = TeacherCache() if use_teacher_cache(args, len(chunks), model.config.vocab_size) else None
     shapes = {n: (layers[n].m, layers[n].n) for n in names}
     mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)
     b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
     hidden = args.loss == "hidden_mse"
     record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
-              "dense_flips": []}
+              "dense_flips": [], "teacher_cache": cache is not None, "teacher_forwards": 0}
     with torch.no_grad():  # the starting state is not a flip
         for n in names:
             layers[n].dense = layers[n].ratio().item() >= 1
@@ -454,13 +487,21 @@ def train(model, layers, ids, rho, args, device):
             terms["guid"] = args.guidance * guidance_loss(r, b_grid)
         terms.update(cls.extra_terms(gates, plan, args))
         if plan["task"]:
-            x = next(data).to(common.input_device(model))  # (B, train_seqlen)
+            idx = next(data)
+            x = chunks[idx].to(common.input_device(model))  # (B, train_seqlen)
             t_out = None
             if args.loss != "ce":  # CE needs no teacher
-                with torch.no_grad():
-                    state["teacher"] = True  # the teacher: same weights, masks off
-                    t_out = model(x, output_hidden_states=hidden, use_cache=False)
-                    state["teacher"] = False
+                cached = cache.get(idx.tolist()) if cache else None
+                if cached is not None:
+                    t_out = SimpleNamespace(logits=cached.to(device))
+                else:
+                    with torch.no_grad():
+                        state["teacher"] = True  # the teacher: same weights, masks off
+                        t_out = model(x, output_hidden_states=hidden, use_cache=False)
+                        state["teacher"] = False
+                    record["teacher_forwards"] += 1
+                    if cache:
+                        cache.put(idx.tolist(), t_out.logits)
             draw_masks(layers, gens, args.seed)
             s_out = model(x, output_hidden_states=hidden, use_cache=False)
             terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)

@@ -94,5 +94,6 @@ if __name__ == "__main__":
     # the learn_masks.py flags the step reads, at their defaults
     defaults = dict(loss="kl", hidden_layers=[-1], lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5,
                     guidance=50.0, tau=0.4, init="uniform", log_every=10, soco_stages=[0.4, 0.4, 0.2], sparsity=1.0,
-                    seed=0, device_map=None, steps=1)
+                    seed=0, device_map=None, steps=1, teacher_cache="off",
+                    teacher_cache_gb=16.0)
     main(argparse.Namespace(**{**defaults, **vars(args)}))

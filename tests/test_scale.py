@@ -202,3 +202,25 @@ def test_device_map_auto_runs_and_matches(run_dir):
         run_stage("evaluate.py", "--max_windows", 2, "--seqlen", 32, "--data", data, "--run_dir", run_dir, *extra)
         ppl.append(json.load(open(f"{run_dir}/metrics.json"))["compressed"]["ppl"])
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+
+
+def test_teacher_cache_is_exact_and_skips_revisits():
+    """Three epochs over 16 chunks in batches of 4: with the cache the teacher runs on the first epoch's 4
+    batches only, and training is bit-for-bit the same."""
+    import masking
+    from test_learn import factorize, learn_args
+    ids = torch.randint(0, 320, (16, 32), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for mode in ("off", "on"):
+        model = tiny_model("llama")
+        factors, shapes = factorize(model, ids)
+        args = learn_args("ara", steps=12, batch_size=4, train_seqlen=32, teacher_cache=mode)
+        layers = masking.attach(model, factors, shapes, 0.6, args)
+        record = masking.train(model, layers, ids, 0.6, args, torch.device("cpu"))
+        out[mode] = (record, masking.export(layers, shapes, 0.6, "ara")[0])
+    assert out["off"][0]["teacher_forwards"] == 12 and out["on"][0]["teacher_forwards"] == 4
+    assert [c["loss"] for c in out["on"][0]["curve"]] == [c["loss"] for c in out["off"][0]["curve"]]
+    assert out["on"][1] == out["off"][1]
+    auto = learn_args("ara", steps=12, batch_size=4, train_seqlen=32)
+    assert masking.use_teacher_cache(auto, 16, 320) and not masking.use_teacher_cache(auto, 64, 320)  # revisits?
+    assert not masking.use_teacher_cache(learn_args("ara", loss="ce", teacher_cache="on"), 16, 320)
