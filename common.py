@@ -90,8 +90,11 @@ def pick_device(name):
 
 
 def peak_gpu(device):
-    """{"peak_gpu_bytes": ...} of this process on a CUDA device (for the manifests and bench/scale.py), else {}."""
-    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+    """{"peak_gpu_bytes": ...} of this process, the largest over the visible GPUs (a device_map spreads a
+    model), for the manifests and bench/scale.py; {} on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_bytes": max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))}
 
 
 def max_positions(config):
@@ -260,7 +263,18 @@ def load_model(spec, device, dtype=None, device_map=None):
         raise UserError(f"cannot load model {spec!r} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
                         "an intact local model folder, or a hub id while online") from None
+    if device_map:
+        check_placement(model)
     return (model if device_map else model.to(device)).eval(), tok
+
+
+def check_placement(model):
+    """Under --device_map, every weight must be resident on a GPU (or all on the CPU): accelerate's CPU / disk
+    offload keeps meta tensors in the model, out of reach of the fingerprint and the factors."""
+    where = set(getattr(model, "hf_device_map", {}).values())
+    if where & {"disk", "meta"} or "cpu" in where and len(where) > 1:  # GPUs and CPU: CPU part is offloaded
+        raise UserError(f"--device_map auto offloaded part of the model ({sorted(map(str, where))}): it does not "
+                        "fit on the visible GPUs; this project needs every weight resident, so use more GPUs")
 
 
 def input_device(model):

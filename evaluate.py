@@ -309,6 +309,9 @@ def main(args):
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = common.load_model(whiten["model"], device, **placement)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
+    if dtype is not None and args.device_map:
+        raise UserError(f"--dtype {args.dtype} with --device_map: a model placed by accelerate keeps its "
+                        "checkpoint's dtype; drop --dtype (or use --protocol default)")
     if dtype is not None:
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -368,7 +371,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", choices=list(common.DTYPES), default=None,
                    help="dtype both models are evaluated in (default: the protocol's; auto = the model's own)")
     p.add_argument("--device_map", choices=["auto"], default=None,
-                   help="auto: accelerate spreads each model over every visible GPU and the CPU (models past one GPU)")
+                   help="auto: accelerate spreads each model over every visible GPU (models past one GPU; no CPU offload)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks through lm-eval: harness names "
                    "(online), local_continuation (built from the held-out text; NOT a standard benchmark), "

@@ -241,7 +241,11 @@ def load_context(args, run_dir, whiten, decomp):
     # bf16 on a GPU; float16 is never used for the factors (its range cannot hold V^T S^-1, see decompose.py)
     dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
                                           torch.float32 if model.dtype == torch.float16 else None)
-    if dtype is not None:
+    if args.device_map:  # a dispatched model is not cast: its weights stay in the checkpoint's dtype
+        if args.dtype != "auto":
+            raise UserError(f"--dtype {args.dtype} with --device_map: a model placed by accelerate keeps its "
+                            "checkpoint's dtype; drop --dtype")
+    elif dtype is not None:
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
         masking.checkpoint_blocks(model)
@@ -357,7 +361,7 @@ if __name__ == "__main__":
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
     p.add_argument("--device_map", choices=["auto"], default=None,
-                   help="auto: accelerate spreads the model over every visible GPU and the CPU (models past one GPU)")
+                   help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

@@ -274,10 +274,11 @@ class MaskedLinear(nn.Module):
     def forward(self, x):  # x (..., n)
         if self.state["teacher"] or self.dense:
             return self.orig(x)
-        h = F.linear(x, self.VtSinv)  # (..., k_max)
+        h = F.linear(x.to(self.VtSinv.dtype), self.VtSinv)  # (..., k_max); the cast is a no-op unless float16
         mask = self.step_mask if self.step_mask is not None else self.gate.mask(self.state["train"], self.state["gen"])
         h = h * (mask * self.sigma).to(h.dtype)  # (k_max,) in fp32, cast once per call to the factors' dtype
-        return F.linear(h, self.U, getattr(self.orig, "bias", None))  # (..., m)
+        bias = getattr(self.orig, "bias", None)
+        return F.linear(h, self.U, None if bias is None else bias.to(h.dtype)).to(x.dtype)  # (..., m)
 
 
 # ----------------------------------------------------------------------------- attach / helpers
@@ -289,7 +290,9 @@ def attach(model, factors, shapes, rho, args):
     layers = {}
     for name, orig in common.find_linears(model).items():
         m, n = shapes[name]
-        like = {"device": common.weight_matrix(orig).device, "dtype": common.weight_matrix(orig).dtype}
+        W = common.weight_matrix(orig)
+        # float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32
+        like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
         # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
         # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
         U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
@@ -309,8 +312,8 @@ def draw_masks(layers, gens, seed):
         if l.dense:
             l.step_mask = None
             continue
-        if l.U.device not in gens:
-            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed)
+        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
+            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
         l.step_mask = l.gate.mask(True, gens[l.U.device])
 
 
@@ -398,7 +401,7 @@ def batches(chunks, batch_size, gen):
 
 
 class TeacherCache:
-    """The teacher's logits per calibration chunk, float32 on the CPU, once computed: on a schedule that
+    """The teacher's logits per calibration chunk, on the CPU in their own dtype, once computed: on a schedule that
     revisits chunks (ARA: 10 epochs) every later visit skips the teacher forward. Exact: the same numbers
     a fresh teacher forward gives."""
 
@@ -408,18 +411,19 @@ class TeacherCache:
     def get(self, idx):  # (B, T, V) or None unless every chunk of the batch is cached
         return torch.stack([self.logits[i] for i in idx]) if all(i in self.logits for i in idx) else None
 
-    def put(self, idx, logits):
-        for i, row in zip(idx, logits.float().cpu()):
+    def put(self, idx, logits):  # in the logits' own dtype (bf16 on a GPU): exact, half of float32
+        for i, row in zip(idx, logits.cpu()):
             self.logits[i] = row.clone()
 
 
-def use_teacher_cache(args, n_chunks, vocab):
+def use_teacher_cache(args, n_chunks, vocab, itemsize=4):
     """--teacher_cache auto: only where it pays (KL loss, the steps revisit chunks) and fits
-    --teacher_cache_gb of CPU memory; on / off force it (on still needs the KL loss)."""
+    --teacher_cache_gb of CPU memory (itemsize: bytes per logit, 2 in bf16); on / off force it (on still
+    needs the KL loss). LLaMA-2-7B at 256 x 2048 calibration tokens: 31 GiB in bf16."""
     if args.loss != "kl" or args.teacher_cache == "off":
         return False
     revisits = args.steps * min(args.batch_size, n_chunks) > n_chunks
-    fits = n_chunks * args.train_seqlen * vocab * 4 <= args.teacher_cache_gb * 2 ** 30
+    fits = n_chunks * args.train_seqlen * vocab * itemsize <= args.teacher_cache_gb * 2 ** 30
     return args.teacher_cache == "on" or revisits and fits
 
 
@@ -438,7 +442,8 @@ def train(model, layers, ids, rho, args, device):
     gens = {}  # gate noise of the training steps, per device (draw_masks)
     chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
     data = batch_indices(len(chunks), min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
-    cache = TeacherCache() if use_teacher_cache(args, len(chunks), model.config.vocab_size) else None
+    itemsize = next(model.parameters()).element_size()
+    cache = TeacherCache() if use_teacher_cache(args, len(chunks), model.config.vocab_size, itemsize) else None
     shapes = {n: (layers[n].m, layers[n].n) for n in names}
     mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)
     b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
@@ -490,11 +495,10 @@ def train(model, layers, ids, rho, args, device):
             idx = next(data)
             x = chunks[idx].to(common.input_device(model))  # (B, train_seqlen)
             t_out = None
+            cached = None
             if args.loss != "ce":  # CE needs no teacher
                 cached = cache.get(idx.tolist()) if cache else None
-                if cached is not None:
-                    t_out = SimpleNamespace(logits=cached.to(device))
-                else:
+                if cached is None:
                     with torch.no_grad():
                         state["teacher"] = True  # the teacher: same weights, masks off
                         t_out = model(x, output_hidden_states=hidden, use_cache=False)
@@ -504,6 +508,8 @@ def train(model, layers, ids, rho, args, device):
                         cache.put(idx.tolist(), t_out.logits)
             draw_masks(layers, gens, args.seed)
             s_out = model(x, output_hidden_states=hidden, use_cache=False)
+            if cached is not None:  # on the student's logits' device (the last GPU under a device_map)
+                t_out = SimpleNamespace(logits=cached.to(s_out.logits.device))
             terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
         loss = sum(terms.values())
         log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": rho_hat.item(),

@@ -76,7 +76,7 @@ class LowRankForCausalLM:
         want_info = kwargs.pop("output_loading_info", False)
         model, info = Compressed.from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs)
         # transformers only warns about these; a compressed model with a tensor left empty must not load
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # the ties this config really has
         bad = {k: [n for n in v if n not in tied] for k, v in info.items()
                if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(bad.values()):

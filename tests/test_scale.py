@@ -166,13 +166,18 @@ def test_a_weights_file_missing_a_factor_is_refused(run_dir, tmp_path):
     from truncate import load_compressed
     run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
     run_stage("truncate.py", "--run_dir", run_dir)
-    folder = tmp_path / "compressed"
-    shutil.copytree(f"{run_dir}/compressed", folder)
-    tensors = load_file(folder / "model.safetensors")
-    dropped = next(k for k in tensors if k.endswith(".A"))
-    save_file({k: v for k, v in tensors.items() if k != dropped}, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UserError, match="model.safetensors is damaged or incomplete"):
-        load_compressed(str(folder))
+    from transformers import AutoModelForCausalLM
+    tensors = load_file(f"{run_dir}/compressed/model.safetensors")
+    # a low-rank factor, and the head of this untied model (tie_word_embeddings=False: nothing may replace it)
+    for dropped in (next(k for k in tensors if k.endswith(".A")), "lm_head.weight"):
+        folder = tmp_path / dropped
+        shutil.copytree(f"{run_dir}/compressed", folder)
+        save_file({k: v for k, v in tensors.items() if k != dropped}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        with pytest.raises(UserError, match="model.safetensors is damaged or incomplete"):
+            load_compressed(str(folder))
+        with pytest.raises(ValueError, match="weights file does not match lowrank_ranks"):
+            AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
 
 
 def test_evaluate_in_another_dtype_names_it(run_dir):
