@@ -268,6 +268,14 @@ def load_model(spec, device, dtype=None, device_map=None):
     return (model if device_map else model.to(device)).eval(), tok
 
 
+def check_dtype_placement(dtype_flag, device_map, hint=""):
+    """A model placed by accelerate (--device_map) is not cast: its weights keep the checkpoint's dtype, so an
+    explicit --dtype is refused before anything is loaded."""
+    if device_map and dtype_flag != "auto":
+        raise UserError(f"--dtype {dtype_flag} with --device_map: a model placed by accelerate keeps its "
+                        f"checkpoint's dtype; drop --dtype{hint}")
+
+
 def check_placement(model):
     """Under --device_map, every weight must be resident on a GPU (or all on the CPU): accelerate's CPU / disk
     offload keeps meta tensors in the model, out of reach of the fingerprint and the factors."""

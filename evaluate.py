@@ -302,6 +302,7 @@ def main(args):
     resolve_protocol(args)
     common.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
                        speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
+    common.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
     common.check_run_dir(args.run_dir)
@@ -309,9 +310,6 @@ def main(args):
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = common.load_model(whiten["model"], device, **placement)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
-    if dtype is not None and args.device_map:
-        raise UserError(f"--dtype {args.dtype} with --device_map: a model placed by accelerate keeps its "
-                        "checkpoint's dtype; drop --dtype (or use --protocol default)")
     if dtype is not None:
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")

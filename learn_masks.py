@@ -241,11 +241,7 @@ def load_context(args, run_dir, whiten, decomp):
     # bf16 on a GPU; float16 is never used for the factors (its range cannot hold V^T S^-1, see decompose.py)
     dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
                                           torch.float32 if model.dtype == torch.float16 else None)
-    if args.device_map:  # a dispatched model is not cast: its weights stay in the checkpoint's dtype
-        if args.dtype != "auto":
-            raise UserError(f"--dtype {args.dtype} with --device_map: a model placed by accelerate keeps its "
-                            "checkpoint's dtype; drop --dtype")
-    elif dtype is not None:
+    if dtype is not None and not args.device_map:  # a dispatched model is not cast (check_dtype_placement)
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
         masking.checkpoint_blocks(model)
@@ -274,6 +270,7 @@ def check_args(args):
                        strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, None), soco_stages=(0, 1),
                        teacher_cache_gb=(0, None),
                        settle=(0, 1))
+    common.check_dtype_placement(args.dtype, args.device_map)
     if abs(sum(args.soco_stages) - 1) > 1e-6:
         raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
                         "they are fractions of --steps and must sum to 1")

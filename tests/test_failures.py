@@ -145,6 +145,8 @@ CASES = [
     ("learn strs samples 0", None, "learn_masks.py", ["--method", "strs", "--strs_samples", 0],
      "--strs_samples 0 is out of range"),
     ("learn unknown method", None, "learn_masks.py", ["--method", "magic"], "unknown --method"),
+    ("learn dtype with device_map", None, "learn_masks.py", ["--method", "ara", "--dtype", "float32", "--device_map",
+                                                             "auto"], "--dtype float32 with --device_map"),
     ("learn factors corrupt", lambda d, f: corrupt_same_size(f"{d}/decompose/block_000.safetensors"),
      "learn_masks.py", ["--method", "energy"], "block_000.safetensors is damaged or incomplete"),
     ("learn decompose manifest not json", lambda d, f: open(f"{d}/decompose/manifest.json", "w").write("[]"),
@@ -170,6 +172,8 @@ CASES = [
     ("evaluate compressed corrupt", lambda d, f: corrupt_same_size(f"{d}/compressed/model.safetensors"),
      "evaluate.py", ["--max_windows", 1], "model.safetensors is damaged or incomplete"),
     ("evaluate not utf-8", None, "evaluate.py", ["--data", "F:latin1.txt"], "is not UTF-8 text"),
+    ("evaluate dtype with device_map", None, "evaluate.py", ["--dtype", "bfloat16", "--device_map", "auto"],
+     "--dtype bfloat16 with --device_map"),
 ]
 
 
