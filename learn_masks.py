@@ -3,14 +3,17 @@
 the original model, with no fine-tuning.
 
 --keep rho is the KEPT fraction of the compressed linears: rho = sum_l c(k_l) / sum_l m_l n_l,
-c(k) = min(k (m + n), m n) (METHODS.md §2). Methods:
+c(k) = min(k (m + n), m n) (METHODS.md §2). Methods that train nothing (baselines.py):
   uniform       k_l = floor(rho m_l n_l / (m_l + n_l))                       (SVD-LLM; §2)
+  energy        Lagrangian on normalised whitened truncation energy          (§3.6)
+  svdllm2       SVD-LLM V2's per-type heterogeneous ratios                   (§3.6)
   strs          ASVD's sensitivity-based truncation rank search              (§3.5)
+Learned methods:
   sigmoid       Gumbel-sigmoid mask per component, straight-through        (LLRC; §3.1)
   hardconcrete  hard-concrete L0 gates                                       (Louizos et al.; §3.2)
   ara           simplex/staircase mask + ARA's finalisation                  (ARA; §3.3)
   soco          learned non-negative spectrum, score-ordered pruning        (SoCo; §3.4)
-Every learned method trains one masked low-rank module per layer (masking.py):
+Every learned method trains one masked low-rank module per layer (gates.py; the loop: masking.py):
   y = U diag(mask * sigma) V^T S^-1 x,   r_l = k_hat_l (m + n) / (m n),   r_l >= 1 -> dense W
   L = L_task + alpha (rho_hat - rho)^2 + beta L_guid                         (ARA Eq. of §3.3)
 with L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
@@ -25,193 +28,26 @@ Writes RUN_DIR/allocation/:
   python learn_masks.py --method ara --keep 0.8
 """
 import argparse
-import json
-import math
 import time
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import artifacts
+import baselines
 import common
+import gates
 import masking
 import plots
 from common import UserError
-from truncate import lowrank_layer
 
 
-# ----------------------------------------------------------------------------- baselines
-
-def allocate_uniform(shapes, rho, ctx, args):
-    return common.uniform_ranks(shapes, rho), None, {}
-
-
-def lagrangian_ranks(tails, shapes, budget):
-    """Minimise sum_l e_l(option_l) subject to sum_l cost_l(option_l) <= budget, with the options of
-    layer l being rank k in 1..k*-1 (cost k (m + n), loss tails[l][k]) or dense (cost m n, loss 0).
-    Price lambda by bisection in log space: each layer takes argmin e + lambda cost (METHODS.md §3.6)."""
-    opts = {}
-    for name, (m, n) in shapes.items():
-        ks = torch.arange(1, max(common.k_star(m, n), 2), dtype=torch.float64)  # (k*-1,)
-        cost = torch.cat([ks * (m + n), torch.tensor([float(m * n)], dtype=torch.float64)])
-        loss = torch.cat([tails[name][ks.long()], torch.zeros(1, dtype=torch.float64)])
-        opts[name] = (cost, loss, ks.long().tolist() + ["dense"])
-
-    def choose(lam):
-        return {name: ranks[int((loss + lam * cost).argmin())] for name, (cost, loss, ranks) in opts.items()}
-    lo, hi = -60.0, 60.0  # log10 lambda: small = everything dense, large = everything rank 1
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if common.total_cost(choose(10 ** mid), shapes) <= budget else (mid, hi)
-    return choose(10 ** hi)
-
-
-def tail_energy(sigma):
-    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len): the whitened loss of keeping rank k (METHODS.md §1)."""
-    s2 = sigma.double() ** 2
-    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
-
-
-def allocate_energy(shapes, rho, ctx, args):
-    """Closed form on the whitened truncation energy, read from decompose/ only (METHODS.md §3.6):
-    e_l(k) = (tail_l(k) / N_l)^p, Lagrangian over ranks and "dense". --energy_norm sets N_l:
-      relative  N_l = sum_i sigma_i^2: every layer's output energy counts 1 (default)
-      raw       N_l = 1: the absolute whitened error (per token) of the layer's output
-      type      relative, but layers compete only within one weight type (same position in the
-                block, e.g. every q_proj), each type keeping the fraction rho of its own parameters
-                (SVD-LLM V2's grouping: errors of different types live in different spaces)
-    and --energy_power p: p = 1 sums the layers' relative energies, which spends the budget where one
-    layer's error is cheapest to remove and leaves some layers with large errors; p > 1 penalises large
-    per-layer errors more than small ones (p -> inf equalises the relative error of every layer), the
-    better model of errors that compound through the depth. Measured on the embedded default
-    (10 x 512 tokens): p = 2 beats uniform at 80% kept, loses at 60%; see README."""
-    tails = {name: tail_energy(ctx["sigmas"][name]) for name in shapes}
-    if args.energy_norm in ("relative", "type"):
-        tails = {name: t / t[0] for name, t in tails.items()}
-    tails = {name: t ** args.energy_power for name, t in tails.items()}
-    record = {"energy_norm": args.energy_norm, "energy_power": args.energy_power}
-    if args.energy_norm != "type":
-        ranks = lagrangian_ranks(tails, shapes, rho * sum(m * n for m, n in shapes.values()))
-        return common.fill_budget(ranks, shapes, rho), None, record
-    ranks = {}
-    for kind in dict.fromkeys(map(common.layer_type, shapes)):
-        group = {name: s for name, s in shapes.items() if common.layer_type(name) == kind}
-        ranks.update(lagrangian_ranks(tails, group, rho * sum(m * n for m, n in group.values())))
-    return common.fill_budget(ranks, shapes, rho), None, record
-
-
-def removed_ratios(s, total, shapes):
-    """removed_i = total * s_i / sum_j s_j (SVD-LLM V2 Alg. 1 line 11), each within [0, 1 - (m + n) / (m n)]
-    (at least rank 1 kept). The paper's line can ask a matrix with a tiny loss to remove more than all of it:
-    such a matrix keeps rank 1 and the others share the rest of `total` in the same proportions, so the
-    group still averages the target (water-filling)."""
-    cap = {name: 1 - sum(shapes[name]) / (shapes[name][0] * shapes[name][1]) for name in s}
-    fixed, left = {}, total
-    while True:
-        free = {name: v for name, v in s.items() if name not in fixed}
-        if not free:  # every matrix at rank 1: the group cannot remove more
-            return fixed
-        share = {name: left * v / sum(free.values()) for name, v in free.items()}
-        over = {name for name, r in share.items() if r > cap[name]}
-        if not over:
-            return {**fixed, **share}
-        for name in over:
-            fixed[name] = cap[name]
-            left -= cap[name]
-
-
-def allocate_svdllm2(shapes, rho, ctx, args):
-    """SVD-LLM V2's heterogeneous ratios (Wang et al. 2025, arXiv 2503.12340 §3.1, Algorithm 1).
-    Per weight type g (every q_proj, every up_proj, ...; same shape within a group):
-      L_min,i = ||W_i X - (W_i X)'||_F at the uniform ratio R   (theoretical truncation loss, Thm 3.1:
-              = sqrt(T sum_{i>k} sigma_i^2) with our G = X X^T / T over T calibration tokens)
-      s_i = 1 / log(L_min,i)                                    (Alg. 1 line 10, "normalize")
-      removed_i = len(g) * R_removed * s_i / sum_{j in g} s_j   (Alg. 1 line 11; ratios average R;
-                                                                 clamped, see removed_ratios)
-    so a matrix with a larger loss is compressed less. The paper gives no rule for L_min <= 1 (log <= 0):
-    such a group keeps the uniform ratio, and the run says so."""
-    T, out, uniform_groups = ctx["tokens"], {}, []
-    for kind in dict.fromkeys(map(common.layer_type, shapes)):
-        group = [name for name in shapes if common.layer_type(name) == kind]
-        L = {}
-        for name in group:
-            m, n = shapes[name]
-            k = int(rho * m * n // (m + n))  # the uniform rank (METHODS.md §2)
-            L[name] = math.sqrt(T * tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
-        if min(L.values()) <= 1:
-            uniform_groups.append(kind)
-            out.update({name: rho for name in group})
-            continue
-        s = {name: 1 / math.log(L[name]) for name in group}
-        out.update({name: 1 - r for name, r in removed_ratios(s, len(group) * (1 - rho), shapes).items()})
-    if uniform_groups:
-        print(f"svdllm2: L_min <= 1 in {', '.join(uniform_groups)}: those types keep the uniform ratio")
-    ranks = {}
-    for name, (m, n) in shapes.items():
-        k = int(max(out[name], 0.0) * m * n // (m + n))
-        ranks[name] = "dense" if k >= common.k_star(m, n) else max(k, 1)
-    return common.fill_budget(ranks, shapes, rho), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
-
-
-def strs_search(ppl_table, shapes, rho, qs):
-    """ASVD's STRS (METHODS.md §3.5): sort (layer, q, ppl) by ppl; binary-search a cut so that giving
-    each layer the smallest q among its triples below the cut meets the budget."""
-    triples = sorted((p, name, q) for (name, q), p in ppl_table.items())
-    budget = rho * sum(m * n for m, n in shapes.values())
-
-    def ranks_at(cut):
-        q_of = {name: 1.0 for name in shapes}  # a layer with no triple below the cut stays dense
-        for _p, name, q in triples[:cut]:
-            q_of[name] = min(q_of[name], q)
-        return {name: "dense" if q_of[name] >= 1 else max(1, int(q_of[name] * m * n // (m + n)))
-                for name, (m, n) in shapes.items()}
-    lo, hi = 0, len(triples)  # more triples below the cut = smaller q = cheaper
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if common.total_cost(ranks_at(mid), shapes) <= budget else (mid + 1, hi)
-    return common.fill_budget(ranks_at(lo), shapes, rho)
-
-
-@torch.no_grad()
-def allocate_strs(shapes, rho, ctx, args):
-    """Compress one layer at a time at each q and measure calibration perplexity: #layers x #q passes."""
-    gpu = ctx["device"].type == "cuda"
-    # ASVD measures each pass on 32 x 2048 tokens; a 2-core CPU affords 4 x 128 (x 9 x #layers passes)
-    samples = args.strs_samples or (32 if gpu else 4)
-    seqlen = args.strs_seqlen or (ctx["ids"].shape[1] if gpu else 128)
-    model, factors = ctx["model"], ctx["factors"]
-    qs = [round(0.1 * i, 1) for i in range(1, 10)]
-    ids = ctx["ids"][:samples, :seqlen].to(ctx["device"])
-    print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
-    # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors, keyed
-    # on the exact calibration tokens it measured (an unreadable cache is rebuilt, never fatal)
-    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}.json"
-    try:
-        with open(cache) as f:
-            saved = json.load(f)
-        table = {(n, float(q)): p for n, q, p in saved["table"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        t0, table, linears = time.time(), {}, common.find_linears(model)
-        for name in tqdm(shapes, desc="STRS sensitivity"):
-            orig = linears[name]
-            for q in qs:
-                k = max(1, int(q * shapes[name][0] * shapes[name][1] // sum(shapes[name])))
-                common.set_module(model, name, lowrank_layer(orig, factors, name, k))
-                table[(name, q)] = masking.calib_ppl(model, ids)
-            common.set_module(model, name, orig)
-        saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
-        artifacts.write_json(cache, saved)
-    ranks = strs_search(table, shapes, rho, qs)
-    return ranks, None, {"ppl_passes": len(table), "strs_tokens_per_pass": [len(ids), ids.shape[1]],
-                         "sensitivity_wall_time_s": saved["wall_time_s"],
-                         "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
-
+# ----------------------------------------------------------------------------- methods
 
 def allocate_learned(shapes, rho, ctx, args):
     layers = masking.attach(ctx["model"], ctx["factors"], shapes, rho, args)
     record = masking.train(ctx["model"], layers, ctx["ids"], rho, args, ctx["device"])
-    ranks, components, extra = masking.export(layers, shapes, rho, args.method)
+    ranks, components, extra = gates.export(layers, shapes, rho, args.method)
     curve = record["curve"]
     gap = curve[-1]["rho_hat"] - rho if curve else 0.0
     print(f"training ended at rho_hat {rho + gap:.4f} (target {rho:.4f}, gap {gap:+.4f}); "
@@ -220,8 +56,10 @@ def allocate_learned(shapes, rho, ctx, args):
     return ranks, components, {"steps": len(curve), "train_budget_gap": round(gap, 6), **extra, **record}
 
 
-METHODS = {"uniform": allocate_uniform, "energy": allocate_energy, "svdllm2": allocate_svdllm2, "strs": allocate_strs,
-           **{m: allocate_learned for m in masking.GATES}}
+# the allocations that train nothing live in baselines.py; the learned ones share one loop (masking.py)
+METHODS = {"uniform": baselines.allocate_uniform, "energy": baselines.allocate_energy,
+           "svdllm2": baselines.allocate_svdllm2, "strs": baselines.allocate_strs,
+           **{m: allocate_learned for m in gates.GATES}}
 
 
 # ----------------------------------------------------------------------------- main
@@ -323,7 +161,7 @@ if __name__ == "__main__":
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
                    "seeded epochs over all of them (ranks.json records the fraction seen)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see masking.py)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see gates.py)")
     p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
     p.add_argument("--settle", type=float, default=0.5,
                    help="fraction of the steps at the end in which the dense layers are fixed and alpha grows, so "
@@ -335,7 +173,7 @@ if __name__ == "__main__":
     p.add_argument("--tau", type=float, default=0.4, help="Gumbel-sigmoid temperature (LLRC code 0.4, paper 0.1)")
     p.add_argument("--init", choices=["uniform", "paper"], default="uniform",
                    help="start masks at the uniform allocation, or at LLRC's logits 6 -> 3 / SoCo's scores 1, "
-                   "which start every layer dense (ARA: its own init either way; see masking.py)")
+                   "which start every layer dense (ARA: its own init either way; see gates.py)")
     p.add_argument("--soco_stages", type=float, nargs=3, default=[0.4, 0.4, 0.2],
                    help="SoCo: fractions of steps in coarse / refine / sparsify stages")
     p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")

@@ -17,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import artifacts  # noqa: E402
-import common  # noqa: E402
 import learn_masks  # noqa: E402
 import masking  # noqa: E402
 
@@ -73,7 +72,7 @@ def measure(args, checkpointing):
 
 
 def main(args):
-    print(f"| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB |\n|---|---|---|---|---|---|")
+    print("| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB |\n|---|---|---|---|---|---|")
     for ckpt in (False, True):
         floor, step, peak = measure(args, ckpt)
         print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {floor:.3f} | {step:.3f} | "

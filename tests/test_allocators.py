@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 import common
-import learn_masks
+import baselines
+import gates
 import masking
 from conftest import tiny_model
 from test_learn import factorize, learn_args
@@ -27,7 +28,7 @@ def fake_layer(gate_cls, m=40, n=40, k0=10, **kw):
     g = torch.Generator().manual_seed(0)
     k_max = int(1.2 * common.k_star(m, n))
     gate = gate_cls(k_max, k0, learn_args("x", **kw))
-    return masking.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, k_max, generator=g),
+    return gates.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, k_max, generator=g),
                                 torch.linspace(2, 0.1, min(m, n)), torch.randn(k_max, n, generator=g), gate,
                                 {"teacher": False, "train": True, "gen": g})
 
@@ -70,8 +71,8 @@ def test_guidance_grid_equals_decompose_relative_errors(run_dir):
 # ----------------------------------------------------------------------------- defects 3 and 5: export what was trained
 
 def test_hardconcrete_exports_its_trained_count():
-    a = fake_layer(masking.HardConcreteGate)
-    b = fake_layer(masking.HardConcreteGate)
+    a = fake_layer(gates.HardConcreteGate)
+    b = fake_layer(gates.HardConcreteGate)
     with torch.no_grad():
         a.gate.log_alpha.fill_(-1.0)  # P(z != 0) = 0.645 each, but no test gate above 0.5
         b.gate.log_alpha.copy_(torch.cat([torch.full((10,), 0.1), torch.full((14,), -3.0)]))
@@ -79,19 +80,19 @@ def test_hardconcrete_exports_its_trained_count():
     shapes = {"a": (40, 40), "b": (40, 40)}
     k_hat = {n: l.gate.k_hat().item() for n, l in layers.items()}
     rho = sum(k * 80 for k in k_hat.values()) / 3200
-    ranks, _, _ = masking.export(layers, shapes, rho, "hardconcrete")
+    ranks, _, _ = gates.export(layers, shapes, rho, "hardconcrete")
     for n in layers:
         assert abs(ranks[n] - k_hat[n]) <= 1, (n, ranks[n], k_hat[n])
 
 
 def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
-    layer = fake_layer(masking.SigmoidGate)
+    layer = fake_layer(gates.SigmoidGate)
     keep = torch.tensor([0, 2, 3, 7, 11])  # not a prefix
     with torch.no_grad():
         layer.gate.z.fill_(-20.0)
         layer.gate.z[keep] = 20.0
     shapes = {"l": (40, 40)}
-    ranks, components, _ = masking.export({"l": layer}, shapes, 5 * 80 / 1600, "sigmoid")
+    ranks, components, _ = gates.export({"l": layer}, shapes, 5 * 80 / 1600, "sigmoid")
     assert ranks["l"] == 5 and components["l.index"].tolist() == keep.tolist()
     x = torch.randn(3, 40)
     layer.state["train"] = False
@@ -108,7 +109,7 @@ def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
 # ----------------------------------------------------------------------------- defect 4: SoCo
 
 def test_soco_pruned_score_can_recover():
-    layer = fake_layer(masking.SocoGate)
+    layer = fake_layer(gates.SocoGate)
     with torch.no_grad():
         layer.gate.theta[3] = -8.0  # a score pushed to ~0 (relu: below 0, dead for good)
     before = layer.gate.scores()[3].item()
@@ -121,7 +122,7 @@ def test_soco_pruned_score_can_recover():
 
 
 def test_soco_counts_components_not_score_mass():
-    layer = fake_layer(masking.SocoGate)
+    layer = fake_layer(gates.SocoGate)
     with torch.no_grad():
         layer.gate.theta.copy_(torch.cat([torch.full((5,), 3.0), torch.full((19,), -12.0)]))  # 5 scores ~3
     assert abs(layer.gate.k_hat().item() - 5) < 0.05  # 5 kept, though their score mass is ~15
@@ -129,7 +130,7 @@ def test_soco_counts_components_not_score_mass():
 
 def test_soco_stages_alternate_and_restart_the_learning_rate():
     args = learn_args("soco", steps=100)
-    plans = [masking.SocoGate.plan(s, args) for s in range(100)]
+    plans = [gates.SocoGate.plan(s, args) for s in range(100)]
     assert [p["stage"] for p in plans[39:42]] == [1, 2, 2] and plans[80]["stage"] == 3
     refine = plans[40:80]
     assert all(p["task"] != p["sparsity"] for p in refine)  # stage 2 alternates task and sparsity
@@ -138,7 +139,7 @@ def test_soco_stages_alternate_and_restart_the_learning_rate():
 
 
 def test_soco_selection_sees_sigma():
-    layer = fake_layer(masking.SocoGate)
+    layer = fake_layer(gates.SocoGate)
     with torch.no_grad():
         layer.gate.theta.fill_(0.5413)  # s = 1 everywhere: sigma alone decides
     assert layer.gate.order()[:3].tolist() == [0, 1, 2]
@@ -183,7 +184,7 @@ def test_closed_form_meets_budget_and_keeps_more_of_a_flat_spectrum(method, rho)
     sigmas = spectra([0.1, 0.1, 0.01, 0.1])  # layer 2's spectrum is flat: truncating it costs most
     shapes = {name: (64, 64) for name in sigmas}
     args = argparse.Namespace(energy_norm="relative", energy_power=2.0)
-    fn = getattr(learn_masks, f"allocate_{method}")
+    fn = getattr(baselines, f"allocate_{method}")
     ranks, _, _ = fn(shapes, rho, {"sigmas": sigmas, "tokens": 10 ** 6}, args)
     assert rho - 64 * 2 / (4 * 64 * 64) <= common.kept_fraction(ranks, shapes) <= rho + 1e-9  # within one component
     flat, uniform = ranks["model.layers.2.mlp.proj"], common.uniform_ranks(shapes, rho)["model.layers.2.mlp.proj"]
@@ -193,7 +194,7 @@ def test_closed_form_meets_budget_and_keeps_more_of_a_flat_spectrum(method, rho)
 def test_svdllm2_ratios_follow_the_paper():
     sigmas = spectra([0.3, 0.1])
     shapes = {name: (64, 64) for name in sigmas}
-    _, _, rec = learn_masks.allocate_svdllm2(shapes, 0.6, {"sigmas": sigmas, "tokens": 10 ** 6}, None)
+    _, _, rec = baselines.allocate_svdllm2(shapes, 0.6, {"sigmas": sigmas, "tokens": 10 ** 6}, None)
     kept = list(rec["kept_ratio"].values())
     assert abs(sum(kept) / 2 - 0.6) < 1e-12 and kept[1] > kept[0]  # ratios average R; larger loss kept more
     L = [math.sqrt(10 ** 6 * (s[int(0.6 * 32):] ** 2).sum().item()) for s in sigmas.values()]
@@ -221,7 +222,7 @@ def test_svdllm2_never_exceeds_the_budget_when_a_ratio_clamps():
     sigmas = {f"model.layers.{b}.mlp.proj": torch.exp(-0.02 * i) for b in range(3)}
     sigmas["model.layers.3.mlp.proj"] = sharp
     shapes = {name: (64, 64) for name in sigmas}
-    ranks, _, rec = learn_masks.allocate_svdllm2(shapes, 0.4, {"sigmas": sigmas, "tokens": T}, None)
+    ranks, _, rec = baselines.allocate_svdllm2(shapes, 0.4, {"sigmas": sigmas, "tokens": T}, None)
     assert common.kept_fraction(ranks, shapes) <= 0.4 + 1e-9
     kept = list(rec["kept_ratio"].values())
     assert min(kept) >= 2 * 64 / (64 * 64) - 1e-12 and abs(sum(kept) / 4 - 0.4) < 1e-9

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import gates
 import masking
 from conftest import run_stage, tiny_model
 from decompose import whitened_svd
@@ -77,8 +78,8 @@ def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
 def test_guidance_alone_makes_a_flat_layer_dense():
     torch.manual_seed(0)
     m = n = 32
-    gate = masking.AraGate(int(1.2 * common.k_star(m, n)), 8, learn_args("ara"))
-    layer = masking.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
+    gate = gates.AraGate(int(1.2 * common.k_star(m, n)), 8, learn_args("ara"))
+    layer = gates.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
                                  torch.randn(gate.k_max, n), gate, {})
     b = masking.guidance_grid(layer.sigma_full, m, n)[None]
     opt = torch.optim.AdamW(gate.parameters(), lr=0.1)
@@ -96,7 +97,7 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     args = learn_args("soco", steps=20)
     layers = masking.attach(model, factors, shapes, 0.6, args)
     masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))
-    ranks, components, _ = masking.export(layers, shapes, 0.6, "soco")
+    ranks, components, _ = gates.export(layers, shapes, 0.6, "soco")
     assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
     with torch.no_grad():
         masked = model(calib_ids[:2]).logits
@@ -119,7 +120,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
     args = learn_args(method, steps=60)
     layers = masking.attach(model, factors, shapes, 0.5, args)
     masking.train(model, layers, calib_ids, 0.5, args, torch.device("cpu"))
-    ranks, _, _ = masking.export(layers, shapes, 0.5, method)
+    ranks, _, _ = gates.export(layers, shapes, 0.5, method)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
 

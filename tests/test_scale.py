@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_stage, tiny_model
+from conftest import run_stage, tiny_model
 from whiten import (accumulate_gram, block_grams, block_names, capture_block_inputs, compact_factor,
                     expand_factor, share_groups, whitening_factor)
 
@@ -212,6 +212,7 @@ def test_device_map_auto_runs_and_matches(run_dir):
 def test_teacher_cache_is_exact_and_skips_revisits():
     """Three epochs over 16 chunks in batches of 4: with the cache the teacher runs on the first epoch's 4
     batches only, and training is bit-for-bit the same."""
+    import gates
     import masking
     from test_learn import factorize, learn_args
     ids = torch.randint(0, 320, (16, 32), generator=torch.Generator().manual_seed(0))
@@ -222,7 +223,7 @@ def test_teacher_cache_is_exact_and_skips_revisits():
         args = learn_args("ara", steps=12, batch_size=4, train_seqlen=32, teacher_cache=mode)
         layers = masking.attach(model, factors, shapes, 0.6, args)
         record = masking.train(model, layers, ids, 0.6, args, torch.device("cpu"))
-        out[mode] = (record, masking.export(layers, shapes, 0.6, "ara")[0])
+        out[mode] = (record, gates.export(layers, shapes, 0.6, "ara")[0])
     assert out["off"][0]["teacher_forwards"] == 12 and out["on"][0]["teacher_forwards"] == 4
     assert [c["loss"] for c in out["on"][0]["curve"]] == [c["loss"] for c in out["off"][0]["curve"]]
     assert out["on"][1] == out["off"][1]
