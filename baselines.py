@@ -41,12 +41,6 @@ def lagrangian_ranks(tails, shapes, budget):
     return choose(10 ** hi)
 
 
-def tail_energy(sigma):
-    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len): the whitened loss of keeping rank k (METHODS.md §1)."""
-    s2 = sigma.double() ** 2
-    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
-
-
 def allocate_energy(shapes, rho, ctx, args):
     """Closed form on the whitened truncation energy, read from decompose/ only (METHODS.md §3.6):
     e_l(k) = (tail_l(k) / N_l)^p, Lagrangian over ranks and "dense". --energy_norm sets N_l:
@@ -60,7 +54,7 @@ def allocate_energy(shapes, rho, ctx, args):
     per-layer errors more than small ones (p -> inf equalises the relative error of every layer), the
     better model of errors that compound through the depth. Measured on the embedded default
     (10 x 512 tokens): p = 2 beats uniform at 80% kept, loses at 60%; see README."""
-    tails = {name: tail_energy(ctx["sigmas"][name]) for name in shapes}
+    tails = {name: common.tail_energy(ctx["sigmas"][name]) for name in shapes}
     if args.energy_norm in ("relative", "type"):
         tails = {name: t / t[0] for name, t in tails.items()}
     tails = {name: t ** args.energy_power for name, t in tails.items()}
@@ -112,7 +106,7 @@ def allocate_svdllm2(shapes, rho, ctx, args):
         for name in group:
             m, n = shapes[name]
             k = int(rho * m * n // (m + n))  # the uniform rank (METHODS.md §2)
-            L[name] = math.sqrt(T * tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
+            L[name] = math.sqrt(T * common.tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
         if min(L.values()) <= 1:
             uniform_groups.append(kind)
             out.update({name: rho for name in group})

@@ -89,6 +89,12 @@ def pick_device(name):
     return device
 
 
+def sync(device):
+    """Wait for the GPU's queued work, so a wall-clock timing covers it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def peak_gpu(device):
     """{"peak_gpu_bytes": ...} of this process, the largest over the visible GPUs (a device_map spreads a
     model), for the manifests and bench/scale.py; {} on the CPU."""
@@ -145,6 +151,12 @@ def fill_budget(ranks, shapes, rho):
             if r != "dense" and r + 1 < k_star(m, n) and m + n <= left:
                 ranks[name], left, grew = r + 1, left - (m + n), True
     return ranks
+
+
+def tail_energy(sigma):
+    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len), float64: the whitened loss of keeping rank k (METHODS.md §1)."""
+    s2 = sigma.double() ** 2
+    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
 
 
 def uniform_ranks(shapes, rho):

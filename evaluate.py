@@ -174,25 +174,20 @@ def zero_shot(model, tok, tasks, manager, batch_size):
 
 # ----------------------------------------------------------------------------- speed and memory
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def throughput(model, device, batch, seqlen, new_tokens, vocab):
     """Prefill tokens/s (one forward of batch x seqlen) and decode tokens/s (greedy, KV cache)."""
     ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :16])  # warm-up
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     model(ids)
-    sync(device)
+    common.sync(device)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=0)
-    sync(device)
+    common.sync(device)
     return {"prefill_tok_s": batch * seqlen / prefill, "decode_tok_s": batch * new_tokens / (time.perf_counter() - t0)}
 
 

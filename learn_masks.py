@@ -92,8 +92,8 @@ def load_context(args, run_dir, whiten, decomp):
         p.requires_grad_(False)
     ids = artifacts.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
                               keys=["ids"])["ids"]
-    factors = f  # the same lazy CPU reader as the spectra: each layer's factors are read when attached
-    return {**ctx, "model": model, "ids": ids, "factors": factors, "device": device}
+    # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
+    return {**ctx, "model": model, "ids": ids, "factors": f, "device": device}
 
 
 def check_args(args):

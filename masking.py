@@ -86,11 +86,10 @@ def checkpoint_blocks(model):
 def guidance_grid(sigma_full, m, n, points=101):
     """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)), on
     r = 0, .01, .., 1, over the FULL spectrum (METHODS.md §3.3): the same numbers decompose.py prints."""
-    s2 = sigma_full.double() ** 2
-    tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tail[k] = sum_{i>=k} sigma_i^2
+    tail = common.tail_energy(sigma_full)  # (min(m, n) + 1,), tail[0] = sum_i sigma_i^2
     r = torch.linspace(0, 1, points, dtype=torch.float64)
-    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(s2))
-    return (tail[ks] / s2.sum()).sqrt().float()
+    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(sigma_full))
+    return (tail[ks] / tail[0]).sqrt().float()
 
 
 def guidance_loss(r, b_grid):
@@ -191,15 +190,15 @@ def schedule(step, plan, args):
     return t, T, True, args.alpha * args.alpha_growth ** min(1.0, (step - settle_start) / (0.8 * settle_len))
 
 
-def budget_terms(r, dense, mn, rho, b_grid, alpha, settling, args):
-    """rho_hat (METHODS.md §2) and {budget: alpha_t (rho_hat - rho)^2, guid: beta L_guid}.
-    r (L,) differentiable r_l; dense (L,) bool; mn (L,) m_l n_l; b_grid (L, 101) ARA's b_l(r)."""
-    if settling:  # dense layers count as constants: only the low-rank ones move toward the budget
+def rho_hat_of(r, mn, dense=None):
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (METHODS.md §2; R_eff of ARA). r (L,) differentiable
+    r_l, mn (L,) m_l n_l. dense (L,) bool in the settle phase: dense layers count as constants, so only the
+    low-rank ones move toward the budget; else the straight-through clamp reaches every layer."""
+    if dense is not None:
         r_eff = torch.where(dense, torch.ones_like(r), r.clamp(max=1))
     else:
         r_eff = straight_through_min1(r)
-    rho_hat = (r_eff * mn).sum() / mn.sum()  # R_eff of ARA
-    return rho_hat, {"budget": alpha * (rho_hat - rho) ** 2, "guid": args.guidance * guidance_loss(r, b_grid)}
+    return (r_eff * mn).sum() / mn.sum()
 
 
 def teacher_outputs(model, x, idx, cache, state, args, record):
@@ -277,10 +276,11 @@ def train(model, layers, ids, rho, args, device):
             record["trajectory"]["step"].append(step)
             for n, rl in zip(names, r_host):
                 record["trajectory"]["r"][n].append(round(rl, 4))
-        dense = torch.tensor([layers[n].dense for n in names], device=r.device)
-        rho_hat, terms = budget_terms(r, dense, mn, rho, b_grid, alpha, settling, args)
-        if not plan["budget"]:
-            terms = {}
+        dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
+        rho_hat = rho_hat_of(r, mn, dense)
+        terms = {}
+        if plan["budget"]:
+            terms = {"budget": alpha * (rho_hat - rho) ** 2, "guid": args.guidance * guidance_loss(r, b_grid)}
         terms.update(cls.extra_terms(gates, plan, args))
         if plan["task"]:
             idx = next(data)

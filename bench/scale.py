@@ -1,7 +1,7 @@
 """Benchmark: what each stage costs as the model gets deeper. Runs all five stages (uniform allocation) as
 separate processes on the embedded model and on random-weight models of the same family with more decoder
-blocks, and prints one markdown table per model: wall time, peak RSS (the process's high-water mark, read
-with wait4), peak GPU memory (from the stage's manifest, when it ran on a GPU) and bytes written, plus the
+blocks, and prints one markdown table per model: wall time, peak RSS (the stage process's own VmHWM,
+see LAUNCHER), peak GPU memory (from the stage's manifest, when it ran on a GPU) and bytes written, plus the
 model's own bytes, so a reader can see that a stage's memory beyond the model itself does not grow with depth.
 
   python bench/scale.py --blocks 30 60 120                 # random SmolLM2-shaped models, 30/60/120 blocks

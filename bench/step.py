@@ -17,13 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import artifacts  # noqa: E402
+import common  # noqa: E402
 import learn_masks  # noqa: E402
 import masking  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def floor_step(model, layers, x, device):
@@ -42,11 +38,11 @@ def floor_step(model, layers, x, device):
 def timed(fn, device, repeat, warm=True):
     if warm:
         fn()
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    sync(device)
+    common.sync(device)
     return (time.perf_counter() - t0) / repeat
 
 
