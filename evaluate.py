@@ -47,7 +47,7 @@ def perplexity(model, windows, batch_size, device, label):
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=f"ppl {label}"):
         x = windows[i:i + batch_size].to(common.input_device(model))  # (B, T)
-        logits = model(x).logits.float()  # (B, T, V)
+        logits = model(x, use_cache=False).logits.float()  # (B, T, V); no KV cache: never reused
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss on the {label} model, windows {i}..{i + len(x) - 1} (never dropped, "

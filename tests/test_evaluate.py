@@ -84,3 +84,15 @@ def test_heatmap_png(run_dir, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > height / 2 > 0  # two panels side by side
+
+
+def test_perplexity_builds_no_kv_cache():
+    """The perplexity forward never reuses a KV cache, so it asks for none (issue 7, defect 9)."""
+    import torch
+
+    from conftest import tiny_model
+    from evaluate import perplexity
+    model, calls = tiny_model("llama").eval(), []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("use_cache")), with_kwargs=True)
+    perplexity(model, torch.randint(0, model.config.vocab_size, (3, 16)), 2, torch.device("cpu"), "test")
+    assert calls == [False, False]  # two batches of windows, no cache either time
