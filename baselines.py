@@ -1,4 +1,4 @@
-"""The allocations of learn_masks.py that train nothing (METHODS.md §2, §3.5, §3.6): uniform, the two
+"""The allocations of learn_masks.py that train nothing (docs/METHODS.md §2, §3.5, §3.6): uniform, the two
 closed-form ones that read only decompose/'s spectra (energy, svdllm2), and ASVD's STRS, which measures
 each layer's sensitivity with forward passes. The baselines every learned method must beat.
 
@@ -24,7 +24,7 @@ def allocate_uniform(shapes, rho, ctx, args):
 def lagrangian_ranks(tails, shapes, budget):
     """Minimise sum_l e_l(option_l) subject to sum_l cost_l(option_l) <= budget, with the options of
     layer l being rank k in 1..k*-1 (cost k (m + n), loss tails[l][k]) or dense (cost m n, loss 0).
-    Price lambda by bisection in log space: each layer takes argmin e + lambda cost (METHODS.md §3.6)."""
+    Price lambda by bisection in log space: each layer takes argmin e + lambda cost (docs/METHODS.md §3.6)."""
     opts = {}
     for name, (m, n) in shapes.items():
         ks = torch.arange(1, max(common.k_star(m, n), 2), dtype=torch.float64)  # (k*-1,)
@@ -42,7 +42,7 @@ def lagrangian_ranks(tails, shapes, budget):
 
 
 def allocate_energy(shapes, rho, ctx, args):
-    """Closed form on the whitened truncation energy, read from decompose/ only (METHODS.md §3.6):
+    """Closed form on the whitened truncation energy, read from decompose/ only (docs/METHODS.md §3.6):
     e_l(k) = (tail_l(k) / N_l)^p, Lagrangian over ranks and "dense". --energy_norm sets N_l:
       relative  N_l = sum_i sigma_i^2: every layer's output energy counts 1 (default)
       raw       N_l = 1: the absolute whitened error (per token) of the layer's output
@@ -105,7 +105,7 @@ def allocate_svdllm2(shapes, rho, ctx, args):
         L = {}
         for name in group:
             m, n = shapes[name]
-            k = int(rho * m * n // (m + n))  # the uniform rank (METHODS.md §2)
+            k = common.rank_at_fraction(rho, m, n)  # the uniform rank (docs/METHODS.md §2)
             L[name] = math.sqrt(T * common.tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
         if min(L.values()) <= 1:
             uniform_groups.append(kind)
@@ -117,13 +117,13 @@ def allocate_svdllm2(shapes, rho, ctx, args):
         print(f"svdllm2: L_min <= 1 in {', '.join(uniform_groups)}: those types keep the uniform ratio")
     ranks = {}
     for name, (m, n) in shapes.items():
-        k = int(max(out[name], 0.0) * m * n // (m + n))
+        k = common.rank_at_fraction(max(out[name], 0.0), m, n)
         ranks[name] = "dense" if k >= common.k_star(m, n) else max(k, 1)
     return common.fill_budget(ranks, shapes, rho), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
 
 
 def strs_search(ppl_table, shapes, rho, qs):
-    """ASVD's STRS (METHODS.md §3.5): sort (layer, q, ppl) by ppl; binary-search a cut so that giving
+    """ASVD's STRS (docs/METHODS.md §3.5): sort (layer, q, ppl) by ppl; binary-search a cut so that giving
     each layer the smallest q among its triples below the cut meets the budget."""
     triples = sorted((p, name, q) for (name, q), p in ppl_table.items())
     budget = rho * sum(m * n for m, n in shapes.values())
@@ -174,3 +174,8 @@ def allocate_strs(shapes, rho, ctx, args):
     return ranks, None, {"ppl_passes": len(table), "strs_tokens_per_pass": [len(ids), ids.shape[1]],
                          "sensitivity_wall_time_s": saved["wall_time_s"],
                          "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
+
+
+# name -> (allocator, whether it needs the model and the calibration windows); learn_masks.py reads this
+ALLOCATORS = {"uniform": (allocate_uniform, False), "energy": (allocate_energy, False),
+              "svdllm2": (allocate_svdllm2, False), "strs": (allocate_strs, True)}

@@ -1,16 +1,16 @@
-"""Stage 2: SVD of every whitened weight (SVD-LLM, METHODS.md §1).
+"""Stage 2: SVD of every whitened weight (SVD-LLM, docs/METHODS.md §1).
 
 For each linear W (m, n) with whitening factor S of its input group:
   W S = U Sigma V^T                         (float64)
   W'_k = U_k Sigma_k (V_k^T S^-1)           best rank-k W' under ||(W - W') X||_F
   ||(W - W'_k) X||_F^2 = T sum_{i>k} sigma_i^2   (SVD-LLM Thm 3.2 / Cor 3.3; G = X X^T / T here)
 We store the factors up to k_max = min(rank, floor(kmax_mult * k*)) components, k* = floor(mn/(m+n))
-the break-even rank (METHODS.md §2). The default kmax_mult = 1.2 is ARA's choice: a little past
+the break-even rank (docs/METHODS.md §2). The default kmax_mult = 1.2 is ARA's choice: a little past
 break-even, because any rank >= k* is applied as the dense W anyway. The full spectrum is kept.
 
 Streams: one whitening factor at a time (read once for all the layers that share it), one shard written
 per decoder block. SVD runs on the device in float64 (--device auto: the GPU when there is one; H100 /
-H200 have full-rate float64, and the whitened spectra span many orders of magnitude, see METHODS.md §1).
+H200 have full-rate float64, and the whitened spectra span many orders of magnitude, see docs/METHODS.md §1).
 
 Writes RUN_DIR/decompose/:
   block_NNN.safetensors  per decoder block: {layer}.U (m, k_max), {layer}.sigma (min(m,n),) float64,
@@ -20,6 +20,7 @@ Writes RUN_DIR/decompose/:
   python decompose.py --run_dir runs/default
 """
 import argparse
+import math
 import time
 
 import torch
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 import artifacts
 import common
+import loading
 from whiten import expand_factor
 
 
@@ -40,17 +42,6 @@ def whitened_svd(W, S, S_inv=None):
     if S_inv is None:
         return U, sigma, torch.linalg.solve_triangular(S, Vt, upper=False, left=False)
     return U, sigma, Vt @ S_inv
-
-
-def relative_error(sigma, k):
-    """sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2): relative whitened truncation error at rank k."""
-    s2 = sigma.double() ** 2
-    return (s2[k:].sum() / s2.sum()).sqrt().item()
-
-
-def rank_at_fraction(rho, m, n):
-    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer."""
-    return int(rho * m * n // (m + n))
 
 
 # ----------------------------------------------------------------------------- main
@@ -67,7 +58,7 @@ def main(args):
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     device = common.pick_device(args.device)
     t0 = time.time()
-    model, _ = common.load_model(whiten["model"], "cpu")
+    model, _ = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
     linears = common.find_linears(model)
     groups, store = whiten["groups"], factor_dtype(model.dtype)
@@ -84,12 +75,13 @@ def main(args):
         for name in members[leader]:
             W = common.weight_matrix(linears[name]).detach().to(device, torch.float64)
             m = W.shape[0]
-            U, sigma, VtSinv = whitened_svd(W, S, S_inv)  # float64 on the device (METHODS.md §1)
+            U, sigma, VtSinv = whitened_svd(W, S, S_inv)  # float64 on the device (docs/METHODS.md §1)
             k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
             tensors[f"{name}.U"] = U[:, :k_max].to(store).cpu().contiguous()
             tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
             tensors[f"{name}.VtSinv"] = VtSinv[:k_max].to(store).cpu().contiguous()
-            errs = {str(r): round(relative_error(sigma, rank_at_fraction(r, m, n)), 4) for r in fractions}
+            tail = common.tail_energy(sigma)  # relative whitened error sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2)
+            errs = {str(r): round(math.sqrt(tail[common.rank_at_fraction(r, m, n)] / tail[0]), 4) for r in fractions}
             info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
             tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
                        + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))

@@ -1,12 +1,12 @@
-"""Stage 5: evaluate the original and the compressed model (METHODS.md §4).
+"""Stage 5: evaluate the original and the compressed model (docs/METHODS.md §4).
 
 Perplexity on held-out text: the evaluation split never overlaps the calibration split
 (embedded / local text: every 5th document; wikitext2: test vs train; c4: validation vs train).
 Non-overlapping --seqlen windows; ppl = exp(sum NLL / #predicted tokens). --protocol paper is the
-papers' setting (METHODS.md §4): WikiText-2 test joined with blank lines (or C4: the first 2000 validation
+papers' setting (docs/METHODS.md §4): WikiText-2 test joined with blank lines (or C4: the first 2000 validation
 documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
 its protocol: data, split, window length, windows, tokens, dtype. A non-finite loss is an
-error, never a dropped window (METHODS.md §4). Also parameter counts and kept fractions
+error, never a dropped window (docs/METHODS.md §4). Also parameter counts and kept fractions
 (of the compressed linears and of the whole model, printed as kept AND removed).
 
 Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, kept_fraction_linear,
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import artifacts
 import common
+import loading
 from common import UserError
 from truncate import count_params, load_compressed
 
@@ -46,19 +47,19 @@ def perplexity(model, windows, batch_size, device, label):
     """exp(mean next-token NLL) over all windows; raises on a non-finite loss."""
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=f"ppl {label}"):
-        x = windows[i:i + batch_size].to(common.input_device(model))  # (B, T)
+        x = windows[i:i + batch_size].to(loading.input_device(model))  # (B, T)
         logits = model(x, use_cache=False).logits.float()  # (B, T, V); no KV cache: never reused
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss on the {label} model, windows {i}..{i + len(x) - 1} (never dropped, "
-                            "METHODS.md §4): the model is broken here; check the allocation or raise --keep")
+                            "docs/METHODS.md §4): the model is broken here; check the allocation or raise --keep")
         nll, count = nll + loss.item(), count + x[:, 1:].numel()
     return math.exp(nll / count)
 
 
 PROTOCOLS = {  # what --protocol fixes; flags left unset take these values
     "default": {"data": "embedded", "seqlen": 512, "max_windows": 40, "dtype": "auto"},
-    # the papers' (SVD-LLM, ARA; METHODS.md §4): WikiText-2 test joined with blank lines (or --data c4: the first
+    # the papers' (SVD-LLM, ARA; docs/METHODS.md §4): WikiText-2 test joined with blank lines (or --data c4: the first
     # 2000 validation documents, as SVD-LLM's evaluator), every non-overlapping 2048-token window, float32
     "paper": {"data": "wikitext2", "seqlen": 2048, "max_windows": 0, "dtype": "float32"},
 }
@@ -106,7 +107,7 @@ def check_task_file(path):
     """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
-    for i, line in enumerate(common.read_text(path).splitlines(), 1):
+    for i, line in enumerate(loading.read_text(path).splitlines(), 1):
         try:
             item = json.loads(line)
             ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
@@ -196,7 +197,7 @@ def speed_child(which, run_dir, model_spec, device_name, cfg):
     import resource
     device = torch.device(device_name)
     if which == "original":
-        model, _ = common.load_model(model_spec, device)
+        model, _ = loading.load_model(model_spec, device)
     else:
         model, _ = load_compressed(f"{run_dir}/compressed", device)
     if device.type == "cuda":
@@ -233,7 +234,7 @@ def speed_report(run_dir, model_spec, device, args):
     with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for which in ("original", "compressed"):
             report[which] = pool.apply(speed_child, (which, run_dir, model_spec, str(device), cfg))
-    report["original"]["disk_bytes"] = disk_bytes(common.resolve_model(model_spec))
+    report["original"]["disk_bytes"] = disk_bytes(loading.resolve_model(model_spec))
     report["compressed"]["disk_bytes"] = disk_bytes(f"{run_dir}/compressed")
     return report
 
@@ -297,19 +298,19 @@ def main(args):
     resolve_protocol(args)
     common.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
                        speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
-    common.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
+    loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
     common.check_run_dir(args.run_dir)
     device = common.pick_device(args.device)
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
-    model, tok = common.load_model(whiten["model"], device, **placement)
+    model, tok = loading.load_model(whiten["model"], device, **placement)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
     if dtype is not None:
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     common.check_seqlen(model.config, args.seqlen)
-    stream = common.token_stream(tok, common.load_documents(args.data, "eval"))
+    stream = loading.token_stream(tok, loading.load_documents(args.data, "eval"))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
     ev = {"protocol": args.protocol, "data": args.data, "split": "test" if args.data == "wikitext2" else
           "validation" if args.data == "c4" else "held-out documents", "seqlen": args.seqlen, "windows": len(windows),
@@ -356,7 +357,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
                    help="default: embedded text, 40 x 512 tokens, the model's dtype; paper: WikiText-2 test (or --data "
-                   "c4), every 2048-token window, float32 (METHODS.md §4)")
+                   "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
     p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
     p.add_argument("--max_windows", type=int, default=None,

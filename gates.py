@@ -1,25 +1,24 @@
-"""The gates of the learned allocators (METHODS.md §3): one masked low-rank module serves every method,
-one Gate class per method, and the export of trained gates to ranks. Trained by masking.train, which
-learn_masks.py calls; kept apart from the loop the way nanoGPT keeps model.py apart from train.py.
+"""The gates of the learned allocators (docs/METHODS.md §3): one masked low-rank module serves every method,
+one Gate class per method, the finalisation that fixes the selection, and the export of the fixed state.
+Trained by masking.train, which learn_masks.py calls; kept apart from the loop the way nanoGPT keeps
+model.py apart from train.py.
 
 Masked layer (frozen factors of decompose.py, k_max stored components):
   y = U diag(mask * sigma) (V^T S^-1) x + b          U (m, k_max), V^T S^-1 (k_max, n)
   r_l = k_hat_l (m + n) / (m n)                      differentiable kept ratio of layer l
-  r_l >= 1  ->  y = W x + b                          ARA's dense switch (METHODS.md §3.3)
+  r_l >= 1  ->  y = W x + b                          ARA's dense switch (§3.3)
 Gates (mask over the k_max components, k_hat = expected number kept):
   sigmoid       g = sigmoid((z + log u - log(1-u)) / tau), mask = 1[g > .5] + g - sg(g)   (§3.1)
   hardconcrete  z = clip(sigmoid((log u - log(1-u) + log a) / beta)(zeta - gamma) + gamma, 0, 1)   (§3.2)
   ara           pi = softmax(p), rho = pi.c, mask = 1[i < round(k_max rho)] + pi B - sg(pi B)   (§3.3)
-  soco          mask = s = softplus(theta) (scores, may exceed 1), pruned by score order   (§3.4)
+  soco          mask = s = max(theta, 0) (scores, may exceed 1), pruned by s_i sigma_i   (§3.4)
+After training, `select` runs ARA's finalisation (§3.3) and FIXES every layer: dense, or a set of
+components with one scale each (the gate's test-time value: 1 for the hard masks, the test-time gate
+of hard-concrete, SoCo's scores). The fixed layer computes exactly what truncate.py builds; the
+compensation stage (§3.8, masking.compensate) trains those scales; `export` writes them.
 
-A new method is one Gate subclass (mask, k_hat, order, scales; optionally plan / extra_terms /
-on_stage / export for a schedule like SoCo's) registered in GATES, plus its flags in learn_masks.py.
-
-Initialisation (--init): 'uniform' (default) starts every gate at the uniform allocation's rank k0;
-'paper' is LLRC's logits 6 -> 3 (sigmoid; hard-concrete takes the same numbers as log alpha) and
-SoCo's scores 1, which with k_max = 1.2 k* starts every layer past r = 1, i.e. dense; the
-straight-through budget term pulls them back below 1 (masking.py). ARA's own init (E[rho] = target / 1.2,
-the uniform allocation) is what ARA gets with either value.
+A new method is one Gate subclass registered with `register(name, cls)`: mask, k_hat (and optionally
+order, scales, terms, plan, check_args, lr). The loop, the finalisation and the export are shared.
 """
 import math
 
@@ -28,19 +27,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from common import UserError
+
+
+# ----------------------------------------------------------------------------- the shared loss terms
+
+def guidance_grid(sigma_full, m, n, points=101):
+    """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)), on
+    r = 0, .01, .., 1, over the FULL spectrum (§3.3): the same numbers decompose.py prints."""
+    tail = common.tail_energy(sigma_full)  # (min(m, n) + 1,), tail[0] = sum_i sigma_i^2
+    r = torch.linspace(0, 1, points, dtype=torch.float64)
+    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(sigma_full))
+    return (tail[ks] / tail[0]).sqrt().float()
+
+
+def guidance_loss(r, b_grid):
+    """ARA: L_guid = (1/L) sum_l (1 - r_l) 1[r_l > 1 - b_l(r_l)]; zero at r = 1 (§3.3)."""
+    idx = (r.detach().clamp(0, 1) * (b_grid.shape[1] - 1)).long()
+    b = b_grid.gather(1, idx[:, None]).squeeze(1)
+    active = ((r < 1) & (r > 1 - b)).float()  # saving 1 - r smaller than the error paid
+    return ((1 - r) * active).mean()
+
+
+def straight_through_min1(x):
+    """Forward min(x, 1), backward as if unclamped (§3.7): a dense layer (r >= 1) still feels the budget,
+    and a SoCo score above 1 still feels the count (§3.4)."""
+    return x - (x - x.clamp(max=1)).detach()
 
 
 # ----------------------------------------------------------------------------- gates
 
 class Gate(nn.Module):
     """What every allocator implements (one subclass per method):
-      mask(train, gen) -> (k_max,)  multiplier of each stored component in the forward pass
-      k_hat()          -> ()        differentiable expected number of kept components
-      order()          -> (k_max,)  component indices, most wanted first: the export keeps the first k
-      scales()         -> (k_max,) or None: learned spectrum scales folded into the exported factors
-    Class-level hooks with defaults (override for a schedule): plan, extra_terms, on_stage, export."""
+      mask(gen)  -> (k_max,)  this step's training multiplier of each stored component
+      k_hat()    -> ()        differentiable expected number of kept components
+      order()    -> (k_max,)  component indices, most wanted first: the export keeps the first k
+      scales()   -> (k_max,) or None (all 1): each component's test-time multiplier, the scale it is
+                              exported with (and where the compensation stage starts)
+    Class-level hooks with defaults: lr, check_args, plan, terms. The constructor takes
+    (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
     lr = 0.1  # sized for ~100 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
-    frozen = False  # True once a schedule has fixed the layer's selection (the dense flag stops moving)
+    term_flags = {"budget": "--alpha", "guid": "--guidance", "task": "--lr"}  # the flag that sizes each term
 
     def order(self):
         return torch.arange(self.k_max, device=self.k_hat().device)  # prefix: largest sigma first
@@ -49,80 +76,93 @@ class Gate(nn.Module):
         return None
 
     @classmethod
+    def check_args(cls, args):
+        """Refuse flags this method cannot honour (one line, UserError)."""
+
+    @classmethod
     def plan(cls, step, args):
         """What runs at `step`: one stage, the task and budget terms every step, cosine lr over it."""
-        return {"stage": 0, "task": True, "budget": True, "t": step, "T": args.steps}
+        return {"stage": 1, "task": True, "budget": True, "t": step, "T": args.steps}
 
     @classmethod
-    def extra_terms(cls, gates, plan, args):
-        return {}
+    def terms(cls, ctx, plan, args):
+        """The loss terms beside the task loss. ctx: r (L,) differentiable r_l, rho_hat, rho, alpha (this
+        step's budget weight), b_grid (L, 101) guidance grids, gates [L]. ARA's Eq.: alpha (rho_hat - rho)^2
+        + beta L_guid, for every mask type (--guidance 0: the papers' plain versions)."""
+        if not plan["budget"]:
+            return {}
+        return {"budget": ctx.alpha * (ctx.rho_hat - ctx.rho) ** 2,
+                "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)}
 
-    @classmethod
-    def on_stage(cls, plan, layers, shapes, rho):
-        pass
 
-    @classmethod
-    def export(cls, layers, shapes, rho):
-        return export_topk(layers, shapes, rho)
+def uniform_logits(k_max, k0, width=6.0):
+    """Logits of a gate that starts at rank k0: +width at i = 0 falling linearly through 0 at i = k0."""
+    i = torch.arange(k_max, dtype=torch.float32)
+    return width * (1 - i / max(k0, 1))
 
 
 class SigmoidGate(Gate):
-    """LLRC / ARS Gumbel-sigmoid mask with straight-through estimator (METHODS.md §3.1)."""
+    """LLRC / ARS Gumbel-sigmoid mask with straight-through estimator (§3.1). The forward mask is hard
+    (1[g > .5]), so P(keep) = sigmoid(z) at any tau: tau only sets the slope of the backward surrogate."""
 
-    def __init__(self, k_max, k0, args):
+    def __init__(self, k_max, k0, sigma, args):
         super().__init__()
-        i = torch.arange(k_max, dtype=torch.float32)
-        z = torch.linspace(6, 3, k_max) if args.init == "paper" else 6 * (1 - i / max(k0, 1))
+        z = torch.linspace(6, 3, k_max) if args.init == "paper" else uniform_logits(k_max, k0)
         self.z, self.tau, self.k_max = nn.Parameter(z), args.tau, k_max
 
-    def mask(self, train, gen):
-        if not train:
-            return (self.z > 0).float()
+    def mask(self, gen):
         u = torch.rand(self.z.shape, generator=gen, device=self.z.device).clamp(1e-6, 1 - 1e-6)
         g = torch.sigmoid((self.z + u.log() - (-u).log1p()) / self.tau)  # logistic noise = Gumbel-sigmoid
         return (g > 0.5).float() + g - g.detach()  # straight-through
 
     def k_hat(self):
-        # P(g > 0.5) = P(z + logistic noise > 0) = sigmoid(z) at any tau: the expected number of
-        # components the hard training mask keeps (cleaner than LLRC's mean logit)
+        # P(g > 0.5) = P(z + logistic noise > 0) = sigmoid(z): the expected number the hard mask keeps
         return torch.sigmoid(self.z).sum()
 
     def order(self):
-        # trained as "any subset": export the learned subset (the k largest logits), not a prefix
-        return self.z.detach().argsort(descending=True)
+        return self.z.detach().argsort(descending=True)  # trained as "any subset": the k largest logits
 
 
 class HardConcreteGate(Gate):
-    """Louizos et al. hard-concrete L0 gates, gamma = -0.1, zeta = 1.1, beta = 2/3 (METHODS.md §3.2)."""
+    """Louizos et al. hard-concrete L0 gates, gamma = -0.1, zeta = 1.1, beta = 2/3 (§3.2). Exported with
+    its test-time gate clip(sigmoid(log a)(zeta - gamma) + gamma, 0, 1) as each kept component's scale:
+    the gate the model was trained with, not a 0/1 mask. The uniform init is a step (log a - shift = +-6
+    one component away from k0), so the sampled gates over the kept band start at ~0.97, i.e. near the
+    uniform model (a ramp from 6 to 0 over the band started at ~0.70), while ~6% of samples still fall in
+    (0, 1) where the task gradient reaches log a."""
     gamma, zeta, beta = -0.1, 1.1, 2 / 3
 
-    def __init__(self, k_max, k0, args):
+    def __init__(self, k_max, k0, sigma, args):
         super().__init__()
-        shift = self.beta * math.log(-self.gamma / self.zeta)  # P(on) = sigmoid(log a - shift)
-        i = torch.arange(k_max, dtype=torch.float32)
-        z = torch.linspace(6, 3, k_max) if args.init == "paper" else 6 * (1 - i / max(k0, 1)) + shift
+        if args.init == "paper":
+            z = torch.linspace(6, 3, k_max)
+        else:  # P(on) = sigmoid(log a - shift) passes 1/2 at k0 (as the sigmoid gate's), 3 logits a component
+            z = uniform_logits(k_max, k0, width=3.0 * max(k0, 1)).clamp(-6, 6) + self.shift()
         self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
-    def mask(self, train, gen):
-        if not train:  # test-time gate
-            return (torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+    def shift(self):
+        return self.beta * math.log(-self.gamma / self.zeta)
+
+    def mask(self, gen):
         u = torch.rand(self.log_alpha.shape, generator=gen, device=self.log_alpha.device).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)  # exact zeros and ones occur
 
     def k_hat(self):
-        # the L0 norm the budget was trained on: sum_i P(z_i != 0) (Louizos et al. Eq. 12). The export
-        # keeps this many components (not #(test gate > 0.5), about 74% of them), so it is what was trained
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta)).sum()
+        # the L0 norm the budget is trained on: sum_i P(z_i != 0) (Louizos et al. Eq. 12)
+        return torch.sigmoid(self.log_alpha - self.shift()).sum()
 
     def order(self):
         return self.log_alpha.detach().argsort(descending=True)  # any subset, like sigmoid
 
+    def scales(self):  # the test-time gate (Louizos et al. Eq. 13)
+        return (torch.sigmoid(self.log_alpha.detach()) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+
 
 class AraGate(Gate):
-    """ARA's simplex mask over D + 1 candidate fractions c_j = 1 - j / D of k_max (METHODS.md §3.3)."""
+    """ARA's simplex mask over D + 1 candidate fractions c_j = 1 - j / D of k_max (§3.3)."""
 
-    def __init__(self, k_max, k0, args, D=100, eps=0.05):
+    def __init__(self, k_max, k0, sigma, args, D=100, eps=0.05):
         super().__init__()
         self.k_max = k_max
         self.register_buffer("c", 1 - torch.arange(D + 1, dtype=torch.float32) / D)  # (D+1,)
@@ -138,15 +178,19 @@ class AraGate(Gate):
         pi[j0 + 1] += (1 - eps) * (1 - a)
         self.p = nn.Parameter(pi.clamp(min=1e-8).log())
 
+    @classmethod
+    def check_args(cls, args):
+        if args.init == "paper":
+            raise UserError("--init paper: ARA's init is its paper's own (E[rho] = the uniform allocation); "
+                            "drop --init for --method ara")
+
     def rho(self):
         # elementwise, not a matmul: bf16 autocast would round rho and move round(k_max rho) by a component
         return (torch.softmax(self.p, 0) * self.c).sum()  # expected kept fraction of k_max
 
-    def mask(self, train, gen):
+    def mask(self, gen):
         rho = self.rho()
         hard = (torch.arange(self.k_max, device=rho.device) < torch.round(self.k_max * rho)).float()
-        if not train:
-            return hard
         soft = (torch.softmax(self.p, 0)[:, None] * self.B).sum(0)  # pi^T B (k_max,), non-increasing in i
         return hard + soft - soft.detach()
 
@@ -154,136 +198,153 @@ class AraGate(Gate):
         return self.k_max * self.rho()
 
 
-SOCO_EPS = 0.05  # a score well below this counts as pruned in SoCo's differentiable count
-
-
 class SocoGate(Gate):
-    """SoCo's learned non-negative spectrum s = softplus(theta) (METHODS.md §3.4). softplus, not relu:
-    a relu score pushed below 0 has zero gradient forever, so a pruned component could never return.
-    Stages over --soco_stages fractions of the steps: (1) coarse: task + budget + L1 sparsity every
-    step; (2) refine: task and sparsity on alternate steps (budget on both); (3) the selection is
-    fixed (per-layer counts from k_hat, ARA's finalisation, then the top-k by s_i sigma_i) and only the
-    kept scores train on the task loss, so they compensate for the pruned ones. The cosine lr restarts
-    at every stage, so the compensation stage trains at the full rate."""
+    """SoCo's learned non-negative spectrum s (§3.4): W' = U diag(sigma * s) V^T S^-1, s_i = max(theta_i, 0)
+    forward, straight-through backward, so a score pushed to 0 still feels the task and the budget and can
+    return (a relu's zero gradient would prune it for good). theta is the score itself, so AdamW's lr is
+    in score units: a kept score (1) can be pruned, and a pruned one (0) revived, in ~1 / lr steps.
+    Count: k_hat = sum_i min(s_i, 1), straight-through (a score above 1, which compensates, counts one
+    component, yet the budget reaches it with gradient 1). Sparsity: L1 on s normalised per layer,
+    (1/L) sum_l mean_i s_i. Stages over --soco_stages fractions of --steps: (1) coarse: task + budget +
+    sparsity every step; (2) refine: task and sparsity on alternate steps (budget on both). SoCo's last
+    stage (selection fixed, the kept scores trained on the task loss) is the shared --compensate stage."""
     lr = 0.05
+    term_flags = {**Gate.term_flags, "sparsity": "--sparsity"}
 
-    def __init__(self, k_max, k0, args):
+    def __init__(self, k_max, k0, sigma, args):
         super().__init__()
         s = torch.ones(k_max)
         if args.init != "paper":
-            s[k0:] = 1e-3  # start at the budget; tiny, not zero, so pruned components can return
-        self.theta = nn.Parameter(s + torch.log(-torch.expm1(-s)))  # softplus^-1(s)
-        self.k_max, self.stages = k_max, args.soco_stages
-        self.register_buffer("selected", torch.ones(k_max))  # stage 3 freezes a subset
+            s[k0:] = 0  # start exactly at the uniform model
+        self.theta = nn.Parameter(s)
+        self.register_buffer("sigma", sigma.float())  # selection sees sigma_i: s scales sigma (§3.4)
+        self.k_max = k_max
 
     def scores(self):
-        return F.softplus(self.theta)
+        return self.theta - (self.theta - self.theta.clamp(min=0)).detach()  # max(theta, 0), straight-through
 
-    def mask(self, train, gen):
-        return self.scores() * self.selected
+    def mask(self, gen):
+        return self.scores()
 
     def k_hat(self):
-        if self.frozen:
-            return self.selected.sum()
-        # components kept, not score mass: 1 - exp(-s / eps) is ~1 for a kept score (s ~ 1, or above 1
-        # when it compensates) and ~s / eps near 0, so the count does not reward shrinking kept scores
-        return (1 - torch.exp(-self.scores() / SOCO_EPS)).sum()
+        return straight_through_min1(self.scores()).sum()
 
     def order(self):
-        sigma = self.sigma_ref  # set by MaskedLinear: selection sees sigma_i (METHODS.md §3.4: s scales sigma)
-        return (self.scores().detach() * sigma).argsort(descending=True)
+        return (self.scores().detach() * self.sigma).argsort(descending=True)
 
     def scales(self):
         return self.scores().detach()
 
     @classmethod
     def plan(cls, step, args):
-        ends = [round(sum(args.soco_stages[:i + 1]) * args.steps) for i in range(3)]
-        stage = 1 + sum(step >= e for e in ends[:2])
-        start = 0 if stage == 1 else ends[stage - 2]
-        t, T = step - start, max(ends[stage - 1] - start, 1)
-        return {"stage": stage, "t": t, "T": T, "budget": stage < 3,
-                "task": stage != 2 or t % 2 == 0, "sparsity": stage == 1 or (stage == 2 and t % 2 == 1)}
+        end1 = round(args.soco_stages[0] * args.steps)
+        stage = 1 if step < end1 else 2
+        t, T = (step, max(end1, 1)) if stage == 1 else (step - end1, max(args.steps - end1, 1))
+        return {"stage": stage, "t": t, "T": T, "budget": True,
+                "task": stage == 1 or t % 2 == 0, "sparsity": stage == 1 or t % 2 == 1}
 
     @classmethod
-    def extra_terms(cls, gates, plan, args):
-        if not plan["sparsity"]:
-            return {}
-        return {"sparsity": args.sparsity * torch.cat([g.scores() for g in gates]).mean()}  # L1 on s
-
-    @classmethod
-    def on_stage(cls, plan, layers, shapes, rho):
-        if plan["stage"] != 3:
-            return
-        ranks, _ = finalize({n: l.gate.k_hat().item() for n, l in layers.items()}, shapes, rho)
-        for name, l in layers.items():
-            keep = torch.ones_like(l.gate.selected)  # a dense layer keeps reporting k_max: r >= 1
-            if ranks[name] != "dense":
-                keep.zero_()[l.gate.order()[:ranks[name]]] = 1
-            l.gate.selected.copy_(keep)
-            l.dense, l.gate.frozen = ranks[name] == "dense", True
-
-    @classmethod
-    def export(cls, layers, shapes, rho):
-        if not all(l.gate.frozen for l in layers.values()):  # no stage 3 ran (e.g. --soco_stages 0.5 0.5 0)
-            cls.on_stage({"stage": 3}, layers, shapes, rho)
-        ranks, components = {}, {}
-        for name, l in layers.items():
-            idx = l.gate.selected.nonzero().squeeze(1)
-            ranks[name] = "dense" if l.dense else len(idx)
-            if not l.dense:
-                components[f"{name}.index"] = idx.cpu().contiguous()
-                components[f"{name}.scale"] = l.gate.scores().detach()[idx].cpu().contiguous()
-        return ranks, components, {}
+    def terms(cls, ctx, plan, args):
+        out = super().terms(ctx, plan, args)
+        if plan["sparsity"]:  # per-layer normalised L1 (on relu(theta): no pull below 0, where s is 0 already)
+            out["sparsity"] = args.sparsity * torch.stack([F.relu(g.theta).mean() for g in ctx.gates]).mean()
+        return out
 
 
-GATES = {"sigmoid": SigmoidGate, "hardconcrete": HardConcreteGate, "ara": AraGate, "soco": SocoGate}
+GATES = {}
+
+
+def register(name, cls):
+    """The one call that adds a learned method: learn_masks.py --method NAME trains `cls` (a Gate subclass)."""
+    if not (isinstance(cls, type) and issubclass(cls, Gate)):
+        raise TypeError(f"{cls!r} is not a gates.Gate subclass")
+    GATES[name] = cls
+
+
+for _name, _cls in {"sigmoid": SigmoidGate, "hardconcrete": HardConcreteGate, "ara": AraGate,
+                    "soco": SocoGate}.items():
+    register(_name, _cls)
 
 
 class MaskedLinear(nn.Module):
-    """The original layer plus frozen whitened factors and a gate; one module serves every method."""
+    """The original layer plus frozen whitened factors and a gate; one module serves every method.
+    Two states: learning (the gate's mask, ARA's dense switch) and fixed (after `select`: dense, or the
+    components `index` with learned scales softplus(theta), the exported layer exactly)."""
 
     def __init__(self, orig, U, sigma, VtSinv, gate, state):
         super().__init__()
         self.orig, self.gate, self.state, self.dense = orig, gate, state, False
         self.step_mask = None  # this step's training mask, drawn once before the forward (see draw_masks)
+        self.index, self.theta = None, None  # the fixed selection (k,) and its scales' parameters (k,)
         self.register_buffer("U", U)  # (m, k_max)
         self.register_buffer("sigma", sigma[:U.shape[1]].float())  # (k_max,)
         self.register_buffer("sigma_full", sigma.double())  # (min(m, n),): ARA's b_l(r) needs all of it
         self.m, self.n = U.shape[0], VtSinv.shape[1]
         self.register_buffer("VtSinv", VtSinv)  # (k_max, n)
-        gate.sigma_ref = self.sigma
+
+    @property
+    def fixed(self):
+        return self.index is not None or (self.dense and self.gate is None)
 
     def ratio(self):
         return self.gate.k_hat() * (self.m + self.n) / (self.m * self.n)  # r_l
+
+    def fix(self, index, scale=None):
+        """Fix the selection: dense (index None), or keep components index (k,) with scales (k,) (default 1).
+        theta = softplus^-1(scale), so the compensation stage keeps every scale positive (§3.8)."""
+        self.step_mask = None
+        if index is None:
+            self.dense, self.index, self.theta = True, None, None
+            self.gate = None  # nothing left to learn in this layer
+            return
+        s = torch.ones(len(index)) if scale is None else scale.detach().float().cpu()
+        s = s.clamp(min=1e-4)  # a zero test-time gate would sit at softplus^-1(0) = -inf
+        self.dense, self.index = False, index.to(self.U.device)
+        self.theta = nn.Parameter((s + torch.log(-torch.expm1(-s))).to(self.U.device))
+
+    def scale(self):
+        return F.softplus(self.theta)  # (k,)
+
+    def fixed_mask(self):
+        return torch.zeros(self.U.shape[1], device=self.U.device).index_put((self.index,), self.scale())
 
     def forward(self, x):  # x (..., n)
         if self.state["teacher"] or self.dense:
             return self.orig(x)
         h = F.linear(x.to(self.VtSinv.dtype), self.VtSinv)  # (..., k_max); the cast is a no-op unless float16
-        mask = self.step_mask if self.step_mask is not None else self.gate.mask(self.state["train"], self.state["gen"])
+        if self.index is not None:
+            mask = self.fixed_mask()
+        elif self.step_mask is not None:
+            mask = self.step_mask
+        else:
+            raise RuntimeError("a learning MaskedLinear runs only inside masking.train (its masks are drawn "
+                               "per step); call gates.select first to evaluate the exported model")
         h = h * (mask * self.sigma).to(h.dtype)  # (k_max,) in fp32, cast once per call to the factors' dtype
         bias = getattr(self.orig, "bias", None)
         return F.linear(h, self.U, None if bias is None else bias.to(h.dtype)).to(x.dtype)  # (..., m)
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- finalisation and export
 
-def finalize(k_hat, shapes, rho):
-    """ARA's finalisation (METHODS.md §3.3) on the trained expected counts k_hat_l: layers with
-    r_l >= 0.99 go dense (the least-wanted dense layers give way if they alone break the budget); the
-    others are scaled by one factor c so the budget is met exactly; rank round(c k_hat_l), at least 1.
-    Returns (ranks, c): c far from 1 means the trained model is not the exported one."""
+def finalize(k_hat, shapes, rho, dense):
+    """ARA's finalisation (§3.3) on the trained expected counts k_hat_l. `dense`: the layers training left
+    dense (the switch r_l >= 1, frozen in the settle phase): they stay dense, unless they alone break the
+    budget (the least-wanted give way). The others are scaled by one factor c so the budget is met exactly:
+    rank round(c k_hat_l), at least 1; a rank that reaches k* takes dense instead (k* - 1 would cost about
+    dense's price and still drop half a square spectrum). Returns (ranks, c)."""
     budget = rho * sum(m * n for m, n in shapes.values())
     r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
-    dense = sorted((k for k in r if r[k] >= 0.99), key=lambda k: -r[k])
+    dense = sorted((k for k in shapes if k in dense), key=lambda k: -r[k])
     low_floor = lambda d: sum(m * n if k in d else m + n for k, (m, n) in shapes.items())
     while dense and low_floor(set(dense)) > budget:
         dense.pop()
 
     def ranks_at(c):
-        return {k: "dense" if k in dense else min(max(1, int(c * k_hat[k] + 0.5)), common.k_star(m, n) - 1)
-                for k, (m, n) in shapes.items()}
+        out = {}
+        for k, (m, n) in shapes.items():
+            rank = max(1, int(c * k_hat[k] + 0.5))
+            out[k] = "dense" if k in dense or rank >= common.k_star(m, n) else rank
+        return out
     lo, hi = 0.0, 1.0
     while common.total_cost(ranks_at(hi), shapes) <= budget and hi < 1e6:
         hi *= 2
@@ -293,25 +354,41 @@ def finalize(k_hat, shapes, rho):
     return common.fill_budget(ranks_at(lo), shapes, rho), lo
 
 
-def export_topk(layers, shapes, rho):
-    """Ranks from the trained k_hat (finalize), each layer keeping the first k of its gate's order().
-    A layer whose kept set is not the plain prefix gets an index (and scales, all 1 unless the gate
-    learned some) in components.safetensors, which truncate.py applies."""
-    ranks, c = finalize({name: l.gate.k_hat().item() for name, l in layers.items()}, shapes, rho)
-    components = {}
+def select(layers, shapes, rho):
+    """Finalise the trained gates and fix every layer (dense, or the first k of its gate's order() with the
+    gate's test-time scales). Returns the record: ARA's export scale c (1 = no rescaling)."""
+    with torch.no_grad():
+        k_hat = {name: l.gate.k_hat().item() for name, l in layers.items()}
+        ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense})
+        for name, l in layers.items():
+            if ranks[name] == "dense":
+                l.fix(None)
+                continue
+            idx = l.gate.order()[:ranks[name]].sort().values
+            s = l.gate.scales()
+            l.fix(idx, None if s is None else s[idx])
+    return {"export_scale": round(c, 4)}
+
+
+def fix_ranks(layers, ranks):
+    """Fix every layer at a given allocation (an allocation that trained nothing): the top-k prefix, scale 1."""
     for name, l in layers.items():
         k = ranks[name]
-        if k == "dense":
+        l.fix(None if k == "dense" else torch.arange(k))
+
+
+def export(layers):
+    """(ranks, components or None) from the fixed layers: exactly the model they compute. A layer that keeps
+    other than its prefix, or scales other than 1, gets {layer}.index (k,) and {layer}.scale (k,)."""
+    ranks, components = {}, {}
+    for name, l in layers.items():
+        if l.dense:
+            ranks[name] = "dense"
             continue
-        idx = l.gate.order()[:k].sort().values.cpu()
-        scale = l.gate.scales()
-        if scale is None and torch.equal(idx, torch.arange(k)):
-            continue  # the prefix: truncate.py's default top-k
+        idx, scale = l.index.cpu(), l.scale().detach().float().cpu()
+        ranks[name] = len(idx)
+        if torch.equal(idx, torch.arange(len(idx))) and torch.equal(scale, torch.ones_like(scale)):
+            continue  # the prefix at scale 1: truncate.py's default top-k
         components[f"{name}.index"] = idx.contiguous()
-        components[f"{name}.scale"] = torch.ones(k) if scale is None else scale[idx].cpu().contiguous()
-    return ranks, components or None, {"export_scale": round(c, 4)}
-
-
-def export(layers, shapes, rho, method):
-    """(ranks, components or None, extra record) from the trained gates."""
-    return GATES[method].export(layers, shapes, rho)
+        components[f"{name}.scale"] = scale.contiguous()
+    return ranks, components or None

@@ -1,9 +1,9 @@
 """Stage 3: learn which whitened singular values to keep, per layer, under one global budget
-(METHODS.md §2-§3). The factors stay frozen; only a few numbers per component are trained, against
+(docs/METHODS.md §2-§3). The factors stay frozen; only a few numbers per component are trained, against
 the original model, with no fine-tuning.
 
 --keep rho is the KEPT fraction of the compressed linears: rho = sum_l c(k_l) / sum_l m_l n_l,
-c(k) = min(k (m + n), m n) (METHODS.md §2). Methods that train nothing (baselines.py):
+c(k) = min(k (m + n), m n) (docs/METHODS.md §2). Methods that train nothing (baselines.py):
   uniform       k_l = floor(rho m_l n_l / (m_l + n_l))                       (SVD-LLM; §2)
   energy        Lagrangian on normalised whitened truncation energy          (§3.6)
   svdllm2       SVD-LLM V2's per-type heterogeneous ratios                   (§3.6)
@@ -17,15 +17,20 @@ Every learned method trains one masked low-rank module per layer (gates.py; the 
   y = U diag(mask * sigma) V^T S^-1 x,   r_l = k_hat_l (m + n) / (m n),   r_l >= 1 -> dense W
   L = L_task + alpha (rho_hat - rho)^2 + beta L_guid                         (ARA Eq. of §3.3)
 with L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
+Then ARA's finalisation fixes every layer (gates.select: dense, or k components with the gate's
+test-time scales), and the compensation stage (§3.8, --compensate N, after ANY method) trains only
+those scales on the task loss: the model it ends with is exactly the one truncate.py builds.
 
 Writes RUN_DIR/allocation/:
   ranks.json                {"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
-                            training curve, wall time}
-  components.safetensors    where a layer keeps a learned subset (sigmoid, hardconcrete) or learned
-                            scales (soco): {layer}.index (k,), {layer}.scale (k,)
+                            training and compensation curves, wall time}
+  components.safetensors    where a layer keeps other than its top-k prefix or scales other than 1 (a
+                            learned subset, hard-concrete's test-time gates, SoCo's scores, compensated
+                            scales): {layer}.index (k,), {layer}.scale (k,)
   manifest.json             decompose/ hash, method, seed, flags
 
-  python learn_masks.py --method ara --keep 0.8
+  python learn_masks.py --method ara --keep 0.8                  # 100 allocation + 100 compensation steps
+  python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
 import argparse
 import time
@@ -36,6 +41,7 @@ from safetensors.torch import save_file
 import artifacts
 import baselines
 import common
+import loading
 import gates
 import masking
 import plots
@@ -44,22 +50,52 @@ from common import UserError
 
 # ----------------------------------------------------------------------------- methods
 
-def allocate_learned(shapes, rho, ctx, args):
-    layers = masking.attach(ctx["model"], ctx["factors"], shapes, rho, args)
-    record = masking.train(ctx["model"], layers, ctx["ids"], rho, args, ctx["device"])
-    ranks, components, extra = gates.export(layers, shapes, rho, args.method)
-    curve = record["curve"]
-    gap = curve[-1]["rho_hat"] - rho if curve else 0.0
-    print(f"training ended at rho_hat {rho + gap:.4f} (target {rho:.4f}, gap {gap:+.4f}); "
-          f"{len(record['dense_flips'])} dense flips; export scale {extra.get('export_scale', 1.0)}; "
-          f"{record['calibration_seen']:.0%} of the calibration chunks seen")
-    return ranks, components, {"steps": len(curve), "train_budget_gap": round(gap, 6), **extra, **record}
+def methods():
+    """Every --method: the allocations that train nothing (baselines.py), then the registered gates."""
+    return [*baselines.ALLOCATORS, *gates.GATES]
 
 
-# the allocations that train nothing live in baselines.py; the learned ones share one loop (masking.py)
-METHODS = {"uniform": baselines.allocate_uniform, "energy": baselines.allocate_energy,
-           "svdllm2": baselines.allocate_svdllm2, "strs": baselines.allocate_strs,
-           **{m: allocate_learned for m in gates.GATES}}
+def needs_model(args):
+    return args.method in gates.GATES or baselines.ALLOCATORS[args.method][1] or compensate_steps(args) > 0
+
+
+def compensate_steps(args):
+    """--compensate, default 100 after a learned method and 0 after one that trains nothing (so
+    --method uniform stays SVD-LLM's plain baseline unless asked)."""
+    if args.compensate is not None:
+        return args.compensate
+    return 100 if args.method in gates.GATES else 0
+
+
+def allocate(shapes, rho, ctx, args):
+    """(ranks, components or None, record): the allocation (learned or not), fixed, then compensated."""
+    steps = args.compensate
+    if args.method in gates.GATES:
+        model = ctx["model"]
+        layers = masking.attach(model, ctx["factors"], shapes, rho, args)
+        feed = masking.Feed(model, ctx["ids"], args, args.steps + steps)
+        record = masking.train(model, layers, feed, rho, args, ctx["device"])
+        curve = record["curve"]
+        record["steps"], record["train_budget_gap"] = len(curve), round(curve[-1]["rho_hat"] - rho, 6)
+        record.update(gates.select(layers, shapes, rho))  # ARA's finalisation: every layer fixed
+        print(f"training ended at rho_hat {curve[-1]['rho_hat']:.4f} (target {rho:.4f}); "
+              f"{len(record['dense_flips'])} dense flips; export scale {record['export_scale']}")
+    else:
+        fn, _ = baselines.ALLOCATORS[args.method]
+        ranks, components, record = fn(shapes, rho, ctx, args)
+        if steps == 0:
+            return ranks, components, record
+        model = ctx["model"]
+        layers = masking.attach(model, ctx["factors"], shapes, rho, args, learn=False)
+        gates.fix_ranks(layers, ranks)
+        feed = masking.Feed(model, ctx["ids"], args, steps)
+    record["compensation_curve"] = masking.compensate(model, layers, feed, args, ctx["device"])
+    if steps:
+        c = record["compensation_curve"]
+        print(f"compensation: task loss {c[0]['task']:.4f} -> {c[-1]['task']:.4f} over {steps} steps")
+    ranks, components = gates.export(layers)
+    record.update(feed.record, compensate=steps, calibration_seen=feed.seen())
+    return ranks, components, record
 
 
 # ----------------------------------------------------------------------------- main
@@ -71,10 +107,10 @@ def load_context(args, run_dir, whiten, decomp):
     f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"])
     sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
     ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
-    if args.method in ("uniform", "energy", "svdllm2"):
+    if not needs_model(args):
         return ctx
     device = common.pick_device(args.device)
-    model, _ = common.load_model(whiten["model"], device, device_map=args.device_map)
+    model, _ = loading.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
     # bf16 on a GPU; float16 is never used for the factors (its range cannot hold V^T S^-1, see decompose.py)
     dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
@@ -100,22 +136,25 @@ def check_args(args):
     """Every flag in range before any work (one line and exit 2 otherwise)."""
     if not 0 < args.keep <= 1:
         raise UserError(f"--keep {args.keep} is outside (0, 1]: it is the KEPT fraction, e.g. 0.8 = 20% removed")
-    if args.method not in METHODS:
-        raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.method not in methods():
+        raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods())}")
+    if args.method in gates.GATES:
+        gates.GATES[args.method].check_args(args)
     common.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
                        alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), tau=((">", 0), None),
                        sparsity=(0, None), log_every=(1, None), energy_power=((">", 0), None),
                        strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, None), soco_stages=(0, 1),
                        teacher_cache_gb=(0, None),
-                       settle=(0, 1))
-    common.check_dtype_placement(args.dtype, args.device_map)
+                       settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None))
+    loading.check_dtype_placement(args.dtype, args.device_map)
     if abs(sum(args.soco_stages) - 1) > 1e-6:
         raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
-                        "they are fractions of --steps and must sum to 1")
+                        "they are fractions of --steps and must sum to 1 (the third stage is --compensate)")
 
 
 def main(args):
     check_args(args)
+    args.compensate = compensate_steps(args)  # resolved, so ranks.json and the manifest record the steps run
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
@@ -129,7 +168,7 @@ def main(args):
         ranks, components, record = {name: "dense" for name in shapes}, None, {}
     else:
         ctx = load_context(args, args.run_dir, whiten, decomp)
-        ranks, components, record = METHODS[args.method](shapes, args.keep, ctx, args)
+        ranks, components, record = allocate(shapes, args.keep, ctx, args)
     rho = common.kept_fraction(ranks, shapes)
     dense = sum(r == "dense" for r in ranks.values())
     wall = round(time.time() - t0, 1)
@@ -149,9 +188,10 @@ def main(args):
         "wall_time_s": wall})
 
 
-if __name__ == "__main__":
+def parser():
+    """The flags (a function, so a registered method's test can parse them in-process)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="uniform", help="|".join(METHODS))
+    p.add_argument("--method", default="uniform", help="|".join(methods()) + " (or one registered with gates.register)")
     p.add_argument("--keep", type=float, default=0.8, help="KEPT fraction of the compressed linears, in (0, 1]")
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
@@ -161,7 +201,8 @@ if __name__ == "__main__":
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
                    "seeded epochs over all of them (ranks.json records the fraction seen)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method, see gates.py)")
+    lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in gates.GATES.items())
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
     p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
     p.add_argument("--settle", type=float, default=0.5,
                    help="fraction of the steps at the end in which the dense layers are fixed and alpha grows, so "
@@ -170,12 +211,19 @@ if __name__ == "__main__":
                    help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
     p.add_argument("--guidance", type=float, default=50.0,
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
-    p.add_argument("--tau", type=float, default=0.4, help="Gumbel-sigmoid temperature (LLRC code 0.4, paper 0.1)")
+    p.add_argument("--tau", type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's backward (LLRC code 0.4, paper 0.1); "
+                   "the forward mask is hard, P(keep) = sigmoid(z) at any tau")
     p.add_argument("--init", choices=["uniform", "paper"], default="uniform",
                    help="start masks at the uniform allocation, or at LLRC's logits 6 -> 3 / SoCo's scores 1, "
-                   "which start every layer dense (ARA: its own init either way; see gates.py)")
-    p.add_argument("--soco_stages", type=float, nargs=3, default=[0.4, 0.4, 0.2],
-                   help="SoCo: fractions of steps in coarse / refine / sparsify stages")
+                   "which start every layer dense (ARA refuses paper: its init is its paper's own)")
+    p.add_argument("--soco_stages", type=float, nargs=2, default=[0.5, 0.5],
+                   help="SoCo: fractions of --steps in its coarse and refine stages (its third, the kept scores "
+                   "trained with the selection fixed, is --compensate)")
+    p.add_argument("--compensate", type=int, default=None,
+                   help="steps of the compensation stage after the allocation is final: only the kept components' "
+                   "scales train, on the task loss; truncate.py folds them in (default: 100 after a learned method, "
+                   "0 after one that trains nothing; 0 = the papers' plain methods)")
+    p.add_argument("--compensate_lr", type=float, default=0.05, help="AdamW learning rate of the compensation stage")
     p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
     p.add_argument("--energy_norm", choices=["relative", "raw", "type"], default="relative",
@@ -200,4 +248,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
-    common.run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    common.run_main(main, parser().parse_args())

@@ -1,8 +1,10 @@
-"""The training loop of the learned allocators (METHODS.md §3): attach a gated low-rank module to every
-compressed linear (gates.py), train the gates against the original model, hand them to the export.
-Called by learn_masks.py; the way nanoGPT's train.py drives model.py.
+"""The training loops (docs/METHODS.md §3): attach a gated low-rank module to every compressed linear
+(gates.py), train the gates against the original model (train), and, once gates.select has fixed the
+allocation, train the kept components' scales (compensate, §3.8). Called by learn_masks.py; the way
+nanoGPT's train.py drives model.py.
 
-Loss (every gate): L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, in two phases:
+Loss (every gate; its class's `terms` may add more, e.g. SoCo's sparsity):
+L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid, in two phases:
   explore (first 1 - --settle of the steps): alpha_t = alpha, rho_hat on min(r_l, 1) forward but
       unclamped backward (§3.7), so the budget also reaches dense layers and any layer can flip;
   settle (last --settle): which layers are dense is frozen, rho_hat counts dense layers as constants,
@@ -26,15 +28,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import loading
 from common import UserError
-from gates import GATES, MaskedLinear
+from gates import GATES, MaskedLinear, guidance_grid, straight_through_min1
 
 
 # ----------------------------------------------------------------------------- attach / helpers
 
-def attach(model, factors, shapes, rho, args):
-    """Swap every compressed linear for a MaskedLinear; gates start at the uniform allocation."""
-    state = {"teacher": False, "train": True, "gen": None}
+def attach(model, factors, shapes, rho, args, learn=True):
+    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the uniform allocation.
+    learn=False attaches no gate: the caller fixes the layers at an allocation (gates.fix_ranks)."""
+    state = {"teacher": False}
     k0 = common.uniform_ranks(shapes, rho)
     layers = {}
     for name, orig in common.find_linears(model).items():
@@ -47,23 +51,25 @@ def attach(model, factors, shapes, rho, args):
         U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
         sigma = factors[f"{name}.sigma"].to(like["device"])
         k = common.k_star(m, n) if k0[name] == "dense" else k0[name]
-        gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), args).to(U.device)
+        gate = None
+        if learn:
+            gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
         layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
         common.set_module(model, name, layers[name])
     return layers
 
 
 def draw_masks(layers, gens, seed):
-    """Every layer's training mask for this step, drawn once, in forward order, before the forward: an
-    activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
+    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
+    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
     gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
     for l in layers.values():
-        if l.dense:
+        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
             l.step_mask = None
             continue
         if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
             gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
-        l.step_mask = l.gate.mask(True, gens[l.U.device])
+        l.step_mask = l.gate.mask(gens[l.U.device])
 
 
 def clear_masks(layers):
@@ -81,29 +87,6 @@ def checkpoint_blocks(model):
                 return _f(*args, **kwargs)
             return checkpoint(_f, *args, use_reentrant=False, **kwargs)
         block.forward = forward
-
-
-def guidance_grid(sigma_full, m, n, points=101):
-    """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)), on
-    r = 0, .01, .., 1, over the FULL spectrum (METHODS.md §3.3): the same numbers decompose.py prints."""
-    tail = common.tail_energy(sigma_full)  # (min(m, n) + 1,), tail[0] = sum_i sigma_i^2
-    r = torch.linspace(0, 1, points, dtype=torch.float64)
-    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(sigma_full))
-    return (tail[ks] / tail[0]).sqrt().float()
-
-
-def guidance_loss(r, b_grid):
-    """ARA: L_guid = (1/L) sum_l (1 - r_l) 1[r_l > 1 - b_l(r_l)]; zero at r = 1 (METHODS.md §3.3)."""
-    idx = (r.detach().clamp(0, 1) * (b_grid.shape[1] - 1)).long()
-    b = b_grid.gather(1, idx[:, None]).squeeze(1)
-    active = ((r < 1) & (r > 1 - b)).float()  # saving 1 - r smaller than the error paid
-    return ((1 - r) * active).mean()
-
-
-def straight_through_min1(r):
-    """Forward min(r, 1), backward as if unclamped (METHODS.md §3.7): a dense layer (r >= 1) still
-    feels the budget, so an over-budget dense layer is pulled back instead of staying dense for good."""
-    return r - (r - r.clamp(max=1)).detach()
 
 
 def task_loss(kind, student, teacher, x, hidden_layers):
@@ -191,7 +174,7 @@ def schedule(step, plan, args):
 
 
 def rho_hat_of(r, mn, dense=None):
-    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (METHODS.md §2; R_eff of ARA). r (L,) differentiable
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; R_eff of ARA). r (L,) differentiable
     r_l, mn (L,) m_l n_l. dense (L,) bool in the settle phase: dense layers count as constants, so only the
     low-rank ones move toward the budget; else the straight-through clamp reaches every layer."""
     if dense is not None:
@@ -222,52 +205,76 @@ def teacher_outputs(model, x, idx, cache, state, args, record):
 def update_dense(layers, names, r_host, step, record):
     """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
     for n, rl in zip(names, r_host):
-        if not layers[n].gate.frozen and (rl >= 1) != layers[n].dense:
+        if (rl >= 1) != layers[n].dense:
             layers[n].dense = rl >= 1
             record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
 
 
-def check_finite(log, terms, step):
+def check_finite(log, terms, step, term_flags):
     if not math.isfinite(log["loss"]):
         culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
-        flag = {"budget": "--alpha", "guid": "--guidance", "sparsity": "--sparsity"}.get(culprit, "--lr")
+        flag = term_flags.get(culprit, "--lr")
         raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
 
 
-def train(model, layers, ids, rho, args, device):
-    """Minimise L_task + alpha_t (rho_hat - rho)^2 + beta L_guid (+ the gate class's schedule).
-    Returns the record: per-step curve, r_l trajectories every --log_every steps, dense flips."""
+class Feed:
+    """The calibration chunks, the seeded batch order and the teacher (cached where it pays), shared by the
+    allocation and the compensation stage, so the second continues the first's epochs and cache."""
+
+    def __init__(self, model, ids, args, steps):
+        self.model, self.args = model, args
+        self.chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
+        self.batch = min(args.batch_size, len(self.chunks))
+        self.order = batch_indices(len(self.chunks), self.batch, torch.Generator().manual_seed(args.seed))
+        itemsize = next(model.parameters()).element_size()
+        probe = SimpleNamespace(**{**vars(args), "steps": steps})
+        use = use_teacher_cache(probe, len(self.chunks), model.config.vocab_size, itemsize)
+        self.cache = TeacherCache() if use else None
+        self.record = {"teacher_cache": use, "teacher_forwards": 0, "task_steps": 0}
+
+    def task_loss(self, state, layers, gens, device):
+        """One batch: the teacher's outputs, this step's masks, the student's forward, L_task."""
+        idx = next(self.order)
+        x = self.chunks[idx].to(loading.input_device(self.model))  # (B, train_seqlen)
+        t_out = teacher_outputs(self.model, x, idx.tolist(), self.cache, state, self.args, self.record)
+        draw_masks(layers, gens, self.args.seed)
+        s_out = self.model(x, output_hidden_states=self.args.loss == "hidden_mse", use_cache=False)
+        if t_out is not None and t_out.logits.device != s_out.logits.device:  # cached on the CPU; the
+            t_out = SimpleNamespace(logits=t_out.logits.to(s_out.logits.device))  # last GPU under device_map
+        self.record["task_steps"] += 1
+        return task_loss(self.args.loss, s_out, t_out, x, self.args.hidden_layers).to(device)
+
+    def seen(self):
+        return round(min(1.0, self.record["task_steps"] * self.batch / len(self.chunks)), 4)
+
+
+def cosine(opt, base_lr, t, T):
+    for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
+        group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
+
+
+def train(model, layers, feed, rho, args, device):
+    """Minimise L_task + the gate class's terms (default alpha_t (rho_hat - rho)^2 + beta L_guid) over
+    --steps. Returns the record: per-step curve, r_l trajectories every --log_every steps, dense flips.
+    The layers are left in their learning state; gates.select fixes them."""
     names = list(layers)
     gates = [layers[n].gate for n in names]
     cls = type(gates[0])
     base_lr = args.lr or cls.lr
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
-    state = layers[names[0]].state
-    state["gen"] = torch.Generator(device).manual_seed(args.seed)  # gate noise outside train()'s steps
-    gens = {}  # gate noise of the training steps, per device (draw_masks)
-    chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
-    data = batch_indices(len(chunks), min(args.batch_size, len(chunks)), torch.Generator().manual_seed(args.seed))
-    itemsize = next(model.parameters()).element_size()
-    cache = TeacherCache() if use_teacher_cache(args, len(chunks), model.config.vocab_size, itemsize) else None
+    state, gens = layers[names[0]].state, {}  # gate noise of the training steps, per device (draw_masks)
     shapes = {n: (layers[n].m, layers[n].n) for n in names}
     mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)  # (L,)
     b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
     record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
-              "dense_flips": [], "teacher_cache": cache is not None, "teacher_forwards": 0}
+              "dense_flips": []}
     with torch.no_grad():  # the starting state is not a flip
         for n in names:
             layers[n].dense = layers[n].ratio().item() >= 1
-    bar = tqdm(range(args.steps), desc=f"learn {args.method}")
-    for step in bar:
+    for step in tqdm(range(args.steps), desc=f"learn {args.method}"):
         plan = cls.plan(step, args)
-        if plan["t"] == 0:
-            before = {n: layers[n].dense for n in names}
-            cls.on_stage(plan, layers, shapes, rho)  # a schedule may fix the dense flags (SoCo stage 3)
-            record["dense_flips"] += [[step, n, "dense" if layers[n].dense else "low-rank"]
-                                      for n in names if layers[n].dense != before[n]]
         t, T, settling, alpha = schedule(step, plan, args)
-        for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
-            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
+        cosine(opt, base_lr, t, T)
         r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
         if not settling:
@@ -277,32 +284,47 @@ def train(model, layers, ids, rho, args, device):
             for n, rl in zip(names, r_host):
                 record["trajectory"]["r"][n].append(round(rl, 4))
         dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
-        rho_hat = rho_hat_of(r, mn, dense)
-        terms = {}
-        if plan["budget"]:
-            terms = {"budget": alpha * (rho_hat - rho) ** 2, "guid": args.guidance * guidance_loss(r, b_grid)}
-        terms.update(cls.extra_terms(gates, plan, args))
+        ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid,
+                              gates=gates)
+        terms = cls.terms(ctx, plan, args)
         if plan["task"]:
-            idx = next(data)
-            x = chunks[idx].to(common.input_device(model))  # (B, train_seqlen)
-            t_out = teacher_outputs(model, x, idx.tolist(), cache, state, args, record)
-            draw_masks(layers, gens, args.seed)
-            s_out = model(x, output_hidden_states=args.loss == "hidden_mse", use_cache=False)
-            if t_out is not None and t_out.logits.device != s_out.logits.device:  # cached on the CPU; the
-                t_out = SimpleNamespace(logits=t_out.logits.to(s_out.logits.device))  # last GPU under device_map
-            terms["task"] = task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
+            terms["task"] = feed.task_loss(state, layers, gens, device)
         loss = sum(terms.values())
-        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": rho_hat.item(),
+        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": ctx.rho_hat.item(),
                "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
-        check_finite(log, terms, step)
+        check_finite(log, terms, step, cls.term_flags)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+            if settling:  # a frozen dense layer's gate gets zero gradients: None, so AdamW's momentum
+                for n in names:  # does not keep moving it (its dense flag is what the export reads)
+                    if layers[n].dense:
+                        for p in layers[n].gate.parameters():
+                            p.grad = None
             opt.step()
         clear_masks(layers)
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
-        bar.set_postfix(loss=f"{log['loss']:.4f}", rho=f"{log['rho_hat']:.3f}")
-    state["train"] = False
-    task_steps = sum(1 for c in record["curve"] if "task" in c)
-    record["calibration_seen"] = round(min(1.0, task_steps * min(args.batch_size, len(chunks)) / len(chunks)), 4)
     return record
+
+
+def compensate(model, layers, feed, args, device):
+    """The compensation stage (docs/METHODS.md §3.8; SoCo's last stage, for every allocation): the layers are
+    fixed (gates.select or gates.fix_ranks); only each kept component's scale s_i = softplus(theta_i) trains,
+    on the task loss, for --compensate steps at --compensate_lr (cosine). Ranks, selection and dense flags
+    do not move, so the budget holds by construction and the exported model is the trained one."""
+    params = [l.theta for l in layers.values() if not l.dense]
+    if args.compensate == 0 or not params:
+        return []
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.compensate_lr, weight_decay=0.0)
+    state, curve = next(iter(layers.values())).state, []
+    for step in tqdm(range(args.compensate), desc="compensate"):
+        cosine(opt, args.compensate_lr, step, args.compensate)
+        loss = feed.task_loss(state, layers, {}, device)
+        check_finite({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append({"step": step, "task": round(loss.item(), 6)})
+    return curve

@@ -8,7 +8,7 @@ Self-contained on purpose (torch and transformers only): it travels with the fol
 stages import LowRankLinear from here, so there is one definition of the layer.
 
 A layer kept at rank k is y = A (B x) + b with A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n)
-(METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
+(docs/METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
 """
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 
 class LowRankLinear(nn.Module):
-    """y = A (B x) + b: k (m + n) parameters instead of m n (METHODS.md §1-§2)."""
+    """y = A (B x) + b: k (m + n) parameters instead of m n (docs/METHODS.md §1-§2)."""
 
     def __init__(self, A, B, bias=None):
         super().__init__()

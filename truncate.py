@@ -1,9 +1,9 @@
 """Stage 4: apply the allocation and save a compressed model made of real low-rank layers.
 
-For a layer kept at rank k (METHODS.md §1):
+For a layer kept at rank k (docs/METHODS.md §1):
   A = U_k Sigma_k^1/2 (m, k),  B = Sigma_k^1/2 V_k^T S^-1 (k, n),  y = A (B x) + b,  k (m + n) parameters
-A layer whose rank is "dense" (or >= k*, where dense is cheaper AND exact, METHODS.md §2) keeps W.
-If the allocation chose a subset of components with learned scales (SoCo, METHODS.md §3.4),
+A layer whose rank is "dense" (or >= k*, where dense is cheaper AND exact, docs/METHODS.md §2) keeps W.
+If the allocation chose a subset of components with learned scales (SoCo, docs/METHODS.md §3.4),
 component i enters with sigma_i * s_i: the learned spectrum is folded into A and B.
 
 The model is built layer by layer: each layer's factors are read from decompose/'s shards when it is
@@ -28,6 +28,7 @@ import torch
 
 import artifacts
 import common
+import loading
 from common import LowRankLinear, UserError
 
 
@@ -66,7 +67,7 @@ def compress_model(model, ranks, factors, components=None):
             continue
         mod = model.get_submodule(name)
         if rank >= common.k_star(*common.weight_matrix(mod).shape):
-            continue  # past break-even the dense W is cheaper and exact (METHODS.md §2)
+            continue  # past break-even the dense W is cheaper and exact (docs/METHODS.md §2)
         sub = {} if components is None or f"{name}.index" not in components else \
             {"index": components[f"{name}.index"], "scale": components[f"{name}.scale"]}
         common.set_module(model, name, lowrank_layer(mod, factors, name, rank, **sub))
@@ -120,7 +121,7 @@ def main(args):
     t0 = time.time()
     allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, keys=("layers",))
     ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
-    model, tok = common.load_model(whiten["model"], "cpu")
+    model, tok = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"

@@ -1,4 +1,4 @@
-"""Stage 1: activation whitening (SVD-LLM, METHODS.md §1).
+"""Stage 1: activation whitening (SVD-LLM, docs/METHODS.md §1).
 
 Runs calibration text through the model ONE DECODER BLOCK AT A TIME (the GPTQ / SVD-LLM low-resource
 pattern): the inputs of every block are captured once (capture_block_inputs), then each block runs over
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import artifacts
 import common
+import loading
 from common import UserError
 
 MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one token repeated, say)
@@ -77,46 +78,6 @@ def sample_windows(stream, nsamples, seqlen, seed):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples,), generator=g)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
-
-
-# ----------------------------------------------------------------------------- whole-model Gram accumulation (the oracle)
-
-@torch.no_grad()
-def share_groups(model, linears, probe):
-    """(Whole-model path, kept as the oracle the block path is tested against.) Group layers that receive the very same input tensor (q/k/v, gate/up): one G per group."""
-    seen, groups, hooks, alive = {}, {}, [], []
-    for name, mod in linears.items():
-        def hook(_m, inp, name=name):
-            x = inp[0]
-            alive.append(x)  # keep every input alive, so a freed buffer's address is never reused
-            key = (x.data_ptr(), tuple(x.shape))
-            groups[name] = seen.setdefault(key, name)
-        hooks.append(mod.register_forward_pre_hook(hook))
-    model(probe)
-    for h in hooks:
-        h.remove()
-    return groups  # {layer: group leader}
-
-
-@torch.no_grad()
-def accumulate_gram(model, linears, groups, ids, batch_size, device):
-    """(Whole-model oracle: every G of the model alive at once.) G_g = sum_t x_t x_t^T / T, float64."""
-    G, hooks = {}, []
-    for leader in sorted(set(groups.values())):
-        n = common.weight_matrix(linears[leader]).shape[1]
-        G[leader] = torch.zeros(n, n, dtype=torch.float64, device=device)
-
-        def hook(_m, inp, leader=leader):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (B*T, n)
-            # one batch's X X^T in float32 (fast), the running sum over batches in float64 (METHODS.md §1)
-            G[leader] += (x.T @ x).double()
-        hooks.append(linears[leader].register_forward_pre_hook(hook))
-    for i in tqdm(range(0, len(ids), batch_size), desc="calibration"):
-        model(ids[i:i + batch_size].to(device))
-    for h in hooks:
-        h.remove()
-    T = ids.numel()
-    return {k: v / T for k, v in G.items()}
 
 
 # ----------------------------------------------------------------------------- block-by-block Gram accumulation
@@ -202,7 +163,7 @@ def block_grams(block, linears, hidden, calls, T):
                 x = x.reshape(-1, x.shape[-1]).float()  # (B*T, n)
                 if name not in G:
                     G[name] = new_gram(x.shape[1], x.device)
-                G[name] += (x.T @ x).double()  # one batch's X X^T in float32, the sum in float64 (METHODS.md §1)
+                G[name] += (x.T @ x).double()  # one batch's X X^T in float32, the sum in float64 (docs/METHODS.md §1)
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
         for i, (args, kwargs, positional) in enumerate(calls):
@@ -292,11 +253,11 @@ def main(args):
     common.set_seed(args.seed)
     device = common.pick_device(args.device)
     t0 = time.time()
-    model, tok = common.load_model(args.model, "cpu")  # blocks visit the device one at a time
+    model, tok = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
     common.check_seqlen(model.config, args.seqlen)
     linears = common.find_linears(model)
     blocks = common.decoder_blocks(model)
-    stream = common.token_stream(tok, common.load_documents(args.data, "calib"))
+    stream = loading.token_stream(tok, loading.load_documents(args.data, "calib"))
     ids = sample_windows(stream, args.nsamples, args.seqlen, args.seed)
     distinct = check_calibration(ids, max(common.weight_matrix(m).shape[1] for m in linears.values()))
     print(f"{len(linears)} linear layers in {len(blocks)} decoder blocks; {ids.numel()} calibration tokens "

@@ -38,13 +38,22 @@ def zero_shot(result):
     return " ".join(f"{v['acc']:.3f}" for v in result.get("zero_shot", {}).values()) or "-"
 
 
-def row(m):
+def removed(m, rows):
+    """(ppl_uniform - ppl) / (ppl_uniform - ppl_original) at the same keep: the share of uniform's damage removed."""
+    base = [r for r in rows if r["method"] == "uniform" and not r["flags"] and r["keep"] == m["keep"]]
+    if not base:
+        return "-"
+    u, o = base[0]["compressed"]["ppl"], m["original"]["ppl"]
+    return f"{(u - m['compressed']['ppl']) / (u - o):.0%}"
+
+
+def row(m, rows):
     wall = m["bench_wall_s"]
     gap = "-" if m.get("train_budget_gap") is None else f"{m['train_budget_gap']:+.4f}"
     return (f"| {m['method']} | {m['flags'] or '-'} | {m['seed']} | {m['keep']:.2f} | "
             f"{m['kept_fraction_linear']:.2%} / {1 - m['kept_fraction_linear']:.2%} | {m['kept_fraction_model']:.2%} | "
-            f"{m['layers_dense']}/{m['layers']} | {m['compressed']['ppl']:.2f} | {zero_shot(m['compressed'])} | "
-            f"{gap} | {m.get('steps', '-')} | {wall['allocation']:.0f} | {wall['evaluate']:.0f} |")
+            f"{m['layers_dense']}/{m['layers']} | {m['compressed']['ppl']:.2f} | {removed(m, rows)} | {zero_shot(m['compressed'])} | "
+            f"{gap} | {m.get('steps', '-')} | {m.get('compensate', 0)} | {wall['allocation']:.0f} | {wall['evaluate']:.0f} |")
 
 
 def run_one(args, spec, keep, seed, out):
@@ -56,7 +65,8 @@ def run_one(args, spec, keep, seed, out):
     wall["evaluate"] = stage("evaluate.py", "--run_dir", args.run_dir, *args.eval_args.split())
     metrics = json.load(open(os.path.join(args.run_dir, "metrics.json")))
     ranks = json.load(open(os.path.join(args.run_dir, "allocation", "ranks.json")))
-    metrics.update(steps=ranks.get("steps", ranks.get("ppl_passes", "-")), bench_wall_s=wall, seed=seed,
+    metrics.update(steps=ranks.get("steps", ranks.get("ppl_passes", "-")), compensate=ranks.get("compensate", 0),
+                   bench_wall_s=wall, seed=seed,
                    flags=" ".join(flags + args.learn_args.split()), train_budget_gap=ranks.get("train_budget_gap"),
                    strs_tokens_per_pass=ranks.get("strs_tokens_per_pass"))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec}_{keep}_s{seed}")
@@ -84,7 +94,13 @@ def main(args):
             for keep in args.keeps:
                 for seed in args.seeds:
                     run_one(args, spec, keep, seed, out)
-    rows = [json.load(open(p)) for p in glob.glob(os.path.join(out, "*.json"))]
+    rows = []
+    for path in glob.glob(os.path.join(out, "*.json")):
+        m = json.load(open(path))
+        if "compensate" not in m and os.path.isfile(path[:-5] + ".ranks"):  # a row saved before the column
+            ranks = json.load(open(path[:-5] + ".ranks"))
+            m.update(compensate=ranks.get("compensate", 0), steps=len(ranks.get("curve", [])) or m["steps"])
+        rows.append(m)
     rows.sort(key=lambda m: (-m["keep"], m["method"], m["flags"], m["seed"]))
     whiten = json.load(open(os.path.join(args.run_dir, "whiten", "manifest.json")))
     decomp = json.load(open(os.path.join(args.run_dir, "decompose", "manifest.json")))
@@ -93,9 +109,10 @@ def main(args):
         f"original: ppl {first['original']['ppl']:.2f}, zero-shot acc {zero_shot(first['original'])}; "
         f"eval {first['eval']}; whiten {whiten['wall_time_s']} s and decompose {decomp['wall_time_s']} s "
         "(once for all rows)", "",
-        "| method | flags | seed | keep | kept / removed (linears) | kept (model) | dense layers | ppl | zero-shot acc "
-        "| train gap | steps | allocation s | evaluate s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *map(row, rows), *seed_summary(rows)])
+        "| method | flags | seed | keep | kept / removed (linears) | kept (model) | dense layers | ppl | uniform's "
+        "increase removed | zero-shot acc | train gap | steps | compensation steps | allocation s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *(row(m, rows) for m in rows),
+        *seed_summary(rows)])
     open(os.path.join(out, "table.md"), "w").write(table + "\n")
     print(table)
 

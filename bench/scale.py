@@ -30,7 +30,7 @@ def random_model(folder, shape, blocks, dtype):
     """A random-weight Llama of the given shape, saved with the embedded model's tokenizer (no download)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import common
+    import loading
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def random_model(folder, shape, blocks, dtype):
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    tok = AutoTokenizer.from_pretrained(loading.embedded_model_dir())
     if shape != "smollm2":  # keep token ids inside the vocabulary
         assert tok.vocab_size <= config.vocab_size
     tok.save_pretrained(folder)
@@ -109,13 +109,13 @@ def main(args):
     # what any stage costs before it touches a model: the interpreter with torch and transformers imported
     imports = os.path.join(work, "imports_only.py")
     with open(imports, "w") as f:
-        f.write("import torch, transformers, safetensors, tqdm, common, artifacts, masking\n")
+        f.write("import torch, transformers, safetensors, tqdm, common, loading, artifacts, masking\n")
     _, base = run(imports)
     out = [f"Interpreter with torch + transformers + this project imported: {base / 2**20:,.0f} MiB peak RSS."]
     print(out[0], flush=True)
     for name, model in todo:
-        import common
-        folder = common.resolve_model(model)
+        import loading
+        folder = loading.resolve_model(model)
         cfg = json.load(open(os.path.join(folder, "config.json")))
         rows = bench_model(model, os.path.join(work, f"run_{name}"), args)
         out.append(table(name, folder_bytes(folder), cfg["num_hidden_layers"], rows))

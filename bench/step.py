@@ -60,7 +60,8 @@ def measure(args, checkpointing):
     floor = timed(lambda: floor_step(model, layers, x, device), device, args.repeat)
 
     def steps(n):  # the real training loop for n steps (its setup included, hence the difference below)
-        masking.train(model, layers, ctx["ids"], args.keep, argparse.Namespace(**{**vars(ns), "steps": n}), device)
+        run = argparse.Namespace(**{**vars(ns), "steps": n})
+        masking.train(model, layers, masking.Feed(model, ctx["ids"], run, n), args.keep, run, device)
     short, long = timed(lambda: steps(2), device, 1, warm=False), timed(lambda: steps(2 + args.repeat), device, 1, warm=False)
     step = (long - short) / args.repeat
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -88,7 +89,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     # the learn_masks.py flags the step reads, at their defaults
     defaults = dict(loss="kl", hidden_layers=[-1], lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5,
-                    guidance=50.0, tau=0.4, init="uniform", log_every=10, soco_stages=[0.4, 0.4, 0.2], sparsity=1.0,
+                    guidance=50.0, tau=0.4, init="uniform", log_every=10, soco_stages=[0.5, 0.5], sparsity=1.0,
                     seed=0, device_map=None, steps=1, teacher_cache="off",
                     teacher_cache_gb=16.0)
     main(argparse.Namespace(**{**defaults, **vars(args)}))

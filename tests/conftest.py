@@ -93,3 +93,31 @@ def run_stage(script, *args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    """A tiny Llama trained for 200 steps on the news text (seconds on the CPU), so its layers have the
+    structured spectra a real model has (a random-init model's are flat: nothing to allocate). Returns
+    (make, ids): make() builds a fresh copy of the trained model; ids (16, 64) held-back calibration windows."""
+    tok = tiny_tokenizer()
+    stream = torch.tensor([t for d in news_docs() for t in tok(d)["input_ids"] + [tok.eos_token_id]])
+    T = 64
+    windows = stream[:len(stream) // T * T].view(-1, T)  # (N, 64)
+    calib, train = windows[:16], windows[16:]
+    model = tiny_model("llama").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x = train[torch.randint(len(train), (8,), generator=g)]
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def make():
+        fresh = tiny_model("llama")
+        fresh.load_state_dict(state)
+        return fresh.eval()
+    return make, calib

@@ -1,4 +1,4 @@
-"""Learned rank allocation (METHODS.md §3) on tiny models: budget, determinism, guidance, SoCo's
+"""Learned rank allocation (docs/METHODS.md §3) on tiny models: budget, determinism, guidance, SoCo's
 folded scales, and a deliberately sensitive layer."""
 import argparse
 import json
@@ -12,7 +12,8 @@ import masking
 from conftest import run_stage, tiny_model
 from decompose import whitened_svd
 from truncate import compress_model
-from whiten import accumulate_gram, share_groups, whitening_factor
+from oracle import accumulate_gram, share_groups
+from whiten import whitening_factor
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 QUICK = ("--steps", 30, "--batch_size", 2, "--train_seqlen", 48)
@@ -37,11 +38,22 @@ def factorize(model, ids, kmax_mult=1.2):
     return factors, shapes
 
 
+def learn(model, factors, shapes, rho, args, ids):
+    """learn_masks.allocate in memory: attach, train, select (fixed layers), compensate, export."""
+    layers = masking.attach(model, factors, shapes, rho, args)
+    feed = masking.Feed(model, ids, args, args.steps + args.compensate)
+    record = masking.train(model, layers, feed, rho, args, torch.device("cpu"))
+    record.update(gates.select(layers, shapes, rho))
+    record["compensation_curve"] = masking.compensate(model, layers, feed, args, torch.device("cpu"))
+    ranks, components = gates.export(layers)
+    return layers, record, ranks, components
+
+
 def learn_args(method, **kw):
     base = dict(method=method, loss="kl", hidden_layers=[-1], steps=40, batch_size=4, train_seqlen=32,
                 lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5, guidance=50.0, tau=0.4, init="uniform", log_every=10,
-                soco_stages=[0.4, 0.4, 0.2], sparsity=1.0, seed=0, teacher_cache="auto",
-                teacher_cache_gb=16.0)
+                soco_stages=[0.5, 0.5], sparsity=1.0, seed=0, teacher_cache="auto",
+                teacher_cache_gb=16.0, compensate=0, compensate_lr=0.05)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -67,26 +79,26 @@ def test_budget_reload_and_determinism(method, run_dir):
 def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
     flat = torch.ones(1, 101)  # b(r) = 1: a flat spectrum loses a lot at any r < 1
     r = torch.tensor([1.0], requires_grad=True)
-    assert masking.guidance_loss(r, flat).item() == 0
+    assert gates.guidance_loss(r, flat).item() == 0
     r = torch.tensor([0.7], requires_grad=True)
-    masking.guidance_loss(r, flat).backward()
+    gates.guidance_loss(r, flat).backward()
     assert r.grad.item() < 0  # descending the loss raises r toward dense
     steep = torch.zeros(1, 101)  # b(r) = 0: truncation is free, no push
-    assert masking.guidance_loss(torch.tensor([0.7]), steep).item() == 0
+    assert gates.guidance_loss(torch.tensor([0.7]), steep).item() == 0
 
 
 def test_guidance_alone_makes_a_flat_layer_dense():
     torch.manual_seed(0)
     m = n = 32
-    gate = gates.AraGate(int(1.2 * common.k_star(m, n)), 8, learn_args("ara"))
+    gate = gates.AraGate(int(1.2 * common.k_star(m, n)), 8, torch.ones(n), learn_args("ara"))
     layer = gates.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
                                  torch.randn(gate.k_max, n), gate, {})
-    b = masking.guidance_grid(layer.sigma_full, m, n)[None]
+    b = gates.guidance_grid(layer.sigma_full, m, n)[None]
     opt = torch.optim.AdamW(gate.parameters(), lr=0.1)
     r0 = layer.ratio().item()
     for _ in range(200):
         opt.zero_grad()
-        masking.guidance_loss(layer.ratio()[None], b).backward()
+        gates.guidance_loss(layer.ratio()[None], b).backward()
         opt.step()
     assert r0 < 0.6 and layer.ratio().item() >= 0.99
 
@@ -95,9 +107,7 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
     args = learn_args("soco", steps=20)
-    layers = masking.attach(model, factors, shapes, 0.6, args)
-    masking.train(model, layers, calib_ids, 0.6, args, torch.device("cpu"))
-    ranks, components, _ = gates.export(layers, shapes, 0.6, "soco")
+    layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, calib_ids)
     assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
     with torch.no_grad():
         masked = model(calib_ids[:2]).logits
@@ -118,9 +128,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
     factors, shapes = factorize(model, calib_ids)
     uniform = common.uniform_ranks(shapes, 0.5)
     args = learn_args(method, steps=60)
-    layers = masking.attach(model, factors, shapes, 0.5, args)
-    masking.train(model, layers, calib_ids, 0.5, args, torch.device("cpu"))
-    ranks, _, _ = gates.export(layers, shapes, 0.5, method)
+    _, _, ranks, _ = learn(model, factors, shapes, 0.5, args, calib_ids)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
 

@@ -1,8 +1,8 @@
-"""Tier 1: math identities on tiny random matrices (METHODS.md §1-§2)."""
+"""Tier 1: math identities on tiny random matrices (docs/METHODS.md §1-§2)."""
 import torch
 
 import common
-from decompose import relative_error, whitened_svd
+from decompose import whitened_svd
 from whiten import whitening_factor
 
 
@@ -37,7 +37,8 @@ def test_truncation_loss_equals_dropped_sigma_squared():
         W_k = U[:, :k] * sigma[:k] @ VtSinv[:k]  # U_k Sigma_k V_k^T S^-1
         loss = ((W - W_k) @ X).pow(2).sum()
         torch.testing.assert_close(loss, sigma[k:].pow(2).sum(), rtol=1e-8, atol=1e-8)  # SVD-LLM Cor. 3.3
-    assert relative_error(sigma, 16) == 0 and abs(relative_error(sigma, 0) - 1) < 1e-12
+    tail = common.tail_energy(sigma)  # tail[k] = the whitened loss of rank k, by hand from the sum above
+    assert tail[16] == 0 and torch.allclose(tail[0], sigma.pow(2).sum()) and torch.allclose(tail[5], sigma[5:].pow(2).sum())
 
 
 def test_whitened_truncation_beats_plain_svd():
@@ -64,7 +65,7 @@ def test_fallback_on_singular_gram_is_recorded():
 
 
 def test_break_even_rank_and_cost():
-    assert common.k_star(4096, 4096) == 2048 and common.k_star(4096, 11008) == 2985  # METHODS.md §2
+    assert common.k_star(4096, 4096) == 2048 and common.k_star(4096, 11008) == 2985  # docs/METHODS.md §2
     assert common.layer_cost(10, 100, 50) == 1500
     assert common.layer_cost(40, 100, 50) == 5000  # past k* = 33 the dense W is cheaper
     assert common.layer_cost("dense", 100, 50) == 5000

@@ -7,7 +7,8 @@ import common
 from conftest import tiny_model
 from decompose import whitened_svd
 from truncate import compress_model, lowrank_factors
-from whiten import accumulate_gram, share_groups, whitening_factor
+from oracle import accumulate_gram, share_groups
+from whiten import whitening_factor
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])

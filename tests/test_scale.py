@@ -11,8 +11,9 @@ import torch
 
 import common
 from conftest import run_stage, tiny_model
-from whiten import (accumulate_gram, block_grams, block_names, capture_block_inputs, compact_factor,
-                    expand_factor, share_groups, whitening_factor)
+from oracle import accumulate_gram, share_groups
+from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
+                    whitening_factor)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])
@@ -222,8 +223,10 @@ def test_teacher_cache_is_exact_and_skips_revisits():
         factors, shapes = factorize(model, ids)
         args = learn_args("ara", steps=12, batch_size=4, train_seqlen=32, teacher_cache=mode)
         layers = masking.attach(model, factors, shapes, 0.6, args)
-        record = masking.train(model, layers, ids, 0.6, args, torch.device("cpu"))
-        out[mode] = (record, gates.export(layers, shapes, 0.6, "ara")[0])
+        feed = masking.Feed(model, ids, args, args.steps)
+        record = masking.train(model, layers, feed, 0.6, args, torch.device("cpu"))
+        gates.select(layers, shapes, 0.6)
+        out[mode] = ({**record, **feed.record}, gates.export(layers)[0])
     assert out["off"][0]["teacher_forwards"] == 12 and out["on"][0]["teacher_forwards"] == 4
     assert [c["loss"] for c in out["on"][0]["curve"]] == [c["loss"] for c in out["off"][0]["curve"]]
     assert out["on"][1] == out["off"][1]

@@ -1,0 +1,219 @@
+"""The exported model is the trained model (docs/METHODS.md §3.3, §3.8): for every learned method and with the
+compensation stage, the fixed masked model and truncate.py's model give the same logits; the compensation
+stage lowers the KL at a fixed allocation; SoCo's allocation is learned; hard-concrete starts at the uniform
+model; the dense flags training froze are the exported ones; a new method is one registered Gate subclass.
+The tests of learning run on a tiny model trained on news text (conftest.trained_tiny)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import gates
+import learn_masks
+import masking
+from conftest import run_stage
+from test_allocators import fake_layer
+from test_learn import factorize, learn, learn_args
+from truncate import compress_model
+
+LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
+
+
+def kl_to_teacher(model, layers, ids):
+    """KL(teacher || model) per token on ids, the teacher being the same model with every layer original."""
+    state = next(iter(layers.values())).state
+    with torch.no_grad():
+        state["teacher"] = True
+        t = F.log_softmax(model(ids).logits.float(), -1).flatten(0, 1)
+        state["teacher"] = False
+        s = F.log_softmax(model(ids).logits.float(), -1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean").item()
+
+
+def truncated_logits(model, layers, ranks, factors, components, ids):
+    for name, l in layers.items():  # back to the original layers, then truncate.py's path
+        common.set_module(model, name, l.orig)
+    compress_model(model, ranks, factors, components)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----------------------------------------------------------------------------- trained = exported
+
+@pytest.mark.parametrize("method,compensate", [(m, 0) for m in LEARNED] + [("ara", 10), ("hardconcrete", 10)])
+def test_the_fixed_masked_model_is_the_truncated_model(method, compensate, trained_tiny):
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args(method, steps=20, batch_size=4, train_seqlen=32, compensate=compensate)
+    layers, record, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
+    assert all(l.fixed for l in layers.values())  # the state the export reads
+    with torch.no_grad():
+        masked = model(ids[:4]).logits
+    truncated = truncated_logits(model, layers, ranks, factors, components, ids[:4])
+    assert (truncated - masked).norm() / masked.norm() <= 1e-4
+    assert abs(common.kept_fraction(ranks, shapes) - 0.6) <= 0.01
+    assert len(record["compensation_curve"]) == compensate
+
+
+def test_hardconcrete_exports_its_test_time_gate_as_scales(trained_tiny):
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args("hardconcrete", steps=20, batch_size=4, train_seqlen=32)
+    layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
+    name = next(n for n in ranks if ranks[n] != "dense")
+    g = layers[name].gate  # the test-time gate by hand (Louizos et al. Eq. 13) at the kept indices
+    expect = (torch.sigmoid(g.log_alpha.detach()) * 1.2 - 0.1).clamp(0, 1)[components[f"{name}.index"]]
+    torch.testing.assert_close(components[f"{name}.scale"], expect.clamp(min=1e-4), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expect, torch.ones_like(expect))  # fractional gates: not a 0/1 top-k export
+
+
+def test_hardconcrete_starts_at_the_uniform_model():
+    """Before: a ramp of log alpha over the kept band gave a mean sampled gate of ~0.70 there."""
+    layer = fake_layer(gates.HardConcreteGate, m=200, n=200, k0=60)
+    g = torch.Generator().manual_seed(0)
+    z = torch.stack([layer.gate.mask(g) for _ in range(400)])  # (400, k_max)
+    assert z[:, :60].mean() >= 0.9 and z[:, 62:].mean() <= 0.05
+    assert abs(layer.gate.k_hat().item() - 60) <= 1  # still the uniform count
+
+
+# ----------------------------------------------------------------------------- finalisation
+
+def test_a_dense_flag_frozen_in_training_is_exported_dense():
+    """Before: the export recomputed dense with r >= 0.99, so a layer trained dense whose r had drifted to 0.9
+    came out at 0.9 k*."""
+    a, b = fake_layer(gates.AraGate), fake_layer(gates.AraGate)  # both at r = 0.5 (k0 = 10 of k* = 20)
+    shapes = {"a": (40, 40), "b": (40, 40)}
+    a.dense, b.dense = True, False  # a was frozen dense in the settle phase, then its gate drifted
+    assert a.ratio().item() < 0.99
+    gates.select({"a": a, "b": b}, shapes, (1600 + 10 * 80) / 3200)
+    ranks, _ = gates.export({"a": a, "b": b})
+    assert ranks == {"a": "dense", "b": 10}
+
+
+def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
+    """Zero gradients (not None) let AdamW's momentum keep moving a frozen dense gate (~0.85 logits)."""
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args("ara", steps=30, batch_size=4, train_seqlen=32, settle=0.5)
+    layers = masking.attach(model, factors, shapes, 0.85, args)
+    first = next(iter(layers.values()))
+    with torch.no_grad():  # one layer starts well past r = 1 (pi on c = 1): dense when settling begins
+        first.gate.p.zero_()[0] = 12.0
+    snap = {}
+
+    def spy(step_fn):  # record each dense layer's gate when the settle phase begins (step 15)
+        def wrapped(step, plan, a):
+            out = step_fn(step, plan, a)
+            if step == 15:
+                snap.update({n: l.gate.p.detach().clone() for n, l in layers.items() if l.dense})
+            return out
+        return wrapped
+    masking.schedule, orig = spy(masking.schedule), masking.schedule
+    try:
+        masking.train(model, layers, masking.Feed(model, ids, args, args.steps), 0.85, args, torch.device("cpu"))
+    finally:
+        masking.schedule = orig
+    assert snap, "no layer was dense when the settle phase began: the test needs one"
+    for n, p0 in snap.items():
+        assert layers[n].dense and torch.equal(layers[n].gate.p.detach(), p0), n
+
+
+def test_finalize_gives_dense_not_k_star_minus_one():
+    """Before: with c > 1 a layer could get rank k* - 1 (about dense's price) and still drop half a spectrum."""
+    shapes = {"a": (40, 40), "b": (40, 40)}  # k* = 20
+    k_hat = {"a": 19.6, "b": 4.0}
+    ranks, c = gates.finalize(k_hat, shapes, (19 + 8) * 80 / 3200, set())
+    assert c > 1 and ranks["a"] in ("dense", *range(1, 19)), ranks
+    # a budget that fits dense a plus a small b: the layer wanted past k* takes dense
+    ranks, _ = gates.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
+    assert ranks["a"] == "dense" and ranks["b"] == 5
+
+
+# ----------------------------------------------------------------------------- SoCo
+
+def test_soco_budget_reaches_kept_scores():
+    """Before: k_hat = sum 1 - exp(-s / 0.05) had d k_hat / d theta = 6e-18 at s = 2.13 (below AdamW's eps)."""
+    layer = fake_layer(gates.SocoGate)
+    with torch.no_grad():
+        layer.gate.theta.fill_(2.0)  # s = 2: a compensating score
+    assert abs(layer.gate.k_hat().item() - layer.gate.k_max) < 1e-4  # a score above 1 counts one component
+    layer.gate.k_hat().backward()
+    torch.testing.assert_close(layer.gate.theta.grad, torch.ones_like(layer.gate.theta))
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.6])
+def test_soco_learns_an_allocation_that_is_not_uniform(keep, trained_tiny):
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args("soco", steps=60, batch_size=4, train_seqlen=32)
+    _, _, ranks, _ = learn(model, factors, shapes, keep, args, ids)
+    uniform = common.uniform_ranks(shapes, keep)
+    ratio = {n: (1.0 if ranks[n] == "dense" else ranks[n] / uniform[n]) for n in shapes if uniform[n] != "dense"}
+    moved = sum(abs(r - 1) >= 0.1 for r in ratio.values())
+    assert moved >= len(ratio) // 3, ratio  # a third of the layers at least 10% away from the uniform rank
+
+
+# ----------------------------------------------------------------------------- compensation
+
+def test_compensation_keeps_the_ranks_and_lowers_the_kl(trained_tiny):
+    make, ids = trained_tiny
+    out = {}
+    for steps in (0, 40):
+        model = make()
+        factors, shapes = factorize(model, ids)
+        ranks = common.uniform_ranks(shapes, 0.6)
+        args = learn_args("uniform", compensate=steps, batch_size=4, train_seqlen=32, steps=1)
+        layers = masking.attach(model, factors, shapes, 0.6, args, learn=False)
+        gates.fix_ranks(layers, ranks)
+        masking.compensate(model, layers, masking.Feed(model, ids, args, steps), args, torch.device("cpu"))
+        out[steps] = (gates.export(layers)[0], kl_to_teacher(model, layers, ids))
+    assert out[40][0] == out[0][0] == ranks  # the allocation is untouched, so the budget holds exactly
+    assert out[40][1] < 0.9 * out[0][1], out
+
+
+# ----------------------------------------------------------------------------- one place to add a method
+
+class ToyGate(gates.Gate):
+    """A toy method defined outside the project: one logit per layer, the first round(k_max sigmoid(a)) kept."""
+    lr = 0.2
+
+    def __init__(self, k_max, k0, sigma, args):
+        super().__init__()
+        self.k_max = k_max
+        self.a = torch.nn.Parameter(torch.tensor(math.log(k0 / (k_max - k0))))
+
+    def mask(self, gen):
+        keep = torch.sigmoid(self.a)
+        hard = (torch.arange(self.k_max) < torch.round(self.k_max * keep)).float()
+        return hard + keep - keep.detach()
+
+    def k_hat(self):
+        return self.k_max * torch.sigmoid(self.a)
+
+
+def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
+    gates.register("toy", ToyGate)
+    try:
+        d = tmp_path / "run"
+        d.mkdir()
+        for stage in ("whiten", "decompose"):  # a copy of the session's run dir, so others are untouched
+            import shutil
+            shutil.copytree(f"{run_dir}/{stage}", d / stage)
+        args = learn_masks.parser().parse_args(["--method", "toy", "--keep", "0.6", "--steps", "6", "--compensate",
+                                                "3", "--train_seqlen", "32", "--run_dir", str(d)])
+        learn_masks.main(args)
+    finally:
+        del gates.GATES["toy"]
+    alloc = json.load(open(d / "allocation" / "ranks.json"))
+    assert alloc["method"] == "toy" and len(alloc["curve"]) == 6 and len(alloc["compensation_curve"]) == 3
+    assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
+    run_stage("truncate.py", "--run_dir", d)
+    run_stage("evaluate.py", "--run_dir", d, "--max_windows", 2, "--seqlen", 32)
+    assert math.isfinite(json.load(open(d / "metrics.json"))["compressed"]["ppl"])
