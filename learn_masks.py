@@ -223,7 +223,8 @@ def parser():
                    help="steps of the compensation stage after the allocation is final: only the kept components' "
                    "scales train, on the task loss; truncate.py folds them in (default: 100 after a learned method, "
                    "0 after one that trains nothing; 0 = the papers' plain methods)")
-    p.add_argument("--compensate_lr", type=float, default=0.05, help="AdamW learning rate of the compensation stage")
+    p.add_argument("--compensate_lr", type=float, default=0.02,
+                   help="AdamW learning rate of the compensation stage (measured: 0.02 beat 0.05 and 0.1, docs/RESULTS.md)")
     p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
     p.add_argument("--energy_norm", choices=["relative", "raw", "type"], default="relative",
