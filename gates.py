@@ -95,10 +95,10 @@ class Gate(nn.Module):
                 "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)}
 
 
-def uniform_logits(k_max, k0, width=6.0):
-    """Logits of a gate that starts at rank k0: +width at i = 0 falling linearly through 0 at i = k0."""
+def uniform_logits(k_max, k0):
+    """Logits of a gate that starts at rank k0: +6 at i = 0 falling linearly through 0 at i = k0."""
     i = torch.arange(k_max, dtype=torch.float32)
-    return width * (1 - i / max(k0, 1))
+    return 6 * (1 - i / max(k0, 1))
 
 
 class SigmoidGate(Gate):

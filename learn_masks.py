@@ -41,8 +41,8 @@ from safetensors.torch import save_file
 import artifacts
 import baselines
 import common
-import loading
 import gates
+import loading
 import masking
 import plots
 from common import UserError

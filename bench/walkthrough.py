@@ -30,11 +30,7 @@ import common  # noqa: E402
 import loading  # noqa: E402
 import gates  # noqa: E402
 from truncate import lowrank_factors  # noqa: E402
-from whiten import expand_factor  # noqa: E402
-
-
-class Stop(Exception):
-    pass
+from whiten import StopForward, expand_factor  # noqa: E402
 
 
 @torch.no_grad()
@@ -45,12 +41,12 @@ def layer_gram(model, layer, ids, batch_size=4):
     def hook(_m, inp):
         x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (B*T, n)
         G["sum"] = G.get("sum", 0) + (x.T @ x).double()
-        raise Stop
+        raise StopForward  # nothing after this layer needs to run
     h = layer.register_forward_pre_hook(hook)
     for i in range(0, len(ids), batch_size):
         try:
             model(ids[i:i + batch_size], use_cache=False)
-        except Stop:
+        except StopForward:
             pass
     h.remove()
     return G["sum"] / ids.numel()
