@@ -117,8 +117,7 @@ def allocate_svdllm2(shapes, rho, ctx, args):
         print(f"svdllm2: L_min <= 1 in {', '.join(uniform_groups)}: those types keep the uniform ratio")
     ranks = {}
     for name, (m, n) in shapes.items():
-        k = common.rank_at_fraction(max(out[name], 0.0), m, n)
-        ranks[name] = "dense" if k >= common.k_star(m, n) else max(k, 1)
+        ranks[name] = common.rank_or_dense(max(out[name], 0.0), m, n)
     return common.fill_budget(ranks, shapes, rho), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
 
 
@@ -132,8 +131,7 @@ def strs_search(ppl_table, shapes, rho, qs):
         q_of = {name: 1.0 for name in shapes}  # a layer with no triple below the cut stays dense
         for _p, name, q in triples[:cut]:
             q_of[name] = min(q_of[name], q)
-        return {name: "dense" if q_of[name] >= 1 else max(1, int(q_of[name] * m * n // (m + n)))
-                for name, (m, n) in shapes.items()}
+        return {name: common.rank_or_dense(q_of[name], m, n) for name, (m, n) in shapes.items()}
     lo, hi = 0, len(triples)  # more triples below the cut = smaller q = cheaper
     while lo < hi:
         mid = (lo + hi) // 2
@@ -153,8 +151,10 @@ def allocate_strs(shapes, rho, ctx, args):
     ids = ctx["ids"][:samples, :seqlen].to(ctx["device"])
     print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
     # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors, keyed
-    # on the exact calibration tokens it measured (an unreadable cache is rebuilt, never fatal)
-    cache = f"{args.run_dir}/decompose/strs_{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}.json"
+    # on everything it depends on: the exact calibration tokens, the dtype and the device type of the
+    # passes (an unreadable cache is rebuilt, never fatal)
+    key = f"{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}_{str(model.dtype)[6:]}_{ctx['device'].type}"
+    cache = f"{args.run_dir}/decompose/strs_{key}.json"
     try:
         with open(cache) as f:
             saved = json.load(f)

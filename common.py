@@ -6,11 +6,17 @@ Everything here is used by two or more stage scripts; stage-specific math stays 
 Numerics policy (stated once): Gram, Cholesky, SVD and triangular solves run in float64; factors
 are cast to the model's dtype only when a compressed layer is built.
 """
+import argparse
+import errno
+import fcntl
+import glob
 import math
 import os
 import random
 import re
+import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -18,20 +24,83 @@ import torch.nn as nn
 
 from modeling_lowrank import LowRankLinear  # noqa: F401 (one definition; it travels with compressed folders)
 
-FORMAT_VERSION = 3  # 2: manifests list their files, whiten records the weights' fingerprint; 3: sharded, compact S
+FORMAT_VERSION = 4  # 2: manifests list their files, whiten records the weights' fingerprint; 3: sharded, compact S;
+# 4: every file's content hash in its manifest
+
+TEMPORARY = []  # temporary folders and files of this process, removed by run_main when the stage fails
 
 
 class UserError(Exception):
     """Bad input: printed as one line by `run_main`, exit code 2."""
 
 
-def run_main(main, args):
-    """Run a stage's main(args); turn a UserError into one line on stderr and exit 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one `error:` line naming the flag and the fix, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+OS_ERRORS = r"(No space left on device|Disk quota exceeded|Read-only file system|Permission denied|Input/output error)"
+
+
+def os_error(e):
+    """The operating system's reason when `e` is (or wraps, as safetensors' errors do) a failed read or write,
+    else None (a bug: its traceback is kept)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    m = re.search(OS_ERRORS + r" \(os error \d+\)", str(e))
+    return m.group(1) if m else None
+
+
+def run_dir_lock(run_dir, stage):
+    """One process per run dir: an exclusive flock on RUN_DIR/.lock, held until the process exits (the kernel
+    drops it when a process dies, so a killed stage leaves no stale lock). The file names its holder, for
+    the line the next process prints. Temporary folders left by killed processes are removed once it is held."""
+    check_run_dir(run_dir)
+    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"--run_dir {run_dir}: cannot lock it ({e.strerror}): use a local folder") from None
+        raise UserError(f"--run_dir {run_dir} is in use by {holder}: wait for it to finish, or pass another "
+                        "--run_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode())
+    for left in glob.glob(os.path.join(run_dir, ".*.tmp*")) + glob.glob(os.path.join(run_dir, ".*.old*")):
+        shutil.rmtree(left, ignore_errors=True) if os.path.isdir(left) else os.remove(left)  # killed processes'
+    return fd
+
+
+def run_main(main, args):
+    """Run a stage's main(args) holding the run dir's lock. A UserError is one line on stderr and exit 2; a
+    failed write (full disk, quota, permissions) is one line and exit 1; either way the stage's temporary
+    files are removed and every earlier complete artifact is left in place."""
+    stage = os.path.basename(sys.argv[0]) or "a stage"
+    fd = None
+    try:
+        fd = run_dir_lock(args.run_dir, stage)
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        why = os_error(e)
+        if why is None:
+            raise
+        print(f"error: {why} while {stage} ran on --run_dir {args.run_dir}: free space (df -h {args.run_dir}) or "
+              "fix the permissions, then re-run it; earlier artifacts are untouched", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for path in TEMPORARY:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
+                os.path.exists(path) and os.remove(path)
+        TEMPORARY.clear()
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def set_seed(seed):
@@ -159,13 +228,19 @@ def rank_at_fraction(r, m, n):
     return int(r * m * n // (m + n))
 
 
+def rank_or_dense(r, m, n):
+    """The option that keeps at most the fraction r of an m x n layer: rank k(r) (at least 1) below
+    break-even; past it, dense only when r >= 1 (dense costs m n > r m n otherwise), else rank k* - 1,
+    so an allocation built from per-layer ratios never exceeds its budget (docs/METHODS.md §2)."""
+    k = rank_at_fraction(r, m, n)
+    if k < k_star(m, n):
+        return max(k, 1)
+    return "dense" if r >= 1 else max(k_star(m, n) - 1, 1)
+
+
 def uniform_ranks(shapes, rho):
-    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)); k >= k* means dense (docs/METHODS.md §2)."""
-    ranks = {}
-    for name, (m, n) in shapes.items():
-        k = rank_at_fraction(rho, m, n)
-        ranks[name] = "dense" if k >= k_star(m, n) else max(k, 1)
-    return fill_budget(ranks, shapes, rho)
+    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)) (docs/METHODS.md §2), at most the budget."""
+    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho)
 
 
 def kept_removed(rho):

@@ -19,7 +19,6 @@ Writes RUN_DIR/decompose/:
 
   python decompose.py --run_dir runs/default
 """
-import argparse
 import math
 import time
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 import artifacts
 import common
 import loading
+from common import UserError
 from whiten import expand_factor
 
 
@@ -76,7 +76,7 @@ def main(args):
             W = common.weight_matrix(linears[name]).detach().to(device, torch.float64)
             m = W.shape[0]
             U, sigma, VtSinv = whitened_svd(W, S, S_inv)  # float64 on the device (docs/METHODS.md §1)
-            k_max = min(len(sigma), int(args.kmax_mult * common.k_star(m, n)))
+            k_max = int(min(len(sigma), args.kmax_mult * common.k_star(m, n)))  # float min: no overflow
             tensors[f"{name}.U"] = U[:, :k_max].to(store).cpu().contiguous()
             tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
             tensors[f"{name}.VtSinv"] = VtSinv[:k_max].to(store).cpu().contiguous()
@@ -88,6 +88,11 @@ def main(args):
         shard = whiten["shards"][leader]  # the decoder block's shard name, as in whiten/
         last = g_i + 1 == len(order) or whiten["shards"][order[g_i + 1]] != shard
         if last:  # the block is done: write its factors and free them
+            bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+            if bad:  # never write factors a later stage would turn into a NaN model
+                raise UserError(f"the SVD of {bad[0].rsplit('.', 1)[0]} gave NaN or inf (a non-finite weight or "
+                                f"whitening factor): check the model's weights, or re-run `python whiten.py "
+                                f"--run_dir {args.run_dir} --whitening eigh`")
             save_file(tensors, f"{out}/{shard}")
             shards.update({k.rsplit(".", 1)[0]: shard for k in tensors})
             tensors = {}
@@ -98,10 +103,15 @@ def main(args):
     print(f"wrote {args.run_dir}/decompose in {time.time() - t0:.1f}s")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser():
+    """The flags (a function, so the tests can parse and run a stage in-process)."""
+    p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--kmax_mult", type=float, default=1.2,
                    help="store k_max = min(rank, floor(kmax_mult * k*)) components (ARA: 1.2); large = full rank")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
-    common.run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    common.run_main(main, parser().parse_args())

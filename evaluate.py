@@ -15,7 +15,6 @@ kept_fraction_model, eval settings, wall time of every stage.
   python evaluate.py --run_dir runs/default
   python evaluate.py --run_dir runs/llama2 --protocol paper     # online: WikiText-2, as the papers report
 """
-import argparse
 import json
 import math
 import os
@@ -147,7 +146,9 @@ def prepare_tasks(names, stream, tok, args):
         elif name.startswith("local:"):
             path = name[len("local:"):]
             check_task_file(path)
-            name = "local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
+            # named by the file's base name AND its contents: two files called items.jsonl stay two tasks
+            name = ("local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
+                    + "_" + artifacts.file_hash(path)[:8])
         else:
             resolved.append(name)
             continue
@@ -301,7 +302,8 @@ def main(args):
     loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
-    common.check_run_dir(args.run_dir)
+    ranks = artifacts.read_json(f"{args.run_dir}/compressed/ranks.json", f"python truncate.py --run_dir {args.run_dir}",
+                                schema={"layers": dict, "method": str, "keep": artifacts.NUMBER})
     device = common.pick_device(args.device)
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = loading.load_model(whiten["model"], device, **placement)
@@ -325,7 +327,8 @@ def main(args):
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
-    ranks = artifacts.read_json(f"{args.run_dir}/compressed/ranks.json", "python truncate.py", keys=("layers", "method"))
+    if artifacts.read_manifest(args.run_dir, "compressed", "python truncate.py")["hash"] != comp["hash"]:
+        raise UserError(f"{args.run_dir}/compressed changed while evaluate.py ran: re-run evaluate.py")
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],
                "kept_fraction_linear": comp["kept_fraction_linear"],
                "kept_fraction_model": compressed["params"] / original["params"],
@@ -353,8 +356,9 @@ def main(args):
           f"{1 - metrics['kept_fraction_model']:.2%} of the model; wrote {args.run_dir}/metrics.json")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser():
+    """The flags (a function, so the tests can parse and run a stage in-process)."""
+    p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
                    help="default: embedded text, 40 x 512 tokens, the model's dtype; paper: WikiText-2 test (or --data "
                    "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
@@ -377,4 +381,8 @@ if __name__ == "__main__":
     p.add_argument("--speed_new_tokens", type=int, default=32, help="generated tokens of the decode test")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
-    common.run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    common.run_main(main, parser().parse_args())

@@ -32,7 +32,6 @@ Writes RUN_DIR/allocation/:
   python learn_masks.py --method ara --keep 0.8                  # 100 allocation + 100 compensation steps
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
-import argparse
 import time
 
 import torch
@@ -104,7 +103,7 @@ def load_context(args, run_dir, whiten, decomp):
     """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
     the model, the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {run_dir}"
-    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"])
+    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shapes(decomp))
     sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
     ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
     if not needs_model(args):
@@ -126,8 +125,7 @@ def load_context(args, run_dir, whiten, decomp):
                             f"(or -{L + 1}..-1)")
     for p in model.parameters():
         p.requires_grad_(False)
-    ids = artifacts.read_tensors(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}",
-                              keys=["ids"])["ids"]
+    ids = artifacts.read_ids(run_dir, whiten, model.config.vocab_size)
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
     return {**ctx, "model": model, "ids": ids, "factors": f, "device": device}
 
@@ -143,7 +141,7 @@ def check_args(args):
     common.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
                        alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), tau=((">", 0), None),
                        sparsity=(0, None), log_every=(1, None), energy_power=((">", 0), None),
-                       strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, None), soco_stages=(0, 1),
+                       strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, 2**32 - 1), soco_stages=(0, 1),
                        teacher_cache_gb=(0, None),
                        settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None))
     loading.check_dtype_placement(args.dtype, args.device_map)
@@ -170,6 +168,8 @@ def main(args):
         ctx = load_context(args, args.run_dir, whiten, decomp)
         ranks, components, record = allocate(shapes, args.keep, ctx, args)
     rho = common.kept_fraction(ranks, shapes)
+    if rho > args.keep + 1e-12:  # every allocator meets the budget; an overshoot is a bug, never a result
+        raise RuntimeError(f"{args.method} kept {rho:.6f} > --keep {args.keep}: the allocator broke the budget")
     dense = sum(r == "dense" for r in ranks.values())
     wall = round(time.time() - t0, 1)
     print(f"{args.method}: {common.kept_removed(rho)} of the compressed linears "
@@ -190,7 +190,7 @@ def main(args):
 
 def parser():
     """The flags (a function, so a registered method's test can parse them in-process)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="uniform", help="|".join(methods()) + " (or one registered with gates.register)")
     p.add_argument("--keep", type=float, default=0.8, help="KEPT fraction of the compressed linears, in (0, 1]")
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",

@@ -64,15 +64,27 @@ def load_model(spec, device, dtype=None, device_map=None):
         raise UserError(f"the tokenizer of {spec!r} turns plain text into no tokens: its files are incomplete "
                         "(tokenizer.json / tokenizer.model missing?) or need a package (sentencepiece?)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
-                                                     **({"device_map": device_map} if device_map else {}))
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
+                                                           **({"device_map": device_map} if device_map else {}))
     except Exception as e:  # no weights, corrupt or truncated weight file, unknown architecture, offline
         raise UserError(f"cannot load model {spec!r} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
                         "an intact local model folder, or a hub id while online") from None
+    check_loading_info(spec, info)
     if device_map:
         check_placement(model)
     return (model if device_map else model.to(device)).eval(), tok
+
+
+def check_loading_info(spec, info):
+    """The checkpoint must hold exactly the weights its config describes: transformers only warns about
+    missing keys (then initialises them at random) and unexpected ones (then drops them), so a config that
+    disagrees with its weights (e.g. fewer layers) would be compressed and scored as another model."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or []))
+        if keys:
+            raise UserError(f"model {spec!r}: its config and its checkpoint disagree ({len(keys)} "
+                            f"{kind.replace('_', ' ')}, e.g. {keys[0]}): fix config.json or the weight files")
 
 
 def check_dtype_placement(dtype_flag, device_map, hint=""):

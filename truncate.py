@@ -19,7 +19,6 @@ tokenizer files, model.safetensors, ranks.json, manifest.json. Reload it with on
 
   python truncate.py --run_dir runs/default
 """
-import argparse
 import os
 import shutil
 import time
@@ -95,6 +94,27 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def check_components(components, ranks, layers, path, rerun):
+    """Each layer's learned subset: `index` distinct integers in 0..k_max-1, as many as its rank, and a
+    finite `scale` of the same length (artifacts checked the dtypes and finiteness)."""
+    for name, r in ranks.items():
+        if f"{name}.index" not in components:
+            continue
+        index, scale = components[f"{name}.index"], components.get(f"{name}.scale")
+        k_max = layers[name]["k_max"]
+        if scale is None or index.dim() != 1 or scale.shape != index.shape or (r != "dense" and len(index) != r):
+            raise UserError(f"{path}: {name}'s index and scale do not match its rank {r}: re-run `{rerun}`")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= k_max or len(set(index.tolist())) < len(index)):
+            raise UserError(f"{path}: {name}'s index holds values outside 0..{k_max - 1} or repeats: re-run `{rerun}`")
+
+
+def check_finite(model, rerun):
+    """Never save a model with NaN or inf weights (it would reload and score garbage)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"the compressed model's {name} holds NaN or inf: the factors are broken; re-run `{rerun}`")
+
+
 def check_ranks(ranks, layers, rerun):
     """Every compressed layer has "dense" or an integer rank in 1..k_max; ranks >= k* become "dense"."""
     for name, v in layers.items():
@@ -119,7 +139,8 @@ def main(args):
     artifacts.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
     rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
-    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, keys=("layers",))
+    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun,
+                                     schema={"layers": dict, "components": bool})
     ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
     model, tok = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
@@ -129,10 +150,13 @@ def main(args):
     if allocation.get("components") and not os.path.isfile(comp_path):
         raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
     if allocation.get("components"):
-        components = artifacts.read_tensors(comp_path, rerun)
+        f = artifacts.TensorFile(comp_path, rerun)
+        components = {k: f.get(k, kind="int" if k.endswith(".index") else "float") for k in f.names}
+        check_components(components, ranks, decomp["layers"], comp_path, rerun)
     factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
-                               decomp["shards"])  # read one layer at a time
+                               decomp["shards"], shape=artifacts.factor_shapes(decomp))  # one layer at a time
     compress_model(model, ranks, factors, components)
+    check_finite(model, f"python decompose.py --run_dir {args.run_dir}")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
 
@@ -155,7 +179,12 @@ def main(args):
     print(f"wrote {args.run_dir}/compressed; reload with truncate.load_compressed('{args.run_dir}/compressed')")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser():
+    """The flags (a function, so the tests can parse and run a stage in-process)."""
+    p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
-    common.run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    common.run_main(main, parser().parse_args())

@@ -22,7 +22,6 @@ Writes RUN_DIR/whiten/:
 
   python whiten.py --model embedded --data embedded --nsamples 64 --seqlen 512
 """
-import argparse
 import sys
 import time
 import weakref
@@ -248,7 +247,7 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
 
 def main(args):
     common.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
-                       seed=(0, None))
+                       seed=(0, 2**32 - 1))
     common.check_run_dir(args.run_dir)
     common.set_seed(args.seed)
     device = common.pick_device(args.device)
@@ -286,8 +285,9 @@ def main(args):
           f"{len(fixes)} numerical fixes, at most {GRAMS['peak']} Gram matrices alive at once)")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser():
+    """The flags (a function, so the tests can parse and run a stage in-process)."""
+    p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M from pip), a local folder or a hub id")
     p.add_argument("--data", default="embedded",
                    help="'embedded' (gensim's Wikipedia), 'wikitext2', 'c4' (hub) or a .txt/.jsonl path")
@@ -299,4 +299,8 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    common.run_main(main, p.parse_args())
+    return p
+
+
+if __name__ == "__main__":
+    common.run_main(main, parser().parse_args())

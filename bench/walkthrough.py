@@ -77,7 +77,8 @@ def main(args):
     m, n = info["m"], info["n"]
     model, _ = loading.load_model(whiten["model"], "cpu")
     W = common.weight_matrix(common.find_linears(model)[name]).detach().double()  # (m, n)
-    ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"])["ids"]
+    ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"],
+                                 kinds={"ids": "int"})["ids"]
     leader = whiten["groups"][name]
     G = layer_gram(model, common.find_linears(model)[name], ids)
     S_file = artifacts.Shards(rd, "whiten", "python whiten.py", whiten["shards"])
