@@ -170,6 +170,7 @@ class AraGate(Gate):
         keep = torch.floor(k_max * self.c)
         self.register_buffer("B", (torch.arange(k_max)[None, :] < keep[:, None]).float())  # staircase (D+1, k_max)
         # two-level init: an eps floor everywhere plus a two-point mass so that E[rho] = k0 / k_max exactly
+        # (where k0 / k_max >= eps / 2, the floor's own mean; below it E[rho] is that mean)
         x = (k0 / k_max - eps * self.c.mean().item()) / (1 - eps)
         x = min(max(x, 0.0), 1.0)
         j0 = min(int((1 - x) * D), D - 1)  # c[j0] >= x >= c[j0 + 1]

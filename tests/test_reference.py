@@ -1,0 +1,229 @@
+"""Every equation checked against an INDEPENDENT computation (issue 17): a slow reference written here, a
+hand-computed case, or the paper's closed form, never the code path under test. Each test names, in its
+docstring, a wrong result it catches."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import oracle
+from conftest import run_inprocess, tiny_model, tiny_tokenizer
+
+
+# ----------------------------------------------------------------------------- whitening and factors on disk
+
+def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, tiny_dir):
+    """decompose/'s files (the triangular-solve path the pipeline uses, through whiten/'s shards) against
+    the whole-model Gram of tests/oracle.py, torch's own Cholesky and SVD: sigma = svdvals(W S), U has
+    orthonormal columns, (V^T S^-1) S has orthonormal rows, and the whitened loss of rank k is the dropped
+    sigma^2 (SVD-LLM Thm. 3.2). Catches a wrong Gram (scaling, grouping), a wrong solve side (S^-1 V^T),
+    a transposed factor, sigma out of order."""
+    from transformers import AutoModelForCausalLM
+    whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
+    decomp = json.load(open(f"{run_dir}/decompose/manifest.json"))
+    ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    linears = common.find_linears(model)
+    groups = oracle.share_groups(model, linears, ids[:1])
+    G = oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
+    checked = 0
+    for name, v in decomp["layers"].items():
+        if groups[name] in whiten["fixes"]:
+            continue  # a jittered group: its S is not chol(G)
+        f = load_file(f"{run_dir}/decompose/{decomp['shards'][name]}")
+        U, sigma, VtSinv = f[f"{name}.U"].double(), f[f"{name}.sigma"].double(), f[f"{name}.VtSinv"].double()
+        W = common.weight_matrix(linears[name]).detach().double()
+        S = torch.linalg.cholesky(G[groups[name]])
+        ref = torch.linalg.svdvals(W @ S)
+        torch.testing.assert_close(sigma, ref, rtol=1e-5, atol=1e-7)
+        k_max = v["k_max"]
+        torch.testing.assert_close(U.T @ U, torch.eye(k_max, dtype=torch.float64), rtol=0, atol=1e-5)
+        Vt = VtSinv @ S
+        torch.testing.assert_close(Vt @ Vt.T, torch.eye(k_max, dtype=torch.float64), rtol=0, atol=1e-4)
+        for k in (1, k_max // 2, k_max):
+            loss = ((W - U[:, :k] * sigma[:k] @ VtSinv[:k]) @ S).pow(2).sum()
+            torch.testing.assert_close(loss, ref[k:].pow(2).sum(), rtol=1e-3, atol=1e-6 * ref.pow(2).sum().item())
+        checked += 1
+    assert checked >= len(decomp["layers"]) // 2
+
+
+# ----------------------------------------------------------------------------- budget and allocations
+
+def test_uniform_ranks_by_hand():
+    """k = floor(rho m n / (m + n)), then the leftover budget handed out one rank per layer per pass:
+    a (100, 100) at 0.5 -> 25, b (300, 100) -> floor(37.5) = 37; cost 5000 + 14800, 200 left -> a 26.
+    Catches ceil for floor, (m + n) / (m n) for its inverse, a fill that overshoots."""
+    assert common.uniform_ranks({"a": (100, 100), "b": (300, 100)}, 0.5) == {"a": 26, "b": 37}
+    assert common.rank_or_dense(0.995, 160, 64) == 44  # k(0.995) = 45 = k*: dense would cost 10240 > 10189
+    assert common.rank_or_dense(1.0, 160, 64) == "dense"
+
+
+def test_strs_cut_search_on_a_hand_made_table():
+    """ASVD's STRS on two (100, 100) layers, q in {0.1, 0.5, 0.9} (ranks 5, 25, 45), budget 0.35 (7000):
+    triples by ppl  b.9 10.0, a.9 10.1, b.5 10.2, b.1 10.4, a.5 10.5, a.1 20.0; the first cut that fits is
+    5 (a 25 + b 5 = 6000), then 1000 left: a 26, b 6, a 27, b 7, a 28. Catches sorting the wrong way
+    (the robust layer kept, the sensitive one cut), the largest q below the cut instead of the smallest,
+    a cut one too far or too short."""
+    from baselines import strs_search
+    table = {("a", 0.9): 10.1, ("a", 0.5): 10.5, ("a", 0.1): 20.0,
+             ("b", 0.9): 10.0, ("b", 0.5): 10.2, ("b", 0.1): 10.4}
+    shapes = {"a": (100, 100), "b": (100, 100)}
+    assert strs_search(table, shapes, 0.35, [0.1, 0.5, 0.9]) == {"a": 28, "b": 7}
+
+
+def test_parameter_counts_are_exact(run_dir):
+    """The compressed model's parameter count against the config, by hand: a tiny Llama (untied head)
+    has V h (embeddings) + V h (head) + h (final norm) + per block 2 h (norms) + the linears, and each
+    low-rank layer replaces m n by k (m + n). Catches a tied tensor counted twice, a bias dropped, a
+    factor of the wrong size, the manifest's count drifting from the model's."""
+    from truncate import load_compressed
+    assert run_inprocess("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)[0] == 0
+    assert run_inprocess("truncate.py", "--run_dir", run_dir)[0] == 0
+    cfg = json.load(open(f"{run_dir}/compressed/config.json"))
+    h, V, L, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+              "gate_proj": (I, h), "up_proj": (I, h), "down_proj": (h, I)}
+    original = 2 * V * h + h + L * (2 * h + sum(m * n for m, n in shapes.values()))
+    ranks = json.load(open(f"{run_dir}/compressed/ranks.json"))["layers"]
+    saved = sum(m * n - ranks[name] * (m + n) for name in ranks if ranks[name] != "dense"
+                for kind, (m, n) in shapes.items() if name.endswith(kind))
+    man = json.load(open(f"{run_dir}/compressed/manifest.json"))
+    assert man["params_original"] == original and man["params_compressed"] == original - saved
+    model, _ = load_compressed(f"{run_dir}/compressed")
+    assert sum(p.numel() for p in model.parameters()) == original - saved
+
+
+# ----------------------------------------------------------------------------- the gates' expectations
+
+def gate_args(**kw):
+    return argparse.Namespace(init="uniform", tau=0.4, **kw)
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara"])
+def test_k_hat_is_the_expected_number_kept(method):
+    """k_hat (what the budget term trains) against a Monte-Carlo estimate of the number of components the
+    sampled mask keeps (nonzero), on gates with random parameters. Catches P(keep) = sigmoid(z / tau) for
+    sigmoid, a sign or a missing shift in hard-concrete's L0 term, ARA's count off by the rounding."""
+    import gates
+    torch.manual_seed(0)
+    gate = gates.GATES[method](40, 20, torch.linspace(2, 0.1, 40), gate_args())
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(torch.randn_like(p) * 2)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.stack([(gate.mask(gen).detach() > 0).float().sum() for _ in range(4000)])
+    k_hat = float(gate.k_hat())
+    if method == "ara":  # a deterministic staircase: round(k_max rho) components
+        assert counts.std() == 0 and abs(counts[0].item() - k_hat) <= 0.5
+    else:
+        assert abs(counts.mean().item() - k_hat) < 4 * counts.std().item() / math.sqrt(len(counts)) + 1e-3
+
+
+@pytest.mark.parametrize("k0", [1, 2, 13, 37, 60])
+def test_ara_init_expected_rho_is_the_uniform_rank(k0):
+    """ARA's two-level init: E[rho] = sum_j pi_j c_j = k0 / k_max exactly (the paper's uniform start), by
+    the closed form sum over the simplex; below the eps floor's own mean (eps / 2 = 0.025 of k_max: k0 = 1
+    of 64) it is that floor. Catches a j0 off by one, the eps floor left out of the mean."""
+    import gates
+    gate = gates.AraGate(64, k0, torch.ones(64), gate_args())
+    pi = torch.softmax(gate.p.detach().double(), 0)
+    c = 1 - torch.arange(101, dtype=torch.float64) / 100
+    assert abs(float((pi * c).sum()) - max(k0 / 64, 0.05 * 0.5)) < 1e-6
+
+
+def test_guidance_grid_and_its_lookup_on_a_decaying_spectrum():
+    """b(r) = sqrt(sum_{i >= k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)) (ARA Eq. 9), by
+    hand with Python floats on sigma_i = 0.7^i, (m, n) = (30, 20): k(r) = floor(12 r); the loss is active
+    where r > 1 - b(r) (r read down to the grid), weighted 1 - r. Catches k(r) from the wrong shape term,
+    the head instead of the tail, sigma for sigma^2, the lookup on the wrong side of a grid point."""
+    import gates
+    sigma = torch.tensor([0.7 ** i for i in range(20)], dtype=torch.float64)
+    grid = gates.guidance_grid(sigma, 30, 20)
+    s2 = [0.7 ** (2 * i) for i in range(20)]
+
+    def b(r):
+        k = math.floor(r * 600 / 50 + 1e-9)
+        return math.sqrt(sum(s2[k:]) / sum(s2))
+    for j in (0, 10, 25, 50, 83, 100):
+        assert abs(grid[j].item() - b(j / 100)) < 1e-6, j
+    r = torch.tensor([0.537, 0.2, 0.999, 1.0])
+    loss = gates.guidance_loss(r, grid[None].expand(4, -1))
+    by_hand = sum((1 - x) * (x < 1 and x > 1 - b(math.floor(x * 100) / 100)) for x in r.tolist()) / 4
+    assert abs(loss.item() - by_hand) < 1e-6 and by_hand > 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_perplexity_is_exp_of_the_mean_token_nll_by_hand():
+    """exp(sum of -log p(x_{t+1} | x_<=t) / number of predicted tokens), by an explicit float64 loop over
+    windows and positions; 3 windows in batches of 2, so a mean of batch means differs. Catches the
+    shift off by one, the mean over batches instead of tokens, the first token counted."""
+    import evaluate
+    model = tiny_model("llama")
+    windows = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(0))
+    windows[2] = windows[2].flip(0)
+    ppl = evaluate.perplexity(model, windows, 2, torch.device("cpu"), "test")
+    with torch.no_grad():
+        logits = model(windows).logits.double()
+    nll, count = 0.0, 0
+    for b in range(3):
+        for t in range(16):
+            row = logits[b, t]
+            nll -= (row[windows[b, t + 1]] - torch.logsumexp(row, 0)).item()
+            count += 1
+    assert abs(ppl - math.exp(nll / count)) < 1e-5 * ppl
+
+
+def test_zero_shot_accuracy_equals_a_hand_count(tmp_path):
+    """lm-eval's acc on a local multiple-choice task against a hand count: each choice's log-likelihood is
+    the sum of log p over its tokens after the context (continuation tokens = tokens of context + choice
+    past those of the context, as the harness splits them), the prediction its argmax. The labels are set
+    so the hand count is 3 of 6 right. Catches a label off by one, choices read in another order, the
+    continuation scored from the wrong position."""
+    import evaluate
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    contexts = ["The minister said", "Police in Sydney", "The market fell", "Rain is expected",
+                "The team won", "Officials confirmed"]
+    choices = [" the talks", " the fire", " on Monday"]
+
+    def loglik(ctx, cont):
+        whole, head = tok(ctx + cont)["input_ids"], tok(ctx)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+        return sum(lp[t - 1, whole[t]].item() for t in range(len(head), len(whole)))
+    best = [max(range(3), key=lambda j: loglik(c, choices[j])) for c in contexts]
+    labels = [p if i % 2 == 0 else (p + 1) % 3 for i, p in enumerate(best)]  # right on items 0, 2, 4
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps({"context": c, "choices": choices, "label": y}) + "\n"
+                            for c, y in zip(contexts, labels)))
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
+    tasks, manager, _ = evaluate.prepare_tasks([f"local:{path}"], None, tok, args)
+    acc = evaluate.zero_shot(model, tok, tasks, manager, 2)[tasks[0]]["acc"]
+    assert acc == pytest.approx(3 / 6)
+
+
+def test_block_streamed_whitening_on_disk_equals_the_whole_model_gram(run_dir, tiny_dir):
+    """whiten.py's shards (block by block, packed) expanded back to S S^T, against the whole-model Gram of
+    tests/oracle.py on the same calibration windows (the artifacts test_scale's in-memory check does not
+    read). Catches a shard holding the wrong block's factor, the packing or its expansion, T miscounted."""
+    from transformers import AutoModelForCausalLM
+    from whiten import expand_factor
+    whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
+    ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    linears = common.find_linears(model)
+    groups = oracle.share_groups(model, linears, ids[:1])
+    G = oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
+    assert groups == whiten["groups"]
+    for leader in set(groups.values()):
+        S_packed = load_file(os.path.join(run_dir, "whiten", whiten["shards"][leader]))[f"{leader}.S"]
+        S, _ = expand_factor(S_packed, G[leader].shape[0], whiten["whitening"])
+        jitter = whiten["fixes"].get(leader, {}).get("jitter", 0.0)
+        ref = G[leader] + jitter * torch.eye(len(G[leader]), dtype=torch.float64)
+        torch.testing.assert_close(S.double() @ S.double().T, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
