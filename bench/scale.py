@@ -26,21 +26,27 @@ SHAPES = {  # LlamaConfig fields; the number of blocks comes from --blocks
 }
 
 
-def random_model(folder, shape, blocks, dtype):
-    """A random-weight Llama of the given shape, saved with the embedded model's tokenizer (no download)."""
+def random_model(folder, shape, blocks, dtype, tokenizer=None):
+    """A random-weight Llama of the given shape, saved with the embedded model's tokenizer (no download; or
+    the one in folder `tokenizer`). Its token ids must fit the vocabulary: where the tokenizer has more
+    tokens than the shape (the embedded one has 49152, LLaMA-2's vocabulary 32000), the embeddings and the
+    head take the tokenizer's size, which the run says (a larger head than the real model's: its memory
+    figures are an upper bound on that term)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import loading
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
+    tok = AutoTokenizer.from_pretrained(tokenizer or loading.embedded_model_dir())
+    fields = dict(SHAPES[shape])
+    if len(tok) > fields["vocab_size"]:
+        print(f"{shape}: vocabulary {fields['vocab_size']} -> {len(tok)} (the tokenizer's), so every token id fits")
+        fields["vocab_size"] = len(tok)
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=blocks, **SHAPES[shape])
+    config = LlamaConfig(num_hidden_layers=blocks, **fields)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(loading.embedded_model_dir())
-    if shape != "smollm2":  # keep token ids inside the vocabulary
-        assert tok.vocab_size <= config.vocab_size
     tok.save_pretrained(folder)
     return folder
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_stage, tiny_model
+from conftest import ROOT, run_stage, tiny_model
 from oracle import accumulate_gram, share_groups
 from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
                     whitening_factor)
@@ -233,3 +233,20 @@ def test_teacher_cache_is_exact_and_skips_revisits():
     auto = learn_args("ara", steps=12, batch_size=4, train_seqlen=32)
     assert masking.use_teacher_cache(auto, 16, 320) and not masking.use_teacher_cache(auto, 64, 320)  # revisits?
     assert not masking.use_teacher_cache(learn_args("ara", loss="ce", teacher_cache="on"), 16, 320)
+
+
+def test_scale_random_model_fits_a_tokenizer_larger_than_its_shape(tiny_dir, tmp_path, monkeypatch):
+    """bench/scale.py --shape llama2-7b stopped at a bare AssertionError (the embedded tokenizer has 49152
+    tokens, the shape 32000): the random model now takes the tokenizer's vocabulary, so every id fits."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.spec_from_file_location("scale_bench", os.path.join(ROOT, "bench", "scale.py"))
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    monkeypatch.setitem(scale.SHAPES, "small", dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64))
+    folder = scale.random_model(str(tmp_path / "m"), "small", 1, "bfloat16", tokenizer=tiny_dir)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    assert model.config.vocab_size == len(tok) == 320 and model.dtype == torch.bfloat16
+    ids = torch.tensor([tok("The minister said on Monday")["input_ids"]])
+    assert ids.max() < model.config.vocab_size and torch.isfinite(model(ids).logits.float()).all()
