@@ -23,6 +23,8 @@ SHAPES = {  # LlamaConfig fields; the number of blocks comes from --blocks
                     vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=320, tie_word_embeddings=False, max_position_embeddings=256),  # bench/gpu.sh --dry
 }
 
 
@@ -67,9 +69,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run(script, *args):
+def run(script, *args, work=os.path.join(ROOT, "runs", "scale")):
     """One stage in its own process: (wall s, peak RSS bytes of that process alone)."""
-    hwm = os.path.join(ROOT, "runs", "scale", ".hwm")
+    hwm = os.path.join(work, ".hwm")
     t0 = time.time()
     cmd = [sys.executable, "-c", LAUNCHER, os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -89,7 +91,7 @@ def bench_model(model, run_dir, args):
               ("evaluate.py", ["--max_windows", args.eval_windows, "--seqlen", args.seqlen], None)]
     rows = []
     for script, flags, out in stages:
-        wall, rss = run(script, *flags, *(common_flags if script != "truncate.py" else common_flags[:2]))
+        wall, rss = run(script, *flags, *(common_flags if script != "truncate.py" else common_flags[:2]), work=args.work)
         man = json.load(open(os.path.join(run_dir, out, "manifest.json"))) if out else {}
         written = folder_bytes(os.path.join(run_dir, out)) if out else 0
         rows.append((script, wall, rss, man.get("peak_gpu_bytes"), written))
@@ -107,16 +109,17 @@ def table(name, model_bytes, blocks, rows):
 
 
 def main(args):
-    work = os.path.join(ROOT, "runs", "scale")
+    work = args.work
     os.makedirs(work, exist_ok=True)
     todo = [("embedded", "embedded")] if args.embedded else []
-    todo += [(f"{args.shape}-{b}", random_model(os.path.join(work, f"model_{args.shape}_{b}"), args.shape, b, args.dtype))
-             for b in args.blocks]
+    todo += [(f"{args.shape}-{b}", random_model(os.path.join(work, f"model_{args.shape}_{b}"), args.shape, b, args.dtype,
+                                                args.tokenizer)) for b in args.blocks]
     # what any stage costs before it touches a model: the interpreter with torch and transformers imported
     imports = os.path.join(work, "imports_only.py")
     with open(imports, "w") as f:
         f.write("import torch, transformers, safetensors, tqdm, common, loading, artifacts, masking\n")
-    _, base = run(imports)
+    _, base = run(imports, work=work)
+    results = {"imports_rss_bytes": base}
     out = [f"Interpreter with torch + transformers + this project imported: {base / 2**20:,.0f} MiB peak RSS."]
     print(out[0], flush=True)
     for name, model in todo:
@@ -125,9 +128,13 @@ def main(args):
         cfg = json.load(open(os.path.join(folder, "config.json")))
         rows = bench_model(model, os.path.join(work, f"run_{name}"), args)
         out.append(table(name, folder_bytes(folder), cfg["num_hidden_layers"], rows))
+        results[name] = {"blocks": cfg["num_hidden_layers"], "model_bytes": folder_bytes(folder), "stages": [
+            dict(zip(("stage", "wall_s", "peak_rss_bytes", "peak_gpu_bytes", "written_bytes"), r)) for r in rows]}
         print(out[-1] + "\n", flush=True)
     with open(os.path.join(work, "table.md"), "w") as f:
         f.write("\n\n".join(out) + "\n")
+    with open(os.path.join(work, "table.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
@@ -142,4 +149,6 @@ if __name__ == "__main__":
     p.add_argument("--keep", type=float, default=0.8, help="kept fraction (uniform allocation)")
     p.add_argument("--eval_windows", type=int, default=2, help="evaluate.py windows")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--tokenizer", default=None, help="folder of the random models' tokenizer (default: the embedded one)")
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "scale"), help="folder of the models, runs and table.md")
     main(p.parse_args())

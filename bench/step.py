@@ -7,6 +7,7 @@ decompose/ (python whiten.py && python decompose.py); the model is the one white
   python bench/step.py --run_dir runs/llama2 --batch_size 2 --train_seqlen 2048     # the 7B target, GPU
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,10 +71,16 @@ def measure(args, checkpointing):
 
 def main(args):
     print("| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB |\n|---|---|---|---|---|---|")
+    rows = []
     for ckpt in (False, True):
         floor, step, peak = measure(args, ckpt)
+        rows.append({"checkpointing": ckpt, "tokens": [args.batch_size, args.train_seqlen], "floor_s": floor,
+                     "step_s": step, "step_over_floor": step / floor, "peak_gpu_gib": peak})
         print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {floor:.3f} | {step:.3f} | "
               f"{step / floor:.2f} | {'-' if peak is None else f'{peak:.1f}'} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
@@ -86,10 +93,8 @@ if __name__ == "__main__":
     p.add_argument("--repeat", type=int, default=4, help="timed repetitions")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
-    # the learn_masks.py flags the step reads, at their defaults
-    defaults = dict(loss="kl", hidden_layers=[-1], lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5,
-                    guidance=50.0, tau=0.4, init="uniform", log_every=10, soco_stages=[0.5, 0.5], sparsity=1.0,
-                    seed=0, device_map=None, steps=1, teacher_cache="off",
-                    teacher_cache_gb=16.0)
+    # every other learn_masks.py flag at its default (its own parser: no second copy of the defaults)
+    defaults = {**vars(learn_masks.parser().parse_args([])), "steps": 1, "teacher_cache": "off"}
     main(argparse.Namespace(**{**defaults, **vars(args)}))
