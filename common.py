@@ -70,7 +70,8 @@ def run_dir_lock(run_dir, stage):
                         "--run_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode())
-    for left in glob.glob(os.path.join(run_dir, ".*.tmp*")) + glob.glob(os.path.join(run_dir, ".*.old*")):
+    leftovers = [os.path.join(run_dir, pattern) for pattern in (".*.tmp*", ".*.old*", "*.tmp[0-9]*", "*/*.tmp[0-9]*")]
+    for left in [path for pattern in leftovers for path in glob.glob(pattern)]:
         shutil.rmtree(left, ignore_errors=True) if os.path.isdir(left) else os.remove(left)  # killed processes'
     return fd
 

@@ -5,6 +5,7 @@ users (WikiText-2, C4, model ids). Bad input is one UserError line naming the fi
 import importlib.util
 import json
 import os
+import shutil
 
 import torch
 
@@ -32,7 +33,12 @@ def embedded_model_dir():
     tmp = out + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it meanwhile: keep theirs
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
