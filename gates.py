@@ -66,7 +66,7 @@ class Gate(nn.Module):
                               exported with (and where the compensation stage starts)
     Class-level hooks with defaults: lr, check_args, plan, terms. The constructor takes
     (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
-    lr = 0.1  # sized for ~100 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
+    lr = 0.1  # sized for ~200 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
     term_flags = {"budget": "--alpha", "guid": "--guidance", "task": "--lr"}  # the flag that sizes each term
 
     def order(self):

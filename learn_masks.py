@@ -29,7 +29,7 @@ Writes RUN_DIR/allocation/:
                             scales): {layer}.index (k,), {layer}.scale (k,)
   manifest.json             decompose/ hash, method, seed, flags
 
-  python learn_masks.py --method ara --keep 0.8                  # 100 allocation + 100 compensation steps
+  python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 200 compensation steps
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
 import time
@@ -59,11 +59,11 @@ def needs_model(args):
 
 
 def compensate_steps(args):
-    """--compensate, default 100 after a learned method and 0 after one that trains nothing (so
+    """--compensate, default 200 after a learned method and 0 after one that trains nothing (so
     --method uniform stays SVD-LLM's plain baseline unless asked)."""
     if args.compensate is not None:
         return args.compensate
-    return 100 if args.method in gates.GATES else 0
+    return 200 if args.method in gates.GATES else 0
 
 
 def allocate(shapes, rho, ctx, args):
@@ -196,7 +196,7 @@ def parser():
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps (cosine-decayed learning rate)")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps (cosine-decayed learning rate)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
@@ -221,7 +221,7 @@ def parser():
                    "trained with the selection fixed, is --compensate)")
     p.add_argument("--compensate", type=int, default=None,
                    help="steps of the compensation stage after the allocation is final: only the kept components' "
-                   "scales train, on the task loss; truncate.py folds them in (default: 100 after a learned method, "
+                   "scales train, on the task loss; truncate.py folds them in (default: 200 after a learned method, "
                    "0 after one that trains nothing; 0 = the papers' plain methods)")
     p.add_argument("--compensate_lr", type=float, default=0.02,
                    help="AdamW learning rate of the compensation stage (measured: 0.02 beat 0.05 and 0.1, docs/RESULTS.md)")
