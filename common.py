@@ -53,6 +53,11 @@ def os_error(e):
     return m.group(1) if m else None
 
 
+def remove(path):
+    """A temporary folder or file, gone (no error when it already is)."""
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+
 def run_dir_lock(run_dir, stage):
     """One process per run dir: an exclusive flock on RUN_DIR/.lock, held until the process exits (the kernel
     drops it when a process dies, so a killed stage leaves no stale lock). The file names its holder, for
@@ -72,7 +77,7 @@ def run_dir_lock(run_dir, stage):
     os.write(fd, f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode())
     leftovers = [os.path.join(run_dir, pattern) for pattern in (".*.tmp*", ".*.old*", "*.tmp[0-9]*", "*/*.tmp[0-9]*")]
     for left in [path for pattern in leftovers for path in glob.glob(pattern)]:
-        shutil.rmtree(left, ignore_errors=True) if os.path.isdir(left) else os.remove(left)  # killed processes'
+        remove(left)  # a killed process's
     return fd
 
 
@@ -97,8 +102,7 @@ def run_main(main, args):
         sys.exit(1)
     finally:
         for path in TEMPORARY:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
-                os.path.exists(path) and os.remove(path)
+            remove(path)
         TEMPORARY.clear()
         if fd is not None:
             os.close(fd)  # releases the lock

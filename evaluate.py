@@ -285,9 +285,9 @@ def original_metrics(model, tok, windows, tasks, manager, task_keys, args, devic
 
 def check_chain(run_dir):
     """compressed <- allocation <- decompose <- whiten: every link made from what is on disk now."""
-    whiten = artifacts.read_manifest(run_dir, "whiten", "python whiten.py")
-    decomp = artifacts.read_manifest(run_dir, "decompose", "python decompose.py")
-    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py")
+    whiten = artifacts.read_manifest(run_dir, "whiten", "python whiten.py", reads=())  # their files are not read here
+    decomp = artifacts.read_manifest(run_dir, "decompose", "python decompose.py", reads=())
+    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py", reads=())
     comp = artifacts.read_manifest(run_dir, "compressed", "python truncate.py")
     artifacts.check_parent(decomp, whiten, run_dir, "python decompose.py")
     artifacts.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
@@ -327,7 +327,7 @@ def main(args):
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
-    if artifacts.read_manifest(args.run_dir, "compressed", "python truncate.py")["hash"] != comp["hash"]:
+    if artifacts.file_hash(f"{args.run_dir}/compressed/manifest.json") != comp["hash"]:  # lists every file's hash
         raise UserError(f"{args.run_dir}/compressed changed while evaluate.py ran: re-run evaluate.py")
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],
                "kept_fraction_linear": comp["kept_fraction_linear"],

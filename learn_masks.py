@@ -153,7 +153,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     args.compensate = compensate_steps(args)  # resolved, so ranks.json and the manifest record the steps run
-    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py", reads=("calib_ids.safetensors",))
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}

@@ -132,7 +132,7 @@ def check_ranks(ranks, layers, rerun):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
+    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py", reads=())
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     alloc = artifacts.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
     artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
@@ -150,8 +150,7 @@ def main(args):
     if allocation.get("components") and not os.path.isfile(comp_path):
         raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
     if allocation.get("components"):
-        f = artifacts.TensorFile(comp_path, rerun)
-        components = {k: f.get(k, kind="int" if k.endswith(".index") else "float") for k in f.names}
+        components = artifacts.read_tensors(comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float")
         check_components(components, ranks, decomp["layers"], comp_path, rerun)
     factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
                                decomp["shards"], shape=artifacts.factor_shapes(decomp))  # one layer at a time

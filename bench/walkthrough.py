@@ -78,7 +78,7 @@ def main(args):
     model, _ = loading.load_model(whiten["model"], "cpu")
     W = common.weight_matrix(common.find_linears(model)[name]).detach().double()  # (m, n)
     ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"],
-                                 kinds={"ids": "int"})["ids"]
+                                 kind=lambda k: "int")["ids"]
     leader = whiten["groups"][name]
     G = layer_gram(model, common.find_linears(model)[name], ids)
     S_file = artifacts.Shards(rd, "whiten", "python whiten.py", whiten["shards"])

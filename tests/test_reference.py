@@ -17,20 +17,27 @@ from conftest import run_inprocess, tiny_model, tiny_tokenizer
 
 # ----------------------------------------------------------------------------- whitening and factors on disk
 
-def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, tiny_dir):
+@pytest.fixture(scope="module")
+def oracle_gram(run_dir, tiny_dir):
+    """The reference for whiten/ and decompose/: the whole-model Gram of tests/oracle.py over whiten/'s own
+    calibration windows, from a fresh float32 load of the model. (whiten manifest, linears, groups, G)."""
+    from transformers import AutoModelForCausalLM
+    whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
+    ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    linears = common.find_linears(model)
+    groups = oracle.share_groups(model, linears, ids[:1])
+    return whiten, linears, groups, oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
+
+
+def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, oracle_gram):
     """decompose/'s files (the triangular-solve path the pipeline uses, through whiten/'s shards) against
     the whole-model Gram of tests/oracle.py, torch's own Cholesky and SVD: sigma = svdvals(W S), U has
     orthonormal columns, (V^T S^-1) S has orthonormal rows, and the whitened loss of rank k is the dropped
     sigma^2 (SVD-LLM Thm. 3.2). Catches a wrong Gram (scaling, grouping), a wrong solve side (S^-1 V^T),
     a transposed factor, sigma out of order."""
-    from transformers import AutoModelForCausalLM
-    whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
+    whiten, linears, groups, G = oracle_gram
     decomp = json.load(open(f"{run_dir}/decompose/manifest.json"))
-    ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    linears = common.find_linears(model)
-    groups = oracle.share_groups(model, linears, ids[:1])
-    G = oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
     checked = 0
     for name, v in decomp["layers"].items():
         if groups[name] in whiten["fixes"]:
@@ -208,18 +215,12 @@ def test_zero_shot_accuracy_equals_a_hand_count(tmp_path):
     assert acc == pytest.approx(3 / 6)
 
 
-def test_block_streamed_whitening_on_disk_equals_the_whole_model_gram(run_dir, tiny_dir):
+def test_block_streamed_whitening_on_disk_equals_the_whole_model_gram(run_dir, oracle_gram):
     """whiten.py's shards (block by block, packed) expanded back to S S^T, against the whole-model Gram of
     tests/oracle.py on the same calibration windows (the artifacts test_scale's in-memory check does not
     read). Catches a shard holding the wrong block's factor, the packing or its expansion, T miscounted."""
-    from transformers import AutoModelForCausalLM
     from whiten import expand_factor
-    whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
-    ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    linears = common.find_linears(model)
-    groups = oracle.share_groups(model, linears, ids[:1])
-    G = oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
+    whiten, _, groups, G = oracle_gram
     assert groups == whiten["groups"]
     for leader in set(groups.values()):
         S_packed = load_file(os.path.join(run_dir, "whiten", whiten["shards"][leader]))[f"{leader}.S"]
