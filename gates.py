@@ -131,6 +131,11 @@ class HardConcreteGate(Gate):
     ~0.96, near the uniform model (a ramp from 6 to 0 over the whole band started at ~0.70; a step one
     component wide left the boundary too few movable gates: 45.29 ppl at 80% kept), and k_hat = k0."""
     gamma, zeta, beta = -0.1, 1.1, 2 / 3
+    # 0.3, not the shared 0.1: a kept gate sits on the plateau (P(on) ~ 1, the sampled z clipped at 1, no task
+    # gradient), ~12 log-alpha units from pruned, so at 0.1 the settle phase could not follow the budget
+    # (embedded default, 80% kept: training ended 0.058 over, export scale 0.91, 41.03 ppl; at 0.3: 0.008 over,
+    # 0.975, 37.44 ppl; docs/RESULTS.md)
+    lr = 0.3
 
     def __init__(self, k_max, k0, sigma, args):
         super().__init__()

@@ -139,11 +139,14 @@ def test_soco_stages_alternate_and_restart_the_learning_rate():
     assert plans[50]["t"] == 0 and plans[50]["T"] == 50  # the cosine lr restarts at the refine stage
 
 
-def test_soco_selection_sees_sigma():
-    layer = fake_layer(gates.SocoGate)
+def test_soco_selection_ranks_by_score_times_sigma():
+    """SoCo prunes by s_i sigma_i (§3.4), not by s_i alone nor by sigma_i alone: a hand-made case where the
+    three orders differ (sigma 4 3 2 1, s .5 1 .9 2.5 -> s sigma 2 3 1.8 2.5). Catches an order on the
+    scores only ([3, 1, 2, 0]) or the prefix ([0, 1, 2, 3])."""
+    gate = gates.SocoGate(4, 4, torch.tensor([4.0, 3.0, 2.0, 1.0]), learn_args("soco"))
     with torch.no_grad():
-        layer.gate.theta.fill_(1.0)  # s = 1 everywhere: sigma alone decides
-    assert layer.gate.order()[:3].tolist() == [0, 1, 2]
+        gate.theta.copy_(torch.tensor([0.5, 1.0, 0.9, 2.5]))
+    assert gate.order().tolist() == [1, 3, 0, 2]
 
 
 # ----------------------------------------------------------------------------- defects 6 and 9

@@ -1,6 +1,7 @@
 """Evaluation users trust: zero-shot through lm-eval on a local task, speed/memory report, STRS,
 and the allocation heatmap, on the tiny model."""
 import json
+import os
 import sys
 
 import pytest
@@ -16,6 +17,8 @@ def evaluated(run_dir, text_file):
     run_stage("truncate.py", "--run_dir", run_dir)
     out = []
     for speed in (("--speed", "--speed_batch", 2, "--speed_seqlen", 32, "--speed_new_tokens", 4), ()):
+        if os.path.exists(f"{run_dir}/original_eval.json"):  # the second run measures the original again,
+            os.remove(f"{run_dir}/original_eval.json")  # not a cache hit, so equal numbers mean determinism
         run_stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", "local_continuation", "--task_items", 12,
                   *speed, "--run_dir", run_dir)
         out.append(json.load(open(f"{run_dir}/metrics.json")))
@@ -30,16 +33,41 @@ def test_zero_shot_is_in_range_and_repeatable(evaluated):
         assert acc == second[which]["zero_shot"]["local_continuation"]
 
 
-def test_speed_report_has_every_field(evaluated):
-    speed = evaluated[0]["speed"]
+def test_speed_report_counts_what_it_measured(evaluated):
+    """The speed report against independent counts: its parameter counts are the ones the perplexity run
+    counted in another process, the files on disk hold those float32 parameters (plus headers), and each
+    process's peak memory holds at least its weights. Catches the wrong folder measured, a file left out,
+    a child that loaded the other model."""
+    metrics = evaluated[0]
+    speed = metrics["speed"]
     assert speed["device"] and speed["batches"] == [1, 2]
     for which in ("original", "compressed"):
         r = speed[which]
-        assert r["peak_memory_bytes"] > 0 and r["disk_bytes"] > 0
+        assert r["params"] == metrics[which]["params"]
+        assert r["dtype"] == "float32" and r["peak_memory_bytes"] >= 4 * r["params"]
         for b in (1, 2):
             assert r[f"batch{b}"]["prefill_tok_s"] > 0 and r[f"batch{b}"]["decode_tok_s"] > 0
-    assert speed["compressed"]["params"] < speed["original"]["params"]
-    assert speed["compressed"]["disk_bytes"] < speed["original"]["disk_bytes"]
+    comp = speed["compressed"]
+    assert 4 * comp["params"] <= comp["disk_bytes"] <= 4 * comp["params"] + 2**20  # safetensors: data + header
+    assert comp["params"] < speed["original"]["params"]
+
+
+def test_throughput_is_tokens_over_seconds_on_a_fake_clock(monkeypatch):
+    """Prefill tok/s = batch x seqlen / the forward's seconds, decode tok/s = batch x new tokens / generate's
+    seconds, on a clock that ticks 2 s for the prefill and 5 s for the decode; generate really makes the new
+    tokens. Catches a missing batch factor, the prompt counted as decoded, the two timings swapped."""
+    import torch
+
+    import evaluate
+    from conftest import tiny_model
+    model = tiny_model("llama").eval()
+    ticks = iter([0.0, 2.0, 10.0, 15.0])
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(ticks))
+    made, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: made.append(generate(*a, **kw).shape) or made[-1])
+    out = evaluate.throughput(model, torch.device("cpu"), 3, 24, 5, model.config.vocab_size)
+    assert out == {"prefill_tok_s": 3 * 24 / 2.0, "decode_tok_s": 3 * 5 / 5.0}
+    assert made == [torch.Size([3, 16 + 5])]  # 16 prompt tokens, 5 generated
 
 
 def test_bad_tasks(run_dir, text_file, tmp_path):
