@@ -108,6 +108,14 @@ def run_inprocess(script, *args):
     return code, err.getvalue()
 
 
+def stage(script, *args):
+    """A stage that must succeed, in this process (run_inprocess): for tests whose subject is what the stage
+    computes, not its process boundary (the kills, locks and CLI tests keep run_stage)."""
+    code, err = run_inprocess(script, *args)
+    if code != 0:
+        raise AssertionError(f"{script} {args} exited {code}:\n{err[-3000:]}")
+
+
 def run_stage(script, *args, check=True, env=None):
     """Run a stage script as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],

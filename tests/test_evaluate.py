@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from conftest import run_stage
+from conftest import run_inprocess, run_stage, stage
 
 EVAL = ("--seqlen", 64, "--max_windows", 4)
 
 
 @pytest.fixture(scope="module")
 def evaluated(run_dir, text_file):
-    run_stage("learn_masks.py", "--method", "uniform", "--keep", 0.5, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--method", "uniform", "--keep", 0.5, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     out = []
     for speed in (("--speed", "--speed_batch", 2, "--speed_seqlen", 32, "--speed_new_tokens", 4), ()):
         if os.path.exists(f"{run_dir}/original_eval.json"):  # the second run measures the original again,
@@ -75,9 +75,8 @@ def test_bad_tasks(run_dir, text_file, tmp_path):
     bad_file.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "label": 0}\n')
     for tasks, expect in (("no_such_task_xyz", "unknown task"), (f"local:{bad_file}", "line 2 is malformed"),
                           (f"local:{tmp_path}/none.jsonl", "does not exist")):
-        proc = run_stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", tasks, "--run_dir", run_dir,
-                         check=False)
-        assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
+        code, err = run_inprocess("evaluate.py", "--data", text_file, *EVAL, "--tasks", tasks, "--run_dir", run_dir)
+        assert code == 2 and expect in err.strip().splitlines()[-1], err[-800:]
 
 
 def test_missing_lm_eval_is_a_clear_error(monkeypatch):
@@ -90,18 +89,18 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch):
 
 
 def test_strs_meets_budget_and_reloads(run_dir):
-    run_stage("learn_masks.py", "--method", "strs", "--keep", 0.6, "--strs_samples", 2, "--train_seqlen", 32,
-              "--run_dir", run_dir)
+    stage("learn_masks.py", "--method", "strs", "--keep", 0.6, "--strs_samples", 2, "--train_seqlen", 32,
+          "--run_dir", run_dir)
     alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
     assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
     assert alloc["ppl_passes"] == 9 * len(alloc["layers"])
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     assert abs(json.load(open(f"{run_dir}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
 
 
 def test_heatmap_png(run_dir, tmp_path):
     import plots
-    run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
     blocks, kinds, cells = plots.grid(alloc["layers"], alloc["shapes"])
     assert len(blocks) * len(kinds) == len(alloc["layers"]) == sum(len(r) for r in cells)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_inprocess, run_stage, tiny_model
+from conftest import run_inprocess, run_stage, stage, tiny_model
 
 STAGES = ("whiten", "decompose", "allocation", "compressed")
 EVAL = ("--seqlen", 64, "--max_windows", 2)
@@ -21,11 +21,11 @@ EVAL = ("--seqlen", 64, "--max_windows", 2)
 def full_run(tmp_path_factory, tiny_dir, text_file):
     """All five stages once on the tiny model; every case works on its own copy."""
     d = str(tmp_path_factory.mktemp("full"))
-    run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 8, "--seqlen", 64, "--run_dir", d)
-    run_stage("decompose.py", "--run_dir", d)
-    run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", d)
-    run_stage("truncate.py", "--run_dir", d)
-    run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", d)
+    stage("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 8, "--seqlen", 64, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", d)
+    stage("truncate.py", "--run_dir", d)
+    stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", d)
     return d
 
 
@@ -355,17 +355,17 @@ def test_a_model_with_other_weights_is_caught(tmp_path, tiny_dir, text_file):
     model = str(tmp_path / "model")
     shutil.copytree(tiny_dir, model)
     d = str(tmp_path / "run")
-    run_stage("whiten.py", "--model", model, "--data", text_file, "--nsamples", 8, "--seqlen", 64, "--run_dir", d)
+    stage("whiten.py", "--model", model, "--data", text_file, "--nsamples", 8, "--seqlen", 64, "--run_dir", d)
     tiny_model("llama", seed=1).save_pretrained(model)  # same config, other weights
-    proc = run_stage("decompose.py", "--run_dir", d, check=False)
-    assert proc.returncode == 2 and "is not the one whiten/ was made from" in proc.stderr.strip().splitlines()[-1]
+    code, err = run_inprocess("decompose.py", "--run_dir", d)
+    assert code == 2 and "is not the one whiten/ was made from" in err.strip().splitlines()[-1]
 
 
 def test_keep_one_is_the_original_for_every_method(full_run, tmp_path):
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
     for method in ("hardconcrete", "energy"):
-        run_stage("learn_masks.py", "--method", method, "--keep", 1.0, "--steps", 2, "--run_dir", d)
+        stage("learn_masks.py", "--method", method, "--keep", 1.0, "--steps", 2, "--run_dir", d)
         alloc = json.load(open(f"{d}/allocation/ranks.json"))
         assert alloc["kept_fraction_linear"] == 1.0 and set(alloc["layers"].values()) == {"dense"}
 
@@ -377,10 +377,10 @@ def test_caches_follow_their_contents(full_run, tmp_path, text_file):
     edited = str(tmp_path / "edited.txt")  # same name as far as the cache key once went, other contents
     docs = open(text_file).read().split("\n\n")
     open(edited, "w").write("\n\n".join(docs[::-1]))
-    run_stage("evaluate.py", "--data", edited, *EVAL, "--run_dir", d)
+    stage("evaluate.py", "--data", edited, *EVAL, "--run_dir", d)
     assert json.load(open(f"{d}/metrics.json"))["original"]["ppl"] != first
     open(f"{d}/original_eval.json", "w").write("{truncated")  # an unreadable cache is rebuilt
-    run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", d)
+    stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", d)
     metrics = json.load(open(f"{d}/metrics.json"))
     assert abs(metrics["original"]["ppl"] - first) < 1e-9
     assert set(metrics["chain"]) == set(STAGES)  # metrics.json names the artifacts it describes
@@ -538,8 +538,8 @@ def test_strs_cache_is_keyed_on_dtype(full_run, tmp_path):
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
     for dtype in ("float32", "bfloat16"):
-        run_stage("learn_masks.py", "--method", "strs", "--strs_samples", 1, "--strs_seqlen", 16, "--dtype", dtype,
-                  "--run_dir", d)
+        stage("learn_masks.py", "--method", "strs", "--strs_samples", 1, "--strs_seqlen", 16, "--dtype", dtype,
+              "--run_dir", d)
     caches = sorted(f for f in os.listdir(f"{d}/decompose") if f.startswith("strs_"))
     assert len(caches) == 2 and "bfloat16" in caches[0] and "float32" in caches[1], caches
 
@@ -547,7 +547,7 @@ def test_strs_cache_is_keyed_on_dtype(full_run, tmp_path):
 def test_huge_kmax_mult_is_full_rank_not_a_traceback(full_run, tmp_path):
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
-    run_stage("decompose.py", "--kmax_mult", "1e308", "--run_dir", d)
+    stage("decompose.py", "--kmax_mult", "1e308", "--run_dir", d)
     for v in json.load(open(f"{d}/decompose/manifest.json"))["layers"].values():
         assert v["k_max"] == min(v["m"], v["n"])
 

@@ -9,7 +9,7 @@ import torch
 import common
 import gates
 import masking
-from conftest import run_stage, tiny_model
+from conftest import run_inprocess, stage, tiny_model
 from decompose import whitened_svd
 from truncate import compress_model
 from oracle import accumulate_gram, share_groups
@@ -66,13 +66,13 @@ def calib_ids():
 def test_budget_reload_and_determinism(method, run_dir):
     d, runs = run_dir, []
     for _ in range(2):
-        run_stage("learn_masks.py", "--method", method, "--keep", 0.6, *QUICK, "--run_dir", d)
+        stage("learn_masks.py", "--method", method, "--keep", 0.6, *QUICK, "--run_dir", d)
         runs.append(json.load(open(f"{d}/allocation/ranks.json")))
     assert runs[0]["layers"] == runs[1]["layers"]  # same seed, same allocation
     curve = runs[0]["curve"]
     assert len(curve) == 30 and abs(curve[-1]["rho_hat"] - 0.6) < 0.02  # training ends on its budget
     assert abs(runs[0]["kept_fraction_linear"] - 0.6) <= 0.01  # the export meets it exactly
-    run_stage("truncate.py", "--run_dir", d)
+    stage("truncate.py", "--run_dir", d)
     assert abs(json.load(open(f"{d}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
 
 
@@ -134,11 +134,11 @@ def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
 
 
 def test_bad_learning_inputs(run_dir):
-    run_stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     before = open(f"{run_dir}/allocation/ranks.json").read()
     for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "--alpha nan is out of range"),
                          (("--method", "magic"), "unknown --method"),
                          (("--method", "ara", "--keep", 0.0001), "rank 1 in every layer")):
-        proc = run_stage("learn_masks.py", *args, "--run_dir", run_dir, check=False)
-        assert proc.returncode == 2 and expect in proc.stderr.strip().splitlines()[-1], proc.stderr[-800:]
+        code, err = run_inprocess("learn_masks.py", *args, "--run_dir", run_dir)
+        assert code == 2 and expect in err.strip().splitlines()[-1], err[-800:]
     assert open(f"{run_dir}/allocation/ranks.json").read() == before  # nothing half-written

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from conftest import FAST, run_stage
+from conftest import FAST, run_stage, stage
 
 EVAL = ("--seqlen", 64, "--max_windows", 6)
 
@@ -28,8 +28,8 @@ def test_end_to_end_uniform(run_dir, tiny_dir, text_file):
 
 
 def test_keep_one_is_the_original_model(run_dir, text_file):
-    run_stage("learn_masks.py", "--keep", 1.0, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 1.0, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
     metrics = json.load(open(f"{run_dir}/metrics.json"))
     assert metrics["layers_dense"] == metrics["layers"] and metrics["kept_fraction_linear"] == 1.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_stage, tiny_model
+from conftest import ROOT, run_stage, stage, tiny_model
 from oracle import accumulate_gram, share_groups
 from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
                     whitening_factor)
@@ -81,8 +81,8 @@ def test_artifacts_are_compact(run_dir):
 def test_load_compressed_runs_no_initialiser(run_dir, monkeypatch):
     """Every initialiser call is counted; the model is built on the meta device (no memory, no work) and
     filled from the file, so none may touch a real tensor (the old from_config path ran them all)."""
-    run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     from truncate import load_compressed
     real = []
     for name in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
@@ -99,8 +99,8 @@ def test_load_compressed_runs_no_initialiser(run_dir, monkeypatch):
 
 
 def test_from_pretrained_with_remote_code_matches_load_compressed(run_dir):
-    run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     from truncate import load_compressed
     model, _ = load_compressed(f"{run_dir}/compressed")
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -165,8 +165,8 @@ def test_a_weights_file_missing_a_factor_is_refused(run_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from common import UserError
     from truncate import load_compressed
-    run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     from transformers import AutoModelForCausalLM
     tensors = load_file(f"{run_dir}/compressed/model.safetensors")
     # a low-rank factor, and the head of this untied model (tie_word_embeddings=False: nothing may replace it)
@@ -184,8 +184,8 @@ def test_a_weights_file_missing_a_factor_is_refused(run_dir, tmp_path):
 def test_evaluate_in_another_dtype_names_it(run_dir):
     """--dtype casts AFTER the model is checked against whiten/'s fingerprint (taken in its own dtype), and
     the printed perplexity line says which dtype it was measured in."""
-    run_stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     proc = run_stage("evaluate.py", "--dtype", "bfloat16", "--max_windows", 2, "--seqlen", 32, "--data",
                      json.load(open(f"{run_dir}/whiten/manifest.json"))["data"], "--run_dir", run_dir)
     assert "non-overlapping windows 2 x 32 tokens, 64 tokens, bfloat16" in proc.stdout
