@@ -7,7 +7,7 @@ papers' setting (docs/METHODS.md §4): WikiText-2 test joined with blank lines (
 documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
 its protocol: data, split, window length, windows, tokens, dtype. A non-finite loss is an
 error, never a dropped window (docs/METHODS.md §4). Also parameter counts and kept fractions
-(of the compressed linears and of the whole model, printed as kept AND removed).
+(of the compressed linears and of the whole model, printed as kept AND removed). --speed: speed.py.
 
 Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, kept_fraction_linear,
 kept_fraction_model, eval settings, wall time of every stage.
@@ -28,6 +28,7 @@ import artifacts
 import common
 import loading
 from common import UserError
+from speed import print_speed, speed_report
 from truncate import count_params, load_compressed
 
 
@@ -172,88 +173,6 @@ def zero_shot(model, tok, tasks, manager, batch_size):
                                   tasks=tasks, task_manager=manager, num_fewshot=0, random_seed=0,
                                   numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)["results"]
     return {t: {m: out[t][f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in out[t]} for t in tasks}
-
-
-# ----------------------------------------------------------------------------- speed and memory
-
-@torch.no_grad()
-def throughput(model, device, batch, seqlen, new_tokens, vocab):
-    """Prefill tokens/s (one forward of batch x seqlen) and decode tokens/s (greedy, KV cache)."""
-    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    model(ids[:, :16])  # warm-up
-    common.sync(device)
-    t0 = time.perf_counter()
-    model(ids)
-    common.sync(device)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0)
-    common.sync(device)
-    return {"prefill_tok_s": batch * seqlen / prefill, "decode_tok_s": batch * new_tokens / (time.perf_counter() - t0)}
-
-
-def speed_child(which, run_dir, model_spec, device_name, cfg):
-    """Runs in a fresh process, so the CPU's peak RSS belongs to this model alone."""
-    import resource
-    device = torch.device(device_name)
-    if which == "original":
-        model, _ = loading.load_model(model_spec, device)
-    else:
-        model, _ = load_compressed(f"{run_dir}/compressed", device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)  # bf16 on GPU
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the RSS high-water mark, so loading the model is not counted
-    out = {"params": count_params(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
-    for b in cfg["batches"]:
-        out[f"batch{b}"] = throughput(model, device, b, cfg["seqlen"], cfg["new_tokens"], model.config.vocab_size)
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    elif os.path.exists("/proc/self/status"):  # peak RSS of the process while it ran the model
-        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-        out["peak_memory_bytes"] = int(hwm.split()[1]) * 1024
-    else:  # includes loading
-        out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
-
-
-def disk_bytes(folder):
-    if not os.path.isdir(folder):
-        return None  # a hub id: the files live in the hub cache
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-               if f.endswith((".safetensors", ".bin")))
-
-
-def speed_report(run_dir, model_spec, device, args):
-    import multiprocessing as mp
-    cfg = {"batches": [1, args.speed_batch], "seqlen": args.speed_seqlen, "new_tokens": args.speed_new_tokens}
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"cpu ({torch.get_num_threads()} threads)", **cfg}
-    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for which in ("original", "compressed"):
-            report[which] = pool.apply(speed_child, (which, run_dir, model_spec, str(device), cfg))
-    report["original"]["disk_bytes"] = disk_bytes(loading.resolve_model(model_spec))
-    report["compressed"]["disk_bytes"] = disk_bytes(f"{run_dir}/compressed")
-    return report
-
-
-def print_speed(rep, kept_model):
-    print(f"\nspeed and memory on {rep['device']} (prefill {rep['seqlen']} tokens, decode {rep['new_tokens']} tokens)")
-    print("| model | params | disk MB | peak mem MB | " + " | ".join(
-        f"prefill tok/s b{b} | decode tok/s b{b}" for b in rep["batches"]) + " |")
-    print("|---" * (4 + 2 * len(rep["batches"])) + "|")
-    for which in ("original", "compressed"):
-        r = rep[which]
-        disk = "-" if r["disk_bytes"] is None else f"{r['disk_bytes'] / 2**20:.0f}"
-        print(f"| {which} | {r['params']:,} | {disk} | {r['peak_memory_bytes'] / 2**20:.0f} | " + " | ".join(
-            f"{r[f'batch{b}']['prefill_tok_s']:.0f} | {r[f'batch{b}']['decode_tok_s']:.1f}" for b in rep["batches"]) + " |")
-    for b in rep["batches"]:
-        o, c = rep["original"][f"batch{b}"], rep["compressed"][f"batch{b}"]
-        print(f"batch {b}: speedup prefill x{c['prefill_tok_s'] / o['prefill_tok_s']:.2f}, decode "
-              f"x{c['decode_tok_s'] / o['decode_tok_s']:.2f} (ideal x{1 / kept_model:.2f} = 1 / kept fraction)")
 
 
 # ----------------------------------------------------------------------------- main

@@ -58,14 +58,19 @@ def test_throughput_is_tokens_over_seconds_on_a_fake_clock(monkeypatch):
     tokens. Catches a missing batch factor, the prompt counted as decoded, the two timings swapped."""
     import torch
 
-    import evaluate
+    import speed
     from conftest import tiny_model
     model = tiny_model("llama").eval()
     ticks = iter([0.0, 2.0, 10.0, 15.0])
-    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(ticks))
     made, generate = [], model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **kw: made.append(generate(*a, **kw).shape) or made[-1])
-    out = evaluate.throughput(model, torch.device("cpu"), 3, 24, 5, model.config.vocab_size)
+
+    def recorded(*a, **kw):  # generate as it is, its output's shape noted
+        out = generate(*a, **kw)
+        made.append(out.shape)
+        return out
+    monkeypatch.setattr(model, "generate", recorded)
+    out = speed.throughput(model, torch.device("cpu"), 3, 24, 5, model.config.vocab_size)
     assert out == {"prefill_tok_s": 3 * 24 / 2.0, "decode_tok_s": 3 * 5 / 5.0}
     assert made == [torch.Size([3, 16 + 5])]  # 16 prompt tokens, 5 generated
 
