@@ -111,9 +111,10 @@ def load_context(args, run_dir, whiten, decomp):
     device = common.pick_device(args.device)
     model, _ = loading.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
-    # bf16 on a GPU; float16 is never used for the factors (its range cannot hold V^T S^-1, see decompose.py)
+    # bf16 on a GPU; on the CPU float32 for a half-precision model (common.compute_dtype: ~10x faster there, and
+    # float16 is never used for the factors: its range cannot hold V^T S^-1, see decompose.py)
     dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
-                                          torch.float32 if model.dtype == torch.float16 else None)
+                                          common.compute_dtype(model.dtype, device))
     if dtype is not None and not args.device_map:  # a dispatched model is not cast (check_dtype_placement)
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
@@ -240,8 +241,8 @@ def parser():
                    "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
     p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, on the CPU the model's own, "
-                   "float32 for a float16 model); the gates always train in float32")
+                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
+                   "half-precision matmuls are ~10x slower); the gates always train in float32")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
     p.add_argument("--device_map", choices=["auto"], default=None,

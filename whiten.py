@@ -218,11 +218,28 @@ def check_calibration(ids, widest):
     return distinct
 
 
+def cast_floats(obj, dtype):
+    """Every floating tensor in obj (nested tuples, lists, dicts: a block's masks, rotary cos / sin) cast to dtype;
+    integer and bool tensors (position ids, boolean masks) and everything else unchanged."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
-    """Grams of block b, then each group's S (compact) and any numerical fix; the block visits `device`."""
-    block.to(device)
+    """Grams of block b, then each group's S (compact) and any numerical fix; the block visits `device` in its
+    compute dtype (common.compute_dtype: float32 on the CPU for a bf16 / fp16 model, whose half-precision
+    matmuls are ~10x slower there) and goes back in its own dtype (bf16 -> fp32 -> bf16 is exact)."""
+    own, dtype = next(block.parameters()).dtype, common.compute_dtype(next(block.parameters()).dtype, device)
+    block.to(device, dtype)
+    hidden[:] = [h.to(dtype) for h in hidden]  # a no-op after the first block (its outputs are already dtype)
+    calls = [(cast_floats(a, dtype), cast_floats(k, dtype), p) for a, k, p in calls]
     groups, G = block_grams(block, {n: linears[n] for n in names}, hidden, calls, T)
-    block.to("cpu")
+    block.to("cpu", own)
     tensors, fixes = {}, {}
     for leader in list(G):
         Gg = G.pop(leader)  # freed as soon as its factor is computed
