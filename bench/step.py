@@ -1,10 +1,14 @@
 """Benchmark: what one training step of learn_masks.py costs against its floor, one teacher forward
 plus one student forward and backward of the masked model (the issue's target: at most 1.3 x), with and
-without activation checkpointing, plus peak GPU memory on a GPU. Reads a run dir with whiten/ and
-decompose/ (python whiten.py && python decompose.py); the model is the one whiten/ was made from.
+without activation checkpointing, plus peak GPU memory on a GPU and this process's peak RSS (VmHWM: per
+process, so run one --checkpointing setting per process to read each one's). Reads a run dir with whiten/
+and decompose/ (python whiten.py && python decompose.py); the model is the one whiten/ was made from.
+--memory_only runs one real training step and no timing (its peak memory, at a seventh of the time).
 
   python bench/step.py --run_dir runs/default --method ara --batch_size 2 --train_seqlen 128
   python bench/step.py --run_dir runs/llama2 --batch_size 2 --train_seqlen 2048     # the 7B target, GPU
+  python bench/step.py --run_dir runs/scale7b/run_llama2-7b-1 --batch_size 1 --train_seqlen 2048 \
+      --checkpointing off --memory_only                                            # one setting's peak RSS
 """
 import argparse
 import json
@@ -58,26 +62,40 @@ def measure(args, checkpointing):
     x = masking.window_chunks(ctx["ids"], args.train_seqlen)[:args.batch_size].to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    floor = timed(lambda: floor_step(model, layers, x, device), device, args.repeat)
 
     def steps(n):  # the real training loop for n steps (its setup included, hence the difference below)
         run = argparse.Namespace(**{**vars(ns), "steps": n})
         masking.train(model, layers, masking.Feed(model, ctx["ids"], run, n), args.keep, run, device)
-    short, long = timed(lambda: steps(2), device, 1, warm=False), timed(lambda: steps(2 + args.repeat), device, 1, warm=False)
-    step = (long - short) / args.repeat
+    if args.memory_only:
+        steps(1)
+        floor = step = None
+    else:
+        floor = timed(lambda: floor_step(model, layers, x, device), device, args.repeat)
+        short = timed(lambda: steps(2), device, 1, warm=False)
+        long = timed(lambda: steps(2 + args.repeat), device, 1, warm=False)
+        step = (long - short) / args.repeat
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return floor, step, peak
 
 
+def peak_rss_gib():
+    """This process's peak resident memory so far (VmHWM), GiB."""
+    return int([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]) / 2**20
+
+
 def main(args):
-    print("| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB |\n|---|---|---|---|---|---|")
+    print("| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB | peak RSS GiB (process) |\n"
+          "|---|---|---|---|---|---|---|")
     rows = []
-    for ckpt in (False, True):
+    fmt = lambda v, f: "-" if v is None else f"{v:{f}}"  # noqa: E731
+    for ckpt in {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]:
         floor, step, peak = measure(args, ckpt)
+        ratio = None if floor is None else step / floor
         rows.append({"checkpointing": ckpt, "tokens": [args.batch_size, args.train_seqlen], "floor_s": floor,
-                     "step_s": step, "step_over_floor": step / floor, "peak_gpu_gib": peak})
-        print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {floor:.3f} | {step:.3f} | "
-              f"{step / floor:.2f} | {'-' if peak is None else f'{peak:.1f}'} |", flush=True)
+                     "step_s": step, "step_over_floor": ratio, "peak_gpu_gib": peak, "peak_rss_gib": peak_rss_gib()})
+        print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {fmt(floor, '.3f')} | "
+              f"{fmt(step, '.3f')} | {fmt(ratio, '.2f')} | {fmt(peak, '.1f')} | {rows[-1]['peak_rss_gib']:.2f} |",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -93,6 +111,9 @@ if __name__ == "__main__":
     p.add_argument("--repeat", type=int, default=4, help="timed repetitions")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--checkpointing", choices=["both", "off", "on"], default="both",
+                   help="activation checkpointing settings to measure, each in turn (peak RSS is the process's)")
+    p.add_argument("--memory_only", action="store_true", help="one training step, no timing: its peak memory")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     # every other learn_masks.py flag at its default (its own parser: no second copy of the defaults)

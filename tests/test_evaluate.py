@@ -19,8 +19,8 @@ def evaluated(run_dir, text_file):
     for speed in (("--speed", "--speed_batch", 2, "--speed_seqlen", 32, "--speed_new_tokens", 4), ()):
         if os.path.exists(f"{run_dir}/original_eval.json"):  # the second run measures the original again,
             os.remove(f"{run_dir}/original_eval.json")  # not a cache hit, so equal numbers mean determinism
-        run_stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", "local_continuation", "--task_items", 12,
-                  *speed, "--run_dir", run_dir)
+        stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", "local_continuation", "--task_items", 12,
+              *speed, "--run_dir", run_dir)
         out.append(json.load(open(f"{run_dir}/metrics.json")))
     return out
 

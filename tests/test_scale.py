@@ -198,14 +198,14 @@ def test_device_map_auto_runs_and_matches(run_dir):
     quick = ("--method", "ara", "--keep", 0.6, "--steps", 4, "--train_seqlen", 32, "--run_dir", run_dir)
     runs = []
     for extra in ([], ["--device_map", "auto"]):
-        run_stage("learn_masks.py", *quick, *extra)
+        stage("learn_masks.py", *quick, *extra)
         runs.append(json.load(open(f"{run_dir}/allocation/ranks.json"))["layers"])
     assert runs[0] == runs[1]
-    run_stage("truncate.py", "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
     data = json.load(open(f"{run_dir}/whiten/manifest.json"))["data"]
     ppl = []
     for extra in ([], ["--device_map", "auto"]):
-        run_stage("evaluate.py", "--max_windows", 2, "--seqlen", 32, "--data", data, "--run_dir", run_dir, *extra)
+        stage("evaluate.py", "--max_windows", 2, "--seqlen", 32, "--data", data, "--run_dir", run_dir, *extra)
         ppl.append(json.load(open(f"{run_dir}/metrics.json"))["compressed"]["ppl"])
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
@@ -284,3 +284,29 @@ def test_a_bf16_block_computes_in_float32_on_the_cpu_and_comes_back_unchanged():
         G = S_full @ S_full.T
         err = ((G - G_ref[leader]).norm() / G_ref[leader].norm()).item()
         assert err < 1e-4, (leader, err)  # measured 2e-5; the block computed in bf16: 1.6e-3
+
+
+def test_a_bf16_checkpoint_runs_the_stages_in_float32_on_the_cpu(tmp_path, text_file):
+    """A bf16 checkpoint (what a 7B one is) through every stage on the CPU: whiten/ fingerprints it in bf16,
+    decompose/ stores bf16 factors, learn_masks' auto dtype and evaluate's auto dtype compute in float32
+    (common.compute_dtype), and the compressed model is saved in the checkpoint's bf16."""
+    import argparse
+
+    import learn_masks
+    from conftest import tiny_tokenizer
+    folder, d = str(tmp_path / "bf16"), str(tmp_path / "run")
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    stage("whiten.py", "--model", folder, "--data", text_file, "--nsamples", 4, "--seqlen", 32, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    whiten = json.load(open(f"{d}/whiten/manifest.json"))
+    decomp = json.load(open(f"{d}/decompose/manifest.json"))
+    assert whiten["dtype"] == "bfloat16" and decomp["factor_dtype"] == "bfloat16"
+    args = argparse.Namespace(**{**vars(learn_masks.parser().parse_args([])), "method": "ara", "run_dir": d})
+    ctx = learn_masks.load_context(args, d, whiten, decomp)
+    assert ctx["model"].dtype == torch.float32
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", d)
+    stage("truncate.py", "--run_dir", d)
+    assert json.load(open(f"{d}/compressed/config.json"))["dtype"] == "bfloat16"
+    stage("evaluate.py", "--data", text_file, "--max_windows", 2, "--seqlen", 32, "--run_dir", d)
+    assert json.load(open(f"{d}/metrics.json"))["eval"]["dtype"] == "float32"
