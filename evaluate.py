@@ -227,8 +227,8 @@ def main(args):
     dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = loading.load_model(whiten["model"], device, **placement)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
-    if dtype is None and not args.device_map and common.compute_dtype(model.dtype, device) != model.dtype:
-        dtype = common.compute_dtype(model.dtype, device)  # auto on the CPU: float32 for a bf16 / fp16 model
+    if dtype is None and not args.device_map:
+        dtype = common.compute_dtype(model.dtype, device)  # auto: the model's own, on the CPU float32 for bf16 / fp16
     if dtype is not None:
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -281,7 +281,7 @@ def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
     p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
-                   help="default: embedded text, 40 x 512 tokens, the model's dtype; paper: WikiText-2 test (or --data "
+                   help="default: embedded text, 40 x 512 tokens, the model's dtype (float32 on the CPU for bf16 / fp16); paper: WikiText-2 test (or --data "
                    "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
     p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")

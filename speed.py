@@ -31,6 +31,11 @@ def throughput(model, device, batch, seqlen, new_tokens, vocab):
     return {"prefill_tok_s": batch * seqlen / prefill, "decode_tok_s": batch * new_tokens / (time.perf_counter() - t0)}
 
 
+def peak_rss_bytes():
+    """This process's peak resident memory so far (Linux VmHWM, reset by writing 5 to /proc/self/clear_refs)."""
+    return int([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]) * 1024
+
+
 def speed_child(which, run_dir, model_spec, device_name, cfg):
     """Runs in a fresh process, so the CPU's peak RSS belongs to this model alone."""
     import resource
@@ -51,8 +56,7 @@ def speed_child(which, run_dir, model_spec, device_name, cfg):
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     elif os.path.exists("/proc/self/status"):  # peak RSS of the process while it ran the model
-        hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-        out["peak_memory_bytes"] = int(hwm.split()[1]) * 1024
+        out["peak_memory_bytes"] = peak_rss_bytes()
     else:  # includes loading
         out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out

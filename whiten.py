@@ -234,7 +234,8 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
     """Grams of block b, then each group's S (compact) and any numerical fix; the block visits `device` in its
     compute dtype (common.compute_dtype: float32 on the CPU for a bf16 / fp16 model, whose half-precision
     matmuls are ~10x slower there) and goes back in its own dtype (bf16 -> fp32 -> bf16 is exact)."""
-    own, dtype = next(block.parameters()).dtype, common.compute_dtype(next(block.parameters()).dtype, device)
+    own = next(block.parameters()).dtype
+    dtype = common.compute_dtype(own, device)
     block.to(device, dtype)
     hidden[:] = [h.to(dtype) for h in hidden]  # a no-op after the first block (its outputs are already dtype)
     calls = [(cast_floats(a, dtype), cast_floats(k, dtype), p) for a, k, p in calls]

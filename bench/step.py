@@ -25,6 +25,7 @@ import artifacts  # noqa: E402
 import common  # noqa: E402
 import learn_masks  # noqa: E402
 import masking  # noqa: E402
+from speed import peak_rss_bytes  # noqa: E402
 
 
 def floor_step(model, layers, x, device):
@@ -78,11 +79,6 @@ def measure(args, checkpointing):
     return floor, step, peak
 
 
-def peak_rss_gib():
-    """This process's peak resident memory so far (VmHWM), GiB."""
-    return int([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]) / 2**20
-
-
 def main(args):
     print("| checkpointing | tokens / step | floor s | step s | step / floor | peak GPU GiB | peak RSS GiB (process) |\n"
           "|---|---|---|---|---|---|---|")
@@ -92,7 +88,7 @@ def main(args):
         floor, step, peak = measure(args, ckpt)
         ratio = None if floor is None else step / floor
         rows.append({"checkpointing": ckpt, "tokens": [args.batch_size, args.train_seqlen], "floor_s": floor,
-                     "step_s": step, "step_over_floor": ratio, "peak_gpu_gib": peak, "peak_rss_gib": peak_rss_gib()})
+                     "step_s": step, "step_over_floor": ratio, "peak_gpu_gib": peak, "peak_rss_gib": peak_rss_bytes() / 2**30})
         print(f"| {'on' if ckpt else 'off'} | {args.batch_size} x {args.train_seqlen} | {fmt(floor, '.3f')} | "
               f"{fmt(step, '.3f')} | {fmt(ratio, '.2f')} | {fmt(peak, '.1f')} | {rows[-1]['peak_rss_gib']:.2f} |",
               flush=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_stage, stage, tiny_model
+from conftest import ROOT, run_stage, stage, tiny_model, tiny_tokenizer
 from oracle import accumulate_gram, share_groups
 from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
                     whitening_factor)
@@ -293,7 +293,6 @@ def test_a_bf16_checkpoint_runs_the_stages_in_float32_on_the_cpu(tmp_path, text_
     import argparse
 
     import learn_masks
-    from conftest import tiny_tokenizer
     folder, d = str(tmp_path / "bf16"), str(tmp_path / "run")
     tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
