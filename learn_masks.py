@@ -71,7 +71,10 @@ def allocate(shapes, rho, ctx, args):
     steps = args.compensate
     if args.method in gates.GATES:
         model = ctx["model"]
-        layers = masking.attach(model, ctx["factors"], shapes, rho, args)
+        start = None
+        if args.init in baselines.ALLOCATORS:  # --init energy: the gates start at that closed-form allocation
+            start = baselines.ALLOCATORS[args.init][0](shapes, rho, ctx, args)[0]
+        layers = masking.attach(model, ctx["factors"], shapes, rho, args, start=start)
         feed = masking.Feed(model, ctx["ids"], args, args.steps + steps)
         record = masking.train(model, layers, feed, rho, args, ctx["device"])
         curve = record["curve"]
@@ -214,9 +217,10 @@ def parser():
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--tau", type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's backward (LLRC code 0.4, paper 0.1); "
                    "the forward mask is hard, P(keep) = sigmoid(z) at any tau")
-    p.add_argument("--init", choices=["uniform", "paper"], default="uniform",
-                   help="start masks at the uniform allocation, or at LLRC's logits 6 -> 3 / SoCo's scores 1, "
-                   "which start every layer dense (ARA refuses paper: its init is its paper's own)")
+    p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
+                   help="start the gates at the uniform allocation, at energy's (its dense layers start dense), "
+                   "or at LLRC's logits 6 -> 3 / SoCo's scores 1, which start every layer dense (ARA refuses "
+                   "paper: its init is its paper's own)")
     p.add_argument("--soco_stages", type=float, nargs=2, default=[0.5, 0.5],
                    help="SoCo: fractions of --steps in its coarse and refine stages (its third, the kept scores "
                    "trained with the selection fixed, is --compensate)")

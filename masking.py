@@ -35,11 +35,13 @@ from gates import GATES, MaskedLinear, guidance_grid, straight_through_min1
 
 # ----------------------------------------------------------------------------- attach / helpers
 
-def attach(model, factors, shapes, rho, args, learn=True):
-    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the uniform allocation.
-    learn=False attaches no gate: the caller fixes the layers at an allocation (gates.fix_ranks)."""
+def attach(model, factors, shapes, rho, args, learn=True, start=None):
+    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
+    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max
+    >= 1.2 k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches no gate: the caller
+    fixes the layers at an allocation (gates.fix_ranks)."""
     state = {"teacher": False}
-    k0 = common.uniform_ranks(shapes, rho)
+    k0 = start or common.uniform_ranks(shapes, rho)
     layers = {}
     for name, orig in common.find_linears(model).items():
         m, n = shapes[name]
@@ -50,7 +52,7 @@ def attach(model, factors, shapes, rho, args, learn=True):
         # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
         U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
         sigma = factors[f"{name}.sigma"].to(like["device"])
-        k = common.k_star(m, n) if k0[name] == "dense" else k0[name]
+        k = (U.shape[1] if start else common.k_star(m, n)) if k0[name] == "dense" else k0[name]
         gate = None
         if learn:
             gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)

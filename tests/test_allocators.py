@@ -57,6 +57,22 @@ def test_paper_init_starts_dense_and_the_budget_brings_layers_back(method, calib
     assert traj["step"][0] == 0 and traj["step"][-1] == 199 and all(len(v) == len(traj["step"]) for v in traj["r"].values())
 
 
+@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara", "soco"])
+def test_the_gates_start_at_a_given_allocation(method, calib_ids):
+    """--init energy: attach(start=ranks) starts every gate at that allocation: a "dense" layer on ARA's dense
+    switch (r_l >= 1), a low-rank one with k_hat at its start rank (not at the uniform one)."""
+    model = tiny_model("llama")
+    factors, shapes = factorize(model, calib_ids)
+    names = sorted(shapes)
+    start = {n: "dense" if i % 3 == 0 else max(1, common.k_star(*shapes[n]) // (2 + i % 2)) for i, n in enumerate(names)}
+    layers = masking.attach(model, factors, shapes, 0.5, learn_args(method, init="energy"), start=start)
+    for n, l in layers.items():
+        if start[n] == "dense":
+            assert l.ratio().item() >= 1, (n, l.ratio().item())
+        else:
+            assert abs(l.gate.k_hat().item() - start[n]) <= 0.02 * start[n] + 0.5, (n, l.gate.k_hat().item(), start[n])
+
+
 # ----------------------------------------------------------------------------- defect 2: full spectrum in b_l(r)
 
 def test_guidance_grid_equals_decompose_relative_errors(run_dir):
