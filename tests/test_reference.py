@@ -59,6 +59,51 @@ def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, or
     assert checked >= len(decomp["layers"]) // 2
 
 
+def jacobi_singular_values(A):
+    """One-sided Jacobi (Hestenes) in float64: rotate column pairs of A until they are orthogonal; the column
+    norms are then the singular values. Independent of LAPACK's gesdd / gesvd, and accurate to ~eps relative."""
+    A = A.clone().double()
+    if A.shape[0] < A.shape[1]:
+        A = A.T.clone()  # same singular values
+    n = A.shape[1]
+    for _ in range(30):
+        rotated = False
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                a, b, g = A[:, p] @ A[:, p], A[:, q] @ A[:, q], A[:, p] @ A[:, q]
+                if abs(g) <= 1e-15 * math.sqrt(a * b):
+                    continue
+                rotated = True
+                zeta = (b - a) / (2 * g)
+                t = math.copysign(1.0, zeta) / (abs(zeta) + math.sqrt(1 + zeta * zeta))
+                c = 1 / math.sqrt(1 + t * t)
+                ap, aq = A[:, p].clone(), A[:, q].clone()
+                A[:, p], A[:, q] = c * ap - c * t * aq, c * t * ap + c * aq
+        if not rotated:
+            break
+    return A.norm(dim=0).sort(descending=True).values
+
+
+@pytest.mark.parametrize("m, n", [(24, 40), (40, 24)])  # both sides of the 7B shapes (4096 x 11008, 11008 x 4096)
+def test_the_production_svd_path_equals_a_jacobi_reference_to_1e_10(m, n):
+    """decompose.whitened_svd with a Cholesky S (the pipeline's triangular-solve path, torch's float64 gesdd)
+    against one-sided Jacobi on W S: every sigma to 1e-10 relative to sigma_1 (issue 16: gesdd kept over
+    gesvd for speed, bench/svd.py), and W = U diag(sigma) V^T S^-1 to 1e-10. Catches a float32 SVD (~1e-6),
+    an eigh of W S (W S)^T (small sigmas lose half their digits), a solve against S^T."""
+    import decompose
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4 * n, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    X[:, -3:] *= 1e-3  # nearly dead input directions, as real activations have
+    S = torch.linalg.cholesky(X.T @ X)
+    Q1, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    W = Q1 * torch.logspace(0, -9, min(m, n), dtype=torch.float64) @ Q2.T  # a spectrum over 9 decades
+    U, sigma, VtSinv = decompose.whitened_svd(W, S)
+    ref = jacobi_singular_values(W @ S)
+    assert (sigma - ref).abs().max() <= 1e-10 * ref[0]
+    assert (U * sigma @ VtSinv - W).abs().max() <= 1e-10 * W.abs().max()
+
+
 # ----------------------------------------------------------------------------- budget and allocations
 
 def test_uniform_ranks_by_hand():
