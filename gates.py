@@ -75,6 +75,9 @@ class Gate(nn.Module):
     def scales(self):
         return None
 
+    def at_step(self, step, args):
+        """Called on every gate at the top of each training step (e.g. a temperature schedule)."""
+
     @classmethod
     def check_args(cls, args):
         """Refuse flags this method cannot honour (one line, UserError)."""
@@ -124,9 +127,12 @@ class SigmoidGate(Gate):
 
 
 class HardConcreteGate(Gate):
-    """Louizos et al. hard-concrete L0 gates, gamma = -0.1, zeta = 1.1, beta = 2/3 (§3.2). Exported with
-    its test-time gate clip(sigmoid(log a)(zeta - gamma) + gamma, 0, 1) as each kept component's scale:
-    the gate the model was trained with, not a 0/1 mask. The uniform init is a plateau at log a - shift =
+    """Louizos et al. hard-concrete L0 gates, gamma = -0.1, zeta = 1.1, beta = 2/3 (§3.2). The temperature
+    anneals geometrically from 2/3 to --beta_end over the steps (beta_t): at beta_end = 2/3 (Louizos' fixed
+    beta) the forward trains fractional gates and each kept component is exported with its test-time gate
+    clip(sigmoid(log a)(zeta - gamma) + gamma, 0, 1) as scale; annealed (beta_end < 2/3), the last steps'
+    sampled gates are nearly 0 or 1 (a random subset, as sigmoid's hard mask), so the export is that hard
+    gate: the components of largest log a at scale 1. The uniform init is a plateau at log a - shift =
     +-6 with a ramp over 10% of k0 on either side of k0, so the sampled gates over the kept band start at
     ~0.96, near the uniform model (a ramp from 6 to 0 over the whole band started at ~0.70; a step one
     component wide left the boundary too few movable gates: 45.29 ppl at 80% kept), and k_hat = k0."""
@@ -139,6 +145,7 @@ class HardConcreteGate(Gate):
 
     def __init__(self, k_max, k0, sigma, args):
         super().__init__()
+        self.beta_t, self.beta_end = self.beta, args.beta_end
         if args.init == "paper":
             z = torch.linspace(6, 3, k_max)
         else:  # log a - shift falls from +6 to -6 over a band of 2 x 10% of k0 centred on k0: P(on) = 1/2 there
@@ -146,12 +153,29 @@ class HardConcreteGate(Gate):
             z = (6 * (k0 - 0.5 - i) / max(0.1 * k0, 1)).clamp(-6, 6) + self.shift()
         self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
+    @classmethod
+    def check_args(cls, args):
+        if not 0 < args.beta_end <= cls.beta:
+            raise UserError(f"--beta_end {args.beta_end}: hard-concrete's final temperature is in (0, 2/3] "
+                            "(2/3 = Louizos' fixed beta)")
+
+    def at_step(self, step, args):
+        # beta_t = beta (beta_end / beta)^(t / (T - 1)): geometric, 2/3 at the first step, beta_end at the last.
+        # log a keeps its P(on): the shift moves with beta_t, so k_hat = sum P(z != 0) is continuous in t
+        with torch.no_grad():
+            before = self.shift()
+            self.beta_t = self.beta * (self.beta_end / self.beta) ** (step / max(args.steps - 1, 1))
+            self.log_alpha += self.shift() - before
+
+    def annealed(self):
+        return self.beta_end < self.beta
+
     def shift(self):
-        return self.beta * math.log(-self.gamma / self.zeta)
+        return self.beta_t * math.log(-self.gamma / self.zeta)
 
     def mask(self, gen):
         u = torch.rand(self.log_alpha.shape, generator=gen, device=self.log_alpha.device).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta)
+        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta_t)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)  # exact zeros and ones occur
 
     def k_hat(self):
@@ -161,7 +185,9 @@ class HardConcreteGate(Gate):
     def order(self):
         return self.log_alpha.detach().argsort(descending=True)  # any subset, like sigmoid
 
-    def scales(self):  # the test-time gate (Louizos et al. Eq. 13)
+    def scales(self):  # the test-time gate (Louizos et al. Eq. 13); annealed: the hard gate, scale 1
+        if self.annealed():
+            return None
         return (torch.sigmoid(self.log_alpha.detach()) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
 
 

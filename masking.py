@@ -275,6 +275,8 @@ def train(model, layers, feed, rho, args, device):
             layers[n].dense = layers[n].ratio().item() >= 1
     for step in tqdm(range(args.steps), desc=f"learn {args.method}"):
         plan = cls.plan(step, args)
+        for g in gates:
+            g.at_step(step, args)
         t, T, settling, alpha = schedule(step, plan, args)
         cosine(opt, base_lr, t, T)
         r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l

@@ -72,6 +72,29 @@ def test_hardconcrete_exports_its_test_time_gate_as_scales(trained_tiny):
     assert not torch.equal(expect, torch.ones_like(expect))  # fractional gates: not a 0/1 top-k export
 
 
+def test_annealed_hardconcrete_ends_on_hard_gates_and_exports_them(trained_tiny):
+    """--beta_end 0.05: the temperature anneals from 2/3, the last steps' sampled gates are nearly all 0 or 1,
+    the count sum P(z != 0) is continuous across the schedule (log a moves with the shift), and the export
+    is the hard gate (every kept scale 1) and computes what the fixed masked model computes."""
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args("hardconcrete", steps=20, batch_size=4, train_seqlen=32, beta_end=0.05)
+    probe = masking.attach(make(), factors, shapes, 0.6, args)
+    g = next(iter(probe.values())).gate
+    before = g.k_hat().item()
+    g.at_step(19, args)  # the last step's temperature
+    assert abs(g.beta_t - 0.05) < 1e-9 and abs(g.k_hat().item() - before) < 1e-3 * before
+    z = torch.stack([g.mask(torch.Generator().manual_seed(i)) for i in range(50)])
+    assert ((z > 0.01) & (z < 0.99)).float().mean() < 0.01  # nearly binary (at beta 2/3 the same gates: 5%)
+    layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
+    assert components is None or all(torch.equal(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
+    with torch.no_grad():
+        masked = model(ids[:4]).logits
+    truncated = truncated_logits(model, layers, ranks, factors, components, ids[:4])
+    assert (truncated - masked).norm() / masked.norm() <= 1e-4
+
+
 def test_the_settle_phase_follows_the_budget_down_for_hardconcrete(trained_tiny):
     """From gates started at 90% kept, 30 settle steps (dense flags frozen, alpha growing) toward a 60%
     budget must close at least half of the gap, as sigmoid (77%), ARA (69%) and SoCo (98%) do here.

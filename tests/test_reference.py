@@ -154,7 +154,7 @@ def test_parameter_counts_are_exact(run_dir):
 # ----------------------------------------------------------------------------- the gates' expectations
 
 def gate_args(**kw):
-    return argparse.Namespace(init="uniform", tau=0.4, **kw)
+    return argparse.Namespace(init="uniform", tau=0.4, beta_end=2 / 3, **kw)
 
 
 @pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara"])
