@@ -171,6 +171,24 @@ def test_finalize_gives_dense_not_k_star_minus_one():
     # a budget that fits dense a plus a small b: the layer wanted past k* takes dense
     ranks, _ = gates.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
     assert ranks["a"] == "dense" and ranks["b"] == 5
+    # a layer finalised at exactly k* (here k* (m + n) = m n: dense's price) takes dense, not rank k*
+    # (b at 4.49 pins c at ~1: a larger c would give b rank 5 and break the budget)
+    ranks, c = gates.finalize({"a": 20.0, "b": 4.49}, shapes, (1600 + 4 * 80) / 3200, set())
+    assert ranks == {"a": "dense", "b": 4}, (ranks, c)
+
+
+def test_the_dense_switch_turns_a_layer_dense_and_back():
+    """ARA's switch in the explore phase (masking.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
+    again, and each flip is recorded."""
+    layer = fake_layer(gates.AraGate)  # r = 0.5
+    record = {"dense_flips": []}
+    masking.update_dense({"l": layer}, ["l"], [1.2], 3, record)
+    assert layer.dense and record["dense_flips"] == [[3, "l", "dense"]]
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.orig(x))  # dense: the original layer, exactly
+    masking.update_dense({"l": layer}, ["l"], [0.7], 4, record)
+    assert not layer.dense and record["dense_flips"][-1] == [4, "l", "low-rank"]
 
 
 # ----------------------------------------------------------------------------- SoCo
