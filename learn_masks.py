@@ -217,10 +217,10 @@ def parser():
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--tau", type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's backward (LLRC code 0.4, paper 0.1); "
                    "the forward mask is hard, P(keep) = sigmoid(z) at any tau")
-    p.add_argument("--beta_end", type=float, default=2 / 3,
-                   help="hard-concrete: temperature at the last step, annealed geometrically from 2/3 (2/3 = "
-                   "Louizos' fixed beta, exported with its test-time gates as scales; smaller: the gates end "
-                   "nearly 0/1 and export as a hard top-k at scale 1)")
+    p.add_argument("--beta_end", type=float, default=0.05,
+                   help="hard-concrete: temperature at the last step, annealed geometrically from 2/3: the gates "
+                   "end nearly 0/1 and export as a hard top-k at scale 1 (2/3 = Louizos' fixed beta, exported "
+                   "with its test-time gates as scales)")
     p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
                    help="start the gates at the uniform allocation, at energy's (its dense layers start dense), "
                    "or at LLRC's logits 6 -> 3 / SoCo's scores 1, which start every layer dense (ARA refuses "

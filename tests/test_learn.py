@@ -51,7 +51,8 @@ def learn(model, factors, shapes, rho, args, ids):
 
 def learn_args(method, **kw):
     base = dict(method=method, loss="kl", hidden_layers=[-1], steps=40, batch_size=4, train_seqlen=32,
-                lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5, guidance=50.0, tau=0.4, init="uniform", log_every=10, beta_end=2 / 3,
+                lr=None, alpha=100.0, alpha_growth=100.0, settle=0.5, guidance=50.0, tau=0.4, init="uniform", log_every=10,
+                beta_end=2 / 3,  # Louizos' fixed beta (the CLI default 0.05 anneals; its own tests pass it)
                 soco_stages=[0.5, 0.5], sparsity=1.0, seed=0, teacher_cache="auto",
                 teacher_cache_gb=16.0, compensate=0, compensate_lr=0.02)
     return argparse.Namespace(**{**base, **kw})
