@@ -71,9 +71,9 @@ def allocate(shapes, rho, ctx, args):
     steps = args.compensate
     if args.method in gates.GATES:
         model = ctx["model"]
-        start = None
-        if args.init in baselines.ALLOCATORS:  # --init energy: the gates start at that closed-form allocation
-            start = baselines.ALLOCATORS[args.init][0](shapes, rho, ctx, args)[0]
+        start = None  # --init uniform / paper: the gates' own init at the uniform ranks
+        if args.init == "energy":  # the gates start at that closed-form allocation
+            start = baselines.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0]
         layers = masking.attach(model, ctx["factors"], shapes, rho, args, start=start)
         feed = masking.Feed(model, ctx["ids"], args, args.steps + steps)
         record = masking.train(model, layers, feed, rho, args, ctx["device"])

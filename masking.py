@@ -52,7 +52,7 @@ def attach(model, factors, shapes, rho, args, learn=True, start=None):
         # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
         U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
         sigma = factors[f"{name}.sigma"].to(like["device"])
-        k = (U.shape[1] if start else common.k_star(m, n)) if k0[name] == "dense" else k0[name]
+        k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
         gate = None
         if learn:
             gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
