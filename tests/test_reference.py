@@ -273,3 +273,124 @@ def test_block_streamed_whitening_on_disk_equals_the_whole_model_gram(run_dir, o
         jitter = whiten["fixes"].get(leader, {}).get("jitter", 0.0)
         ref = G[leader] + jitter * torch.eye(len(G[leader]), dtype=torch.float64)
         torch.testing.assert_close(S.double() @ S.double().T, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- closed forms, finalisation, folding
+
+def test_energy_allocation_is_optimal_for_its_own_cost_by_brute_force():
+    """Everett's theorem for the Lagrangian of docs/METHODS.md §3.6: the allocation chosen at any price lambda
+    minimises sum_l e_l over every allocation that costs no more. Checked against ALL 4 x 4 x 5 x 3 = 240
+    allocations of four small layers, e_l(k) = (sum_{i >= k} sigma_i^2 / sum_i sigma_i^2)^p written here with
+    Python floats, dense costing m n and losing nothing. Catches the tail read at k - 1 or k + 1, the head
+    for the tail, the argmax for the argmin, a dense option priced below m n."""
+    import itertools
+    from baselines import lagrangian_ranks
+    shapes = {"a": (8, 8), "b": (12, 6), "c": (10, 10), "d": (6, 10)}  # k* = 4, 4, 5, 3
+    decay = {"a": 0.5, "b": 0.9, "c": 0.75, "d": 0.3}
+    for p in (1.0, 2.0):
+        sig = {k: [decay[k] ** i for i in range(min(shapes[k]))] for k in shapes}
+        def e(name, k):  # the relative whitened loss of rank k, or dense
+            if k == "dense":
+                return 0.0
+            s2 = [x * x for x in sig[name]]
+            return (sum(s2[k:]) / sum(s2)) ** p
+        tails = {k: common.tail_energy(torch.tensor(sig[k], dtype=torch.float64)) for k in shapes}
+        tails = {k: (t / t[0]) ** p for k, t in tails.items()}
+        options = {k: list(range(1, common.k_star(m, n))) + ["dense"] for k, (m, n) in shapes.items()}
+        every = [dict(zip(shapes, c)) for c in itertools.product(*options.values())]
+        for rho in (0.3, 0.5, 0.7):
+            budget = rho * sum(m * n for m, n in shapes.values())
+            got = lagrangian_ranks(tails, shapes, budget)
+            cost = common.total_cost(got, shapes)
+            assert cost <= budget
+            loss = sum(e(k, r) for k, r in got.items())
+            best = min(sum(e(k, r) for k, r in a.items()) for a in every if common.total_cost(a, shapes) <= cost)
+            assert loss <= best + 1e-12, (p, rho, got)
+
+
+def test_svdllm2_two_weight_types_by_hand():
+    """SVD-LLM V2 Alg. 1 per weight type, by hand with Python floats: two q_proj (16, 16) and two up_proj
+    (24, 16) at R = 0.6 over T = 10^4 tokens. Per type, L_i = sqrt(T sum_{j > k} sigma_j^2) at the uniform
+    rank k = floor(0.6 m n / (m + n)), s_i = 1 / ln L_i, removed_i = 2 (1 - R) s_i / sum s; a third type
+    whose L_min <= 1 keeps R. Catches types pooled together, the rank from the wrong shape, the ratio applied
+    as kept instead of removed, a group with L <= 1 given the paper's formula (the base of the log cancels in
+    s_i / sum s, so it is not tested)."""
+    import baselines
+    T, R = 10 ** 4, 0.6
+    decay = {"model.layers.0.self_attn.q_proj": 0.8, "model.layers.1.self_attn.q_proj": 0.6,
+             "model.layers.0.mlp.up_proj": 0.9, "model.layers.1.mlp.up_proj": 0.7,
+             "model.layers.0.mlp.down_proj": 0.5, "model.layers.1.mlp.down_proj": 0.4}
+    shapes = {k: ((16, 16) if "q_proj" in k else (24, 16) if "up_proj" in k else (16, 24)) for k in decay}
+    scale = {k: (1e-4 if "down_proj" in k else 1.0) for k in decay}  # down_proj: L_min <= 1
+    sig = {k: [scale[k] * decay[k] ** i for i in range(16)] for k in decay}
+    _, _, rec = baselines.allocate_svdllm2(
+        shapes, R, {"sigmas": {k: torch.tensor(v, dtype=torch.float64) for k, v in sig.items()}, "tokens": T}, None)
+    for kind in ("self_attn.q_proj", "mlp.up_proj"):
+        names = [k for k in decay if k.endswith(kind)]
+        L = {}
+        for k in names:
+            m, n = shapes[k]
+            r = int(R * m * n // (m + n))
+            L[k] = math.sqrt(T * sum(x * x for x in sig[k][r:]))
+        s = {k: 1 / math.log(L[k]) for k in names}
+        for k in names:
+            assert abs(rec["kept_ratio"][k] - (1 - 2 * (1 - R) * s[k] / sum(s.values()))) < 1e-12, k
+    assert all(rec["kept_ratio"][k] == R for k in decay if "down_proj" in k)
+    assert rec["uniform_groups"] == ["mlp.down_proj"]
+
+
+def test_finalisation_gives_way_the_least_wanted_dense_layer_by_hand():
+    """ARA's finalisation (docs/METHODS.md §3.3) when the layers training left dense cannot all stay dense:
+    three (40, 40) layers (k* = 20), a and b dense with k_hat 19 and 18 (r = 0.95, 0.90), c at k_hat 4, budget
+    3279 (both dense + c at rank 1 would cost 3280). The less wanted, b, gives way; a stays dense (1600);
+    one factor c on b and c: round(18 c) + round(4 c) <= 20 components (1679 left) up to c = 0.9166, so
+    b = 16, c = 4, and 79 left is less than one component. With budget 3280 both stay dense and c keeps 1.
+    Catches the wrong layer popped (sorted the other way), every dense layer dropped, no give-way at all."""
+    import gates
+    shapes = {"a": (40, 40), "b": (40, 40), "c": (40, 40)}
+    k_hat = {"a": 19.0, "b": 18.0, "c": 4.0}
+    ranks, c = gates.finalize(k_hat, shapes, 3279 / 4800, {"a", "b"})
+    assert ranks == {"a": "dense", "b": 16, "c": 4} and 0.9 < c < 0.917
+    ranks, _ = gates.finalize(k_hat, shapes, 3280 / 4800, {"a", "b"})
+    assert ranks == {"a": "dense", "b": "dense", "c": 1}
+
+
+def test_eigh_whitening_is_a_pseudo_inverse_with_the_whitened_loss_of_svd_llm():
+    """SVD-LLM V2's eigh whitening on a rank-deficient Gram (16 inputs seen by 8 tokens): S S^T = G, S^-1 is
+    the Moore-Penrose pseudo-inverse of S (torch.linalg.pinv: an SVD, not eigh), also after whiten/'s
+    float32 round trip (compact / expand), and the factors' whitened loss ||(W - W_k) X||^2 is the dropped
+    sigma^2 at every k. Catches 1 / lambda for 1 / sqrt(lambda), the dropped rows left at 1 / sqrt(eps),
+    S^-1 transposed, the round trip keeping a rounding-level eigenvalue."""
+    from decompose import whitened_svd
+    from whiten import compact_factor, expand_factor, whitening_factor
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 8, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)[:, None]
+    W = torch.randn(12, 16, generator=gen, dtype=torch.float64)
+    G = X @ X.T
+    S, S_inv, fix = whitening_factor(G, "eigh")
+    assert fix == {"pinv_dropped_eigenvalues": 8}
+    torch.testing.assert_close(S @ S.T, G, rtol=0, atol=1e-10 * G.abs().max().item())
+    pinv = torch.linalg.pinv(S, rtol=1e-6)
+    torch.testing.assert_close(S_inv, pinv, rtol=0, atol=1e-8 * pinv.abs().max().item())
+    _, S_inv32 = expand_factor(compact_factor(S, "eigh"), 16, "eigh")
+    torch.testing.assert_close(S_inv32, pinv, rtol=0, atol=1e-5 * pinv.abs().max().item())
+    U, sigma, VtSinv = whitened_svd(W, S, S_inv)
+    for k in range(0, 9):
+        loss = ((W - U[:, :k] * sigma[:k] @ VtSinv[:k]) @ X).pow(2).sum()
+        torch.testing.assert_close(loss, sigma[k:].pow(2).sum(), rtol=1e-9, atol=1e-9 * sigma.pow(2).sum().item())
+
+
+def test_folded_factors_are_the_kept_components_times_their_scales():
+    """truncate.py's fold of a learned subset with scales (SoCo's s_i, a compensated scale): A B equals
+    sum_{i in I} s_i sigma_i u_i (v_i^T S^-1), written here as an explicit loop over the kept components.
+    Catches the scale applied twice (on A and B), the index ignored (the prefix kept), sigma left out."""
+    from truncate import lowrank_factors
+    gen = torch.Generator().manual_seed(0)
+    U, VtSinv = torch.randn(9, 6, generator=gen), torch.randn(6, 7, generator=gen)
+    sigma = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1])  # the full spectrum (longer than k_max = 6)
+    index, scale = torch.tensor([0, 2, 5]), torch.tensor([1.3, 0.7, 2.0])
+    A, B = lowrank_factors(U, sigma, VtSinv, index=index, scale=scale)
+    ref = torch.zeros(9, 7, dtype=torch.float64)
+    for i, s in zip(index.tolist(), scale.tolist()):
+        ref += s * sigma[i].item() * torch.outer(U[:, i].double(), VtSinv[i].double())
+    torch.testing.assert_close(A @ B, ref, rtol=1e-12, atol=1e-12)
