@@ -104,6 +104,33 @@ def test_the_production_svd_path_equals_a_jacobi_reference_to_1e_10(m, n):
     assert (U * sigma @ VtSinv - W).abs().max() <= 1e-10 * W.abs().max()
 
 
+
+def test_truncated_layers_are_the_oracle_whitened_truncation(run_dir, oracle_gram):
+    """The whole factor path at a rank below full (whiten/ -> decompose/ -> learn_masks -> truncate.py's saved
+    model): every low-rank layer's A B equals W_k = U_k Sigma_k V_k^T S^-1 rebuilt from the oracle Gram with
+    torch's Cholesky and SVD (the product is free of the components' signs). Catches truncate keeping the
+    last k components, sigma folded twice or not at all, A and B from different layers, the ranks of
+    ranks.json not the ones applied."""
+    from truncate import load_compressed
+    whiten, linears, groups, G = oracle_gram
+    assert run_inprocess("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)[0] == 0
+    assert run_inprocess("truncate.py", "--run_dir", run_dir)[0] == 0
+    model, _ = load_compressed(f"{run_dir}/compressed")
+    ranks = json.load(open(f"{run_dir}/compressed/ranks.json"))["layers"]
+    mods, checked = dict(model.named_modules()), 0
+    for name, k in ranks.items():
+        if k == "dense" or groups[name] in whiten["fixes"]:
+            continue
+        W = common.weight_matrix(linears[name]).detach().double()
+        S = torch.linalg.cholesky(G[groups[name]])
+        U, sig, Vt = torch.linalg.svd(W @ S, full_matrices=False)
+        W_k = (U[:, :k] * sig[:k]) @ torch.linalg.solve(S.T, Vt[:k].T).T  # V_k^T S^-1
+        AB = mods[name].A.detach().double() @ mods[name].B.detach().double()
+        assert AB.shape == W.shape
+        assert (AB - W_k).norm() <= 1e-4 * W_k.norm(), name
+        checked += 1
+    assert checked >= len(ranks) // 2
+
 # ----------------------------------------------------------------------------- budget and allocations
 
 def test_uniform_ranks_by_hand():
