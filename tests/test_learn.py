@@ -121,17 +121,30 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     assert abs(common.kept_fraction(ranks, shapes) - 0.6) <= 0.01
 
 
-@pytest.mark.parametrize("method", ["ara", "sigmoid"])
-def test_learned_allocation_protects_a_sensitive_layer(method, calib_ids):
-    model = tiny_model("llama")
+SOCO_L1 = pytest.mark.xfail(strict=True, reason="SoCo's per-layer mean L1 (docs/METHODS.md §3.4) pulls each score of a "
+                            "small layer hardest: the sensitive v_proj stays at its uniform rank (dense at --sparsity 0)")
+
+
+@pytest.mark.parametrize("method,flags", [("sigmoid", {}), ("hardconcrete", {}), ("ara", {}),
+                                          ("soco", {"sparsity": 0.0}), pytest.param("soco", {}, marks=SOCO_L1)])
+def test_learned_allocation_protects_a_sensitive_layer(method, flags, trained_tiny):
+    """On the briefly trained tiny model, one layer made deliberately sensitive: v_proj of block 0 scaled by 30
+    (its relative whitened spectrum, hence ARA's guidance b(r), unchanged; its error now dominates the
+    residual stream). The task term of every method's loss (ARA Eq. 3: L_task + alpha (rho_hat - rho)^2 +
+    beta L_guid) must give it more than the uniform rank, and the budget must take it from elsewhere.
+    Catches a gate whose task gradient is lost (the allocation then stays uniform or follows the guidance
+    alone), an export that ignores the gates."""
+    make, ids = trained_tiny
+    model = make()
     sensitive = "model.layers.0.self_attn.v_proj"
-    model.get_submodule(sensitive).weight.data *= 30  # its error now dominates the residual stream
-    factors, shapes = factorize(model, calib_ids)
+    model.get_submodule(sensitive).weight.data *= 30
+    factors, shapes = factorize(model, ids)
     uniform = common.uniform_ranks(shapes, 0.5)
-    args = learn_args(method, steps=60)
-    _, _, ranks, _ = learn(model, factors, shapes, 0.5, args, calib_ids)
+    args = learn_args(method, steps=60, **flags)
+    _, _, ranks, _ = learn(model, factors, shapes, 0.5, args, ids)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
+    assert abs(common.kept_fraction(ranks, shapes) - 0.5) <= 0.01
 
 
 def test_bad_learning_inputs(run_dir):
