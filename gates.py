@@ -334,23 +334,24 @@ class MaskedLinear(nn.Module):
     def scale(self):
         return F.softplus(self.theta)  # (k,)
 
-    def fixed_mask(self):
-        return torch.zeros(self.U.shape[1], device=self.U.device).index_put((self.index,), self.scale())
-
     def forward(self, x):  # x (..., n)
         if self.state["teacher"] or self.dense:
             return self.orig(x)
-        h = F.linear(x.to(self.VtSinv.dtype), self.VtSinv)  # (..., k_max); the cast is a no-op unless float16
+        bias, dtype = getattr(self.orig, "bias", None), x.dtype
+        x = x.to(self.VtSinv.dtype)  # a no-op unless float16
         if self.index is not None:
-            mask = self.fixed_mask()
+            # fixed: only the k kept components, gathered per call (no second copy of the factors), so the
+            # compensation stage's forward costs what the truncated model's does, not k_max components'
+            s = (self.scale() * self.sigma[self.index]).to(x.dtype)  # (k,)
+            h = F.linear(x, self.VtSinv[self.index]) * s  # (..., k)
+            U = self.U[:, self.index]  # (m, k)
         elif self.step_mask is not None:
-            mask = self.step_mask
+            h = F.linear(x, self.VtSinv) * (self.step_mask * self.sigma).to(x.dtype)  # (..., k_max)
+            U = self.U
         else:
             raise RuntimeError("a learning MaskedLinear runs only inside masking.train (its masks are drawn "
                                "per step); call gates.select first to evaluate the exported model")
-        h = h * (mask * self.sigma).to(h.dtype)  # (k_max,) in fp32, cast once per call to the factors' dtype
-        bias = getattr(self.orig, "bias", None)
-        return F.linear(h, self.U, None if bias is None else bias.to(h.dtype)).to(x.dtype)  # (..., m)
+        return F.linear(h, U, None if bias is None else bias.to(h.dtype)).to(dtype)  # (..., m)
 
 
 # ----------------------------------------------------------------------------- finalisation and export
