@@ -181,20 +181,25 @@ def test_parameter_counts_are_exact(run_dir):
 # ----------------------------------------------------------------------------- the gates' expectations
 
 def gate_args(**kw):
-    return argparse.Namespace(init="uniform", tau=0.4, beta_end=2 / 3, **kw)
+    return argparse.Namespace(**{"init": "uniform", "tau": 0.4, "beta_end": 2 / 3, **kw})
 
 
-@pytest.mark.parametrize("method", ["sigmoid", "hardconcrete", "ara"])
-def test_k_hat_is_the_expected_number_kept(method):
+@pytest.mark.parametrize("method,beta_end", [("sigmoid", 2 / 3), ("hardconcrete", 2 / 3), ("hardconcrete", 0.05),
+                                             ("ara", 2 / 3)])
+def test_k_hat_is_the_expected_number_kept(method, beta_end):
     """k_hat (what the budget term trains) against a Monte-Carlo estimate of the number of components the
-    sampled mask keeps (nonzero), on gates with random parameters. Catches P(keep) = sigmoid(z / tau) for
-    sigmoid, a sign or a missing shift in hard-concrete's L0 term, ARA's count off by the rounding."""
+    sampled mask keeps (nonzero), on gates with random parameters; hard-concrete also at the last step of
+    an anneal to beta 0.05 (its shift moves with beta_t). Catches P(keep) = sigmoid(z / tau) for sigmoid, a
+    sign or a missing shift in hard-concrete's L0 term (or a shift left at beta = 2/3 while the samples use
+    beta_t), ARA's count off by the rounding."""
     import gates
     torch.manual_seed(0)
-    gate = gates.GATES[method](40, 20, torch.linspace(2, 0.1, 40), gate_args())
+    args = gate_args(beta_end=beta_end, steps=50)
+    gate = gates.GATES[method](40, 20, torch.linspace(2, 0.1, 40), args)
     with torch.no_grad():
         for p in gate.parameters():
             p.add_(torch.randn_like(p) * 2)
+    gate.at_step(49, args)  # hard-concrete: beta_t = beta_end (a no-op for the others and at 2/3)
     gen = torch.Generator().manual_seed(1)
     counts = torch.stack([(gate.mask(gen).detach() > 0).float().sum() for _ in range(4000)])
     k_hat = float(gate.k_hat())
