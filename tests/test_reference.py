@@ -30,6 +30,15 @@ def oracle_gram(run_dir, tiny_dir):
     return whiten, linears, groups, oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
 
 
+@pytest.fixture(scope="module")
+def compressed_06(run_dir):
+    """learn_masks.py (uniform, 60% kept) and truncate.py once for this module's tests of the saved model
+    (the tests between its users leave run_dir alone). Returns the compressed folder."""
+    assert run_inprocess("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)[0] == 0
+    assert run_inprocess("truncate.py", "--run_dir", run_dir)[0] == 0
+    return f"{run_dir}/compressed"
+
+
 def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, oracle_gram):
     """decompose/'s files (the triangular-solve path the pipeline uses, through whiten/'s shards) against
     the whole-model Gram of tests/oracle.py, torch's own Cholesky and SVD: sigma = svdvals(W S), U has
@@ -104,8 +113,7 @@ def test_the_production_svd_path_equals_a_jacobi_reference_to_1e_10(m, n):
     assert (U * sigma @ VtSinv - W).abs().max() <= 1e-10 * W.abs().max()
 
 
-
-def test_truncated_layers_are_the_oracle_whitened_truncation(run_dir, oracle_gram):
+def test_truncated_layers_are_the_oracle_whitened_truncation(compressed_06, oracle_gram):
     """The whole factor path at a rank below full (whiten/ -> decompose/ -> learn_masks -> truncate.py's saved
     model): every low-rank layer's A B equals W_k = U_k Sigma_k V_k^T S^-1 rebuilt from the oracle Gram with
     torch's Cholesky and SVD (the product is free of the components' signs). Catches truncate keeping the
@@ -113,10 +121,8 @@ def test_truncated_layers_are_the_oracle_whitened_truncation(run_dir, oracle_gra
     ranks.json not the ones applied."""
     from truncate import load_compressed
     whiten, linears, groups, G = oracle_gram
-    assert run_inprocess("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)[0] == 0
-    assert run_inprocess("truncate.py", "--run_dir", run_dir)[0] == 0
-    model, _ = load_compressed(f"{run_dir}/compressed")
-    ranks = json.load(open(f"{run_dir}/compressed/ranks.json"))["layers"]
+    model, _ = load_compressed(compressed_06)
+    ranks = json.load(open(f"{compressed_06}/ranks.json"))["layers"]
     mods, checked = dict(model.named_modules()), 0
     for name, k in ranks.items():
         if k == "dense" or groups[name] in whiten["fixes"]:
@@ -130,6 +136,7 @@ def test_truncated_layers_are_the_oracle_whitened_truncation(run_dir, oracle_gra
         assert (AB - W_k).norm() <= 1e-4 * W_k.norm(), name
         checked += 1
     assert checked >= len(ranks) // 2
+
 
 # ----------------------------------------------------------------------------- budget and allocations
 
@@ -155,26 +162,24 @@ def test_strs_cut_search_on_a_hand_made_table():
     assert strs_search(table, shapes, 0.35, [0.1, 0.5, 0.9]) == {"a": 28, "b": 7}
 
 
-def test_parameter_counts_are_exact(run_dir):
+def test_parameter_counts_are_exact(compressed_06):
     """The compressed model's parameter count against the config, by hand: a tiny Llama (untied head)
     has V h (embeddings) + V h (head) + h (final norm) + per block 2 h (norms) + the linears, and each
     low-rank layer replaces m n by k (m + n). Catches a tied tensor counted twice, a bias dropped, a
     factor of the wrong size, the manifest's count drifting from the model's."""
     from truncate import load_compressed
-    assert run_inprocess("learn_masks.py", "--keep", 0.6, "--run_dir", run_dir)[0] == 0
-    assert run_inprocess("truncate.py", "--run_dir", run_dir)[0] == 0
-    cfg = json.load(open(f"{run_dir}/compressed/config.json"))
+    cfg = json.load(open(f"{compressed_06}/config.json"))
     h, V, L, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
               "gate_proj": (I, h), "up_proj": (I, h), "down_proj": (h, I)}
     original = 2 * V * h + h + L * (2 * h + sum(m * n for m, n in shapes.values()))
-    ranks = json.load(open(f"{run_dir}/compressed/ranks.json"))["layers"]
+    ranks = json.load(open(f"{compressed_06}/ranks.json"))["layers"]
     saved = sum(m * n - ranks[name] * (m + n) for name in ranks if ranks[name] != "dense"
                 for kind, (m, n) in shapes.items() if name.endswith(kind))
-    man = json.load(open(f"{run_dir}/compressed/manifest.json"))
+    man = json.load(open(f"{compressed_06}/manifest.json"))
     assert man["params_original"] == original and man["params_compressed"] == original - saved
-    model, _ = load_compressed(f"{run_dir}/compressed")
+    model, _ = load_compressed(compressed_06)
     assert sum(p.numel() for p in model.parameters()) == original - saved
 
 
