@@ -109,13 +109,13 @@ def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
         layer.gate.z.fill_(-20.0)
         layer.gate.z[keep] = 20.0
     shapes = {"l": (40, 40)}
+    factors = {"l.U": layer.U, "l.sigma": layer.sigma_full.float(), "l.VtSinv": layer.VtSinv}  # k_max stored
     gates.select({"l": layer}, shapes, 5 * 80 / 1600)
     ranks, components = gates.export({"l": layer})
     assert ranks["l"] == 5 and components["l.index"].tolist() == keep.tolist()
     x = torch.randn(3, 40)
     with torch.no_grad():
         masked = layer(x)
-        factors = {"l.U": layer.U, "l.sigma": layer.sigma_full.float(), "l.VtSinv": layer.VtSinv}
         model = torch.nn.Module()
         model.l = layer.orig
         from truncate import lowrank_layer
@@ -246,3 +246,25 @@ def test_svdllm2_never_exceeds_the_budget_when_a_ratio_clamps():
     assert common.kept_fraction(ranks, shapes) <= 0.4 + 1e-9
     kept = list(rec["kept_ratio"].values())
     assert min(kept) >= 2 * 64 / (64 * 64) - 1e-12 and abs(sum(kept) / 4 - 0.4) < 1e-9
+
+
+def test_hard_concrete_skips_its_zero_gates_with_the_same_loss_and_gradients():
+    """A gate clipped to exactly 0 adds nothing to the output and gets no gradient (the clip), so the layer
+    computes only the drawn nonzero components (masking.draw_masks): the same output and gate gradients as
+    computing all k_max. Fails if the skip drops a nonzero gate or the clip passes gradient."""
+    layer = fake_layer(gates.HardConcreteGate)
+    x = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for skip in (False, True):
+        layer.gate.log_alpha.grad = None
+        layer.step_mask = layer.gate.mask(torch.Generator().manual_seed(2))  # the same draw both times
+        zeros = int((layer.step_mask == 0).sum())
+        layer.step_index = layer.step_mask.detach().nonzero().squeeze(1) if skip else None
+        y = layer(x)
+        (y ** 2).sum().backward()
+        outs.append(y.detach())
+        grads.append(layer.gate.log_alpha.grad.clone())
+    assert gates.HardConcreteGate.skips_zeros and 0 < zeros < layer.gate.k_max  # some skipped, some kept
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert (grads[0][layer.step_mask.detach() == 0] == 0).all()  # the clip: a zero gate learns nothing this step
