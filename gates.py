@@ -326,7 +326,7 @@ class MaskedLinear(nn.Module):
         """Fix the selection: dense (index None), or keep components index (k,) with scales (k,) (default 1).
         theta = softplus^-1(scale), so the compensation stage keeps every scale positive (§3.8)."""
         self.step_mask = self.step_index = None
-        if self.index is not None or self.fixed:
+        if self.fixed:
             raise RuntimeError("a MaskedLinear is fixed once: its factors now hold only the kept components")
         if index is None:
             self.dense, self.index, self.theta = True, None, None
