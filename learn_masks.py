@@ -61,7 +61,7 @@ def needs_model(args):
 def compensate_steps(args):
     """--compensate, default 100 after a learned method and 0 after one that trains nothing (so
     --method uniform stays SVD-LLM's plain baseline unless asked). 100, not 200: 200 + 200 steps took 575-1202 s
-    of this stage on the 2-core CPU for ARA, sigmoid and hard-concrete, 200 + 100 took 461-566 s (docs/RESULTS.md)."""
+    of this stage on the 2-core CPU for ARA, sigmoid and hard-concrete, 200 + 100 took 457-560 s (docs/RESULTS.md)."""
     if args.compensate is not None:
         return args.compensate
     return 100 if args.method in gates.GATES else 0
