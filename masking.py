@@ -72,8 +72,8 @@ def draw_masks(layers, gens, seed):
         if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
             gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
         l.step_mask = l.gate.mask(gens[l.U.device])
-        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output, no gradient), found
-        # once here so a checkpointed block's recomputation uses the same set
+        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output,
+        # no gradient), found once here so a checkpointed block's recomputation uses the same set
         l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
 
 
