@@ -26,11 +26,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import artifacts
-import common
-import loading
-from common import UserError
+from plumbing import artifacts
+from plumbing import loading
+from plumbing.cli import UserError
 from whiten import expand_factor
+from methods import base
+from plumbing import cli
+from plumbing.layers import find_linears, weight_matrix
 
 
 # ----------------------------------------------------------------------------- math
@@ -54,13 +56,13 @@ def factor_dtype(model_dtype):
 
 
 def main(args):
-    common.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
+    cli.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    device = common.pick_device(args.device)
+    device = cli.pick_device(args.device)
     t0 = time.time()
     model, _ = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
-    linears = common.find_linears(model)
+    linears = find_linears(model)
     groups, store = whiten["groups"], factor_dtype(model.dtype)
     members = {}  # {leader: [layers]}: each shared S is read and expanded once
     for name in linears:
@@ -70,20 +72,20 @@ def main(args):
     info, shards, tensors, fractions = {}, {}, {}, (0.9, 0.8, 0.6)
     order = list(dict.fromkeys(groups[n] for n in linears))  # leaders in forward order: shards block by block
     for g_i, leader in enumerate(tqdm(order, desc="SVD")):
-        n = common.weight_matrix(linears[leader]).shape[1]
+        n = weight_matrix(linears[leader]).shape[1]
         S, S_inv = expand_factor(S_file.get(f"{leader}.S").to(device), n, whiten["whitening"])
         for name in members[leader]:
-            W = common.weight_matrix(linears[name]).detach().to(device, torch.float64)
+            W = weight_matrix(linears[name]).detach().to(device, torch.float64)
             m = W.shape[0]
             U, sigma, VtSinv = whitened_svd(W, S, S_inv)  # float64 on the device (docs/METHODS.md §1)
-            k_max = int(min(len(sigma), args.kmax_mult * common.k_star(m, n)))  # float min: no overflow
+            k_max = int(min(len(sigma), args.kmax_mult * base.k_star(m, n)))  # float min: no overflow
             tensors[f"{name}.U"] = U[:, :k_max].to(store).cpu().contiguous()
             tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
             tensors[f"{name}.VtSinv"] = VtSinv[:k_max].to(store).cpu().contiguous()
-            tail = common.tail_energy(sigma)  # relative whitened error sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2)
-            errs = {str(r): round(math.sqrt(tail[common.rank_at_fraction(r, m, n)] / tail[0]), 4) for r in fractions}
-            info[name] = {"m": m, "n": n, "k_star": common.k_star(m, n), "k_max": k_max, "rel_err": errs}
-            tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={common.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
+            tail = base.tail_energy(sigma)  # relative whitened error sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2)
+            errs = {str(r): round(math.sqrt(tail[base.rank_at_fraction(r, m, n)] / tail[0]), 4) for r in fractions}
+            info[name] = {"m": m, "n": n, "k_star": base.k_star(m, n), "k_max": k_max, "rel_err": errs}
+            tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={base.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
                        + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))
         shard = whiten["shards"][leader]  # the decoder block's shard name, as in whiten/
         last = g_i + 1 == len(order) or whiten["shards"][order[g_i + 1]] != shard
@@ -99,13 +101,13 @@ def main(args):
     artifacts.commit_stage(args.run_dir, "decompose", out, {
         "inputs": {"whiten": whiten["hash"]}, "model": whiten["model"], "kmax_mult": args.kmax_mult,
         "factor_dtype": str(store).replace("torch.", ""), "layers": info, "shards": shards,
-        **common.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
+        **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/decompose in {time.time() - t0:.1f}s")
 
 
 def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
-    p = common.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--kmax_mult", type=float, default=1.2,
                    help="store k_max = min(rank, floor(kmax_mult * k*)) components (ARA: 1.2); large = full rank")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
@@ -114,4 +116,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    common.run_main(main, parser().parse_args())
+    cli.run_main(main, parser().parse_args())

@@ -7,7 +7,7 @@ papers' setting (docs/METHODS.md §4): WikiText-2 test joined with blank lines (
 documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
 its protocol: data, split, window length, windows, tokens, dtype. A non-finite loss is an
 error, never a dropped window (docs/METHODS.md §4). Also parameter counts and kept fractions
-(of the compressed linears and of the whole model, printed as kept AND removed). --speed: speed.py.
+(of the compressed linears and of the whole model, printed as kept AND removed). --speed: plumbing/speed.py.
 
 Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, kept_fraction_linear,
 kept_fraction_model, eval settings, wall time of every stage.
@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import artifacts
-import common
-import loading
-from common import UserError
-from speed import print_speed, speed_report
+from plumbing import artifacts, cli, loading
+from plumbing.cli import UserError
+from plumbing.speed import print_speed, speed_report
+from plumbing.tasks import prepare_tasks, zero_shot
 from truncate import count_params, load_compressed
 
 
@@ -84,97 +83,6 @@ def protocol_line(ev):
             f"{ev['tokens']:,} tokens, {ev['dtype']}")
 
 
-# ----------------------------------------------------------------------------- zero-shot (lm-evaluation-harness)
-
-def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_choices=4):
-    """A LOCAL multiple-choice task from held-out text (not a standard benchmark): given 64 tokens of
-    context, pick the true 16-token continuation among continuations taken from elsewhere."""
-    span = ctx_len + cont_len
-    if len(stream) < span * (n_choices + 1):
-        raise UserError(f"evaluation text has {len(stream)} tokens, too few for the local task; pass more --data")
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(n_items):
-        p, *others = torch.randint(0, len(stream) - span, (n_choices,), generator=g).tolist()
-        conts = [stream[q + ctx_len:q + span] for q in [p] + others]
-        order = torch.randperm(n_choices, generator=g).tolist()
-        items.append({"context": tok.decode(stream[p:p + ctx_len]),
-                      "choices": [tok.decode(conts[j]) for j in order], "label": order.index(0)})
-    return items
-
-
-def check_task_file(path):
-    """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
-    if not os.path.isfile(path):
-        raise UserError(f"local task file {path!r} does not exist")
-    for i, line in enumerate(loading.read_text(path).splitlines(), 1):
-        try:
-            item = json.loads(line)
-            ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
-                all(isinstance(c, str) for c in item["choices"]) and 0 <= int(item["label"]) < len(item["choices"])
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise UserError(f"{path} line {i} is malformed: need {{\"context\": str, \"choices\": [str, ...], "
-                            f"\"label\": int index into choices}}")
-
-
-def task_yaml(name, path, folder):
-    """An lm-eval task over a local JSONL file (dataset_path: json; ../shared/DATA.md)."""
-    text = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {os.path.abspath(path)}\n"
-            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n"
-            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
-    with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
-        f.write(text)
-
-
-def prepare_tasks(names, stream, tok, args):
-    """Harness task names, 'local_continuation' (built from held-out text) and 'local:PATH.jsonl'."""
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
-    folder = os.path.join(args.run_dir, "tasks")
-    os.makedirs(folder, exist_ok=True)
-    resolved, files = [], {}
-    for name in names:
-        if name == "local_continuation":
-            path = os.path.join(folder, "local_continuation.jsonl")
-            with open(path, "w") as f:
-                f.writelines(json.dumps(it) + "\n" for it in continuation_items(stream, tok, args.task_items, 0))
-        elif name.startswith("local:"):
-            path = name[len("local:"):]
-            check_task_file(path)
-            # named by the file's base name AND its contents: two files called items.jsonl stay two tasks
-            name = ("local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
-                    + "_" + artifacts.file_hash(path)[:8])
-        else:
-            resolved.append(name)
-            continue
-        task_yaml(name, path, folder)
-        resolved.append(name)
-        files[name] = path
-    manager = TaskManager(include_path=folder)
-    unknown = [n for n in resolved if n not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval --tasks list`, or use "
-                        "local_continuation / local:PATH.jsonl")
-    # what each task's numbers depend on: a local task's items (file contents), a harness task's name
-    return resolved, manager, [artifacts.file_hash(files[t]) if t in files else t for t in resolved]
-
-
-def zero_shot(model, tok, tasks, manager, batch_size):
-    """acc and acc_norm per task, 0-shot, through lm-eval's HFLM wrapper of the in-memory model."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size),
-                                  tasks=tasks, task_manager=manager, num_fewshot=0, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)["results"]
-    return {t: {m: out[t][f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in out[t]} for t in tasks}
-
-
 # ----------------------------------------------------------------------------- main
 
 def measure(model, tok, windows, tasks, manager, args, device, label):
@@ -216,23 +124,23 @@ def check_chain(run_dir):
 
 def main(args):
     resolve_protocol(args)
-    common.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
+    cli.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
                        speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
     loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
     ranks = artifacts.read_json(f"{args.run_dir}/compressed/ranks.json", f"python truncate.py --run_dir {args.run_dir}",
                                 schema={"layers": dict, "method": str, "keep": artifacts.NUMBER})
-    device = common.pick_device(args.device)
-    dtype, placement = common.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
+    device = cli.pick_device(args.device)
+    dtype, placement = cli.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = loading.load_model(whiten["model"], device, **placement)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
     if dtype is None and not args.device_map:
-        dtype = common.compute_dtype(model.dtype, device)  # auto: the model's own, on the CPU float32 for bf16 / fp16
+        dtype = cli.compute_dtype(model.dtype, device)  # auto: the model's own, on the CPU float32 for bf16 / fp16
     if dtype is not None:
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
-    common.check_seqlen(model.config, args.seqlen)
+    cli.check_seqlen(model.config, args.seqlen)
     stream = loading.token_stream(tok, loading.load_documents(args.data, "eval"))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
     ev = {"protocol": args.protocol, "data": args.data, "split": "test" if args.data == "wikitext2" else
@@ -279,7 +187,7 @@ def main(args):
 
 def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
-    p = common.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="default",
                    help="default: embedded text, 40 x 512 tokens, the model's dtype (float32 on the CPU for bf16 / fp16); paper: WikiText-2 test (or --data "
                    "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
@@ -287,9 +195,9 @@ def parser():
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
     p.add_argument("--max_windows", type=int, default=None,
                    help="evaluate at most this many windows, 0 = all (default: the protocol's)")
-    p.add_argument("--dtype", choices=list(common.DTYPES), default=None,
+    p.add_argument("--dtype", choices=list(cli.DTYPES), default=None,
                    help="dtype both models are evaluated in (default: the protocol's; auto = the model's own, but float32 "
-                   "on the CPU for a bf16 / fp16 model: its matmuls are ~10x faster there)")
+                   "on the CPU for a bf16 / fp16 model: its matmuls are far faster there)")
     p.add_argument("--device_map", choices=["auto"], default=None,
                    help="auto: accelerate spreads each model over every visible GPU (models past one GPU; no CPU offload)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
@@ -307,4 +215,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    common.run_main(main, parser().parse_args())
+    cli.run_main(main, parser().parse_args())

@@ -1,25 +1,30 @@
-"""Stage 3: learn which whitened singular values to keep, per layer, under one global budget
-(docs/METHODS.md §2-§3). The factors stay frozen; only a few numbers per component are trained, against
-the original model, with no fine-tuning.
+"""Stage 3: learn which whitened singular values to keep, per layer, under one global budget.
+docs/METHODS.md §2-§3. The factors stay frozen; only a few numbers per component are trained, against the
+original model, with no fine-tuning. This file is the training loop; each method is one file in methods/.
 
 --keep rho is the KEPT fraction of the compressed linears: rho = sum_l c(k_l) / sum_l m_l n_l,
-c(k) = min(k (m + n), m n) (docs/METHODS.md §2). Methods that train nothing (baselines.py):
-  uniform       k_l = floor(rho m_l n_l / (m_l + n_l))                       (SVD-LLM; §2)
-  energy        Lagrangian on normalised whitened truncation energy          (§3.6)
-  svdllm2       SVD-LLM V2's per-type heterogeneous ratios                   (§3.6)
-  strs          ASVD's sensitivity-based truncation rank search              (§3.5)
-Learned methods:
-  sigmoid       Gumbel-sigmoid mask per component, straight-through        (LLRC; §3.1)
-  hardconcrete  hard-concrete L0 gates                                       (Louizos et al.; §3.2)
-  ara           simplex/staircase mask + ARA's finalisation                  (ARA; §3.3)
-  soco          learned non-negative spectrum, score-ordered pruning        (SoCo; §3.4)
-Every learned method trains one masked low-rank module per layer (gates.py; the loop: masking.py):
-  y = U diag(mask * sigma) V^T S^-1 x,   r_l = k_hat_l (m + n) / (m n),   r_l >= 1 -> dense W
-  L = L_task + alpha (rho_hat - rho)^2 + beta L_guid                         (ARA Eq. of §3.3)
-with L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
-Then ARA's finalisation fixes every layer (gates.select: dense, or k components with the gate's
-test-time scales), and the compensation stage (§3.8, --compensate N, after ANY method) trains only
-those scales on the task loss: the model it ends with is exactly the one truncate.py builds.
+c(k) = min(k (m + n), m n) (docs/METHODS.md §2). Methods that train nothing:
+  uniform       k_l = floor(rho m_l n_l / (m_l + n_l))                  (SVD-LLM; methods/closed_form.py)
+  energy        Lagrangian on normalised whitened truncation energy     (§3.6; methods/closed_form.py)
+  svdllm2       SVD-LLM V2's per-type heterogeneous ratios              (§3.6; methods/closed_form.py)
+  strs          ASVD's sensitivity-based truncation rank search         (§3.5; methods/strs.py)
+Learned methods, one gate per layer (methods/base.py: the masked layer, the Gate interface):
+  sigmoid       Gumbel-sigmoid mask per component, straight-through     (LLRC; §3.1; methods/sigmoid.py)
+  hardconcrete  hard-concrete L0 gates                                  (Louizos et al.; §3.2)
+  ara           simplex/staircase mask + ARA's finalisation             (ARA; §3.3)
+  soco          learned non-negative spectrum, score-ordered pruning    (SoCo; §3.4)
+The learned methods, in the order this file runs them:
+  attach     every compressed linear becomes y = U diag(mask * sigma) V^T S^-1 x, r_l = k_hat_l (m + n) / (m n)
+  train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid      (ARA's Eq., §3.3; a gate may add terms)
+             L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
+             explore (first 1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and
+                 rho_hat's clamp min(r_l, 1) is straight-through, so the budget reaches dense layers too (§3.7);
+             settle (last --settle): the dense flags are frozen, dense layers count as constants, and alpha_t
+                 grows geometrically to alpha * --alpha_growth (the cosine lr restarts), so the low-rank
+                 layers close the gap under the task loss and training ends on its budget (§3.3).
+  select     ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
+  compensate (§3.8, --compensate N, after ANY method) trains only those scales on the task loss
+  export     the fixed layers' ranks, kept subsets and scales: the model truncate.py builds
 
 Writes RUN_DIR/allocation/:
   ranks.json                {"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
@@ -32,127 +37,273 @@ Writes RUN_DIR/allocation/:
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
+import math
 import time
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-import artifacts
-import baselines
-import common
-import gates
-import loading
-import masking
-import plots
-from common import UserError
+import methods
+from methods import base
+from methods.base import MaskedLinear, guidance_grid, rho_hat_of
+from plumbing import artifacts, cli, loading, plots
+from plumbing.cli import UserError
+from plumbing.feed import Feed, load_context
+from plumbing.layers import find_linears, set_module, weight_matrix
 
 
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- the loss
 
-def methods():
-    """Every --method: the allocations that train nothing (baselines.py), then the registered gates."""
-    return [*baselines.ALLOCATORS, *gates.GATES]
+def task_loss(kind, student, teacher, x, hidden_layers):
+    """L_task per token: KL(teacher || student) of the next-token distributions (default), next-token cross
+    entropy on the calibration text (ARA's code; no teacher), or LLRC's hidden-state MSE."""
+    if kind == "kl":  # KL(teacher || student) per token
+        s = F.log_softmax(student.logits.float(), -1).flatten(0, 1)
+        t = F.log_softmax(teacher.logits.float(), -1).flatten(0, 1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    if kind == "ce":
+        return F.cross_entropy(student.logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+    return sum(F.mse_loss(student.hidden_states[i].float(), teacher.hidden_states[i].float())
+               for i in hidden_layers) / len(hidden_layers)  # LLRC's hidden-state MSE
 
+
+def check_finite(log, terms, step, term_flags):
+    if not math.isfinite(log["loss"]):
+        culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
+        flag = term_flags.get(culprit, "--lr")
+        raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
+
+
+# ----------------------------------------------------------------------------- the masked model
+
+def attach(model, factors, shapes, rho, args, learn=True, start=None):
+    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
+    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max
+    >= 1.2 k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches no gate: the caller
+    fixes the layers at an allocation (base.fix_ranks)."""
+    state = {"teacher": False}
+    k0 = start or base.uniform_ranks(shapes, rho)
+    layers = {}
+    for name, orig in find_linears(model).items():
+        m, n = shapes[name]
+        W = weight_matrix(orig)
+        # float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32
+        like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
+        # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
+        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
+        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+        sigma = factors[f"{name}.sigma"].to(like["device"])
+        k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
+        gate = None
+        if learn:
+            gate = methods.GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
+        layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
+        set_module(model, name, layers[name])
+    return layers
+
+
+def draw_masks(layers, gens, seed):
+    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
+    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
+    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
+    for l in layers.values():
+        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
+            l.step_mask = l.step_index = None
+            continue
+        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
+            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
+        l.step_mask = l.gate.mask(gens[l.U.device])
+        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output,
+        # no gradient), found once here so a checkpointed block's recomputation uses the same set
+        l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
+
+
+def clear_masks(layers):
+    for l in layers.values():
+        l.step_mask = l.step_index = None
+
+
+def step_task_loss(model, layers, feed, gens, args, device):
+    """One batch: the teacher's outputs (feed), this step's masks, the student's forward, L_task."""
+    x, t_out = feed.next(next(iter(layers.values())).state)  # (B, train_seqlen)
+    draw_masks(layers, gens, args.seed)
+    s_out = model(x, output_hidden_states=args.loss == "hidden_mse", use_cache=False)
+    if t_out is not None and t_out.logits.device != s_out.logits.device:  # cached on the CPU; the
+        t_out = SimpleNamespace(logits=t_out.logits.to(s_out.logits.device))  # last GPU under device_map
+    return task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
+
+
+# ----------------------------------------------------------------------------- training
+
+def schedule(step, plan, args):
+    """(t, T, settling, alpha_t) at `step`: the cosine lr's position t of T within its stage, whether the
+    settle phase has begun, and the budget weight (geometric growth to alpha * --alpha_growth while settling)."""
+    settle_len = max(1, round(args.settle * args.steps))
+    settle_start = args.steps - settle_len if args.settle > 0 else args.steps
+    t, T = plan["t"], plan["T"]
+    if T == args.steps and step >= settle_start:  # one-stage schedule: the cosine restarts when settling
+        t, T = step - settle_start, settle_len  # begins, else the low-rank gates cannot move far enough
+    if step < settle_start:
+        return t, T, False, args.alpha
+    return t, T, True, args.alpha * args.alpha_growth ** min(1.0, (step - settle_start) / (0.8 * settle_len))
+
+
+def cosine(opt, base_lr, t, T):
+    for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
+        group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
+
+
+def update_dense(layers, names, r_host, step, record):
+    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
+    for n, rl in zip(names, r_host):
+        if (rl >= 1) != layers[n].dense:
+            layers[n].dense = rl >= 1
+            record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
+
+
+def train(model, layers, feed, rho, args, device):
+    """Minimise L_task + the gate class's terms (default alpha_t (rho_hat - rho)^2 + beta L_guid) over
+    --steps. Returns the record: per-step curve, r_l trajectories every --log_every steps, dense flips.
+    The layers are left in their learning state; base.select fixes them."""
+    names = list(layers)
+    gates = [layers[n].gate for n in names]
+    cls = type(gates[0])
+    base_lr = args.lr or cls.lr
+    opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
+    gens = {}  # gate noise of the training steps, per device (draw_masks)
+    shapes = {n: (layers[n].m, layers[n].n) for n in names}
+    mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)  # (L,)
+    b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
+    record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
+              "dense_flips": []}
+    with torch.no_grad():  # the starting state is not a flip
+        for n in names:
+            layers[n].dense = layers[n].ratio().item() >= 1
+    for step in tqdm(range(args.steps), desc=f"learn {args.method}"):
+        plan = cls.plan(step, args)
+        for g in gates:
+            g.at_step(step, args)
+        t, T, settling, alpha = schedule(step, plan, args)
+        cosine(opt, base_lr, t, T)
+        r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l
+        r_host = r.tolist()  # one host sync per step
+        if not settling:
+            update_dense(layers, names, r_host, step, record)
+        if step % args.log_every == 0 or step == args.steps - 1:
+            record["trajectory"]["step"].append(step)
+            for n, rl in zip(names, r_host):
+                record["trajectory"]["r"][n].append(round(rl, 4))
+        dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
+        ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid,
+                              gates=gates)
+        terms = cls.terms(ctx, plan, args)
+        if plan["task"]:
+            terms["task"] = step_task_loss(model, layers, feed, gens, args, device)
+        loss = sum(terms.values())
+        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": ctx.rho_hat.item(),
+               "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
+        check_finite(log, terms, step, cls.term_flags)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            if settling:  # a frozen dense layer's gate gets zero gradients: None, so AdamW's momentum
+                for n in names:  # does not keep moving it (its dense flag is what the export reads)
+                    if layers[n].dense:
+                        for p in layers[n].gate.parameters():
+                            p.grad = None
+            opt.step()
+        clear_masks(layers)
+        record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
+    return record
+
+
+def compensate(model, layers, feed, args, device):
+    """The compensation stage (docs/METHODS.md §3.8; SoCo's last stage, for every allocation): the layers are
+    fixed (base.select or base.fix_ranks); only each kept component's scale s_i = softplus(theta_i) trains,
+    on the task loss, for --compensate steps at --compensate_lr (cosine). Ranks, selection and dense flags
+    do not move, so the budget holds by construction and the exported model is the trained one."""
+    params = [l.theta for l in layers.values() if not l.dense]
+    if args.compensate == 0 or not params:
+        return []
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.compensate_lr, weight_decay=0.0)
+    curve = []
+    for step in tqdm(range(args.compensate), desc="compensate"):
+        cosine(opt, args.compensate_lr, step, args.compensate)
+        loss = step_task_loss(model, layers, feed, {}, args, device)
+        check_finite({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append({"step": step, "task": round(loss.item(), 6)})
+    return curve
+
+
+# ----------------------------------------------------------------------------- the stage
 
 def needs_model(args):
-    return args.method in gates.GATES or baselines.ALLOCATORS[args.method][1] or compensate_steps(args) > 0
+    return args.method in methods.GATES or methods.ALLOCATORS[args.method][1] or compensate_steps(args) > 0
 
 
 def compensate_steps(args):
-    """--compensate, default 100 after a learned method and 0 after one that trains nothing (so
-    --method uniform stays SVD-LLM's plain baseline unless asked). 100, not 200: 200 + 200 steps took 575-1202 s
-    of this stage on the 2-core CPU for ARA, sigmoid and hard-concrete, 200 + 100 took 457-560 s (docs/RESULTS.md)."""
+    """--compensate, default 100 after a learned method and 0 after one that trains nothing (so --method
+    uniform stays SVD-LLM's plain baseline unless asked); 100, not more, to keep a default run near ten
+    minutes on a 2-core CPU (docs/RESULTS.md, "Why each default")."""
     if args.compensate is not None:
         return args.compensate
-    return 100 if args.method in gates.GATES else 0
+    return 100 if args.method in methods.GATES else 0
 
 
 def allocate(shapes, rho, ctx, args):
     """(ranks, components or None, record): the allocation (learned or not), fixed, then compensated."""
     steps = args.compensate
-    if args.method in gates.GATES:
+    if args.method in methods.GATES:
         model = ctx["model"]
         start = None  # --init uniform / paper: the gates' own init at the uniform ranks
         if args.init == "energy":  # the gates start at that closed-form allocation
-            start = baselines.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0]
-        layers = masking.attach(model, ctx["factors"], shapes, rho, args, start=start)
-        feed = masking.Feed(model, ctx["ids"], args, args.steps + steps)
-        record = masking.train(model, layers, feed, rho, args, ctx["device"])
+            start = methods.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0]
+        layers = attach(model, ctx["factors"], shapes, rho, args, start=start)
+        feed = Feed(model, ctx["ids"], args, args.steps + steps)
+        record = train(model, layers, feed, rho, args, ctx["device"])
         curve = record["curve"]
         record["steps"], record["train_budget_gap"] = len(curve), round(curve[-1]["rho_hat"] - rho, 6)
-        record.update(gates.select(layers, shapes, rho))  # ARA's finalisation: every layer fixed
+        record.update(base.select(layers, shapes, rho))  # ARA's finalisation: every layer fixed
         print(f"training ended at rho_hat {curve[-1]['rho_hat']:.4f} (target {rho:.4f}); "
               f"{len(record['dense_flips'])} dense flips; export scale {record['export_scale']}")
     else:
-        fn, _ = baselines.ALLOCATORS[args.method]
+        fn, _ = methods.ALLOCATORS[args.method]
         ranks, components, record = fn(shapes, rho, ctx, args)
         if steps == 0:
             return ranks, components, record
         model = ctx["model"]
-        layers = masking.attach(model, ctx["factors"], shapes, rho, args, learn=False)
-        gates.fix_ranks(layers, ranks)
-        feed = masking.Feed(model, ctx["ids"], args, steps)
-    record["compensation_curve"] = masking.compensate(model, layers, feed, args, ctx["device"])
+        layers = attach(model, ctx["factors"], shapes, rho, args, learn=False)
+        base.fix_ranks(layers, ranks)
+        feed = Feed(model, ctx["ids"], args, steps)
+    record["compensation_curve"] = compensate(model, layers, feed, args, ctx["device"])
     if steps:
         c = record["compensation_curve"]
         print(f"compensation: task loss {c[0]['task']:.4f} -> {c[-1]['task']:.4f} over {steps} steps")
-    ranks, components = gates.export(layers)
+    ranks, components = base.export(layers)
     record.update(feed.record, compensate=steps, calibration_seen=feed.seen())
     return ranks, components, record
-
-
-# ----------------------------------------------------------------------------- main
-
-def load_context(args, run_dir, whiten, decomp):
-    """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
-    the model, the calibration windows and the factors."""
-    rerun = f"python decompose.py --run_dir {run_dir}"
-    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shapes(decomp))
-    sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
-    ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
-    if not needs_model(args):
-        return ctx
-    device = common.pick_device(args.device)
-    model, _ = loading.load_model(whiten["model"], device, device_map=args.device_map)
-    artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
-    # bf16 on a GPU; on the CPU float32 for a half-precision model (common.compute_dtype: ~10x faster there, and
-    # float16 is never used for the factors: its range cannot hold V^T S^-1, see decompose.py)
-    dtype = common.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
-                                          common.compute_dtype(model.dtype, device))
-    if dtype is not None and not args.device_map:  # a dispatched model is not cast (check_dtype_placement)
-        model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
-    if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
-        masking.checkpoint_blocks(model)
-    if args.loss == "hidden_mse":
-        L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
-        if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
-            raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} "
-                            f"(or -{L + 1}..-1)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ids = artifacts.read_ids(run_dir, whiten, model.config.vocab_size)
-    # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
-    return {**ctx, "model": model, "ids": ids, "factors": f, "device": device}
 
 
 def check_args(args):
     """Every flag in range before any work (one line and exit 2 otherwise)."""
     if not 0 < args.keep <= 1:
         raise UserError(f"--keep {args.keep} is outside (0, 1]: it is the KEPT fraction, e.g. 0.8 = 20% removed")
-    if args.method not in methods():
-        raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods())}")
-    if args.method in gates.GATES:
-        gates.GATES[args.method].check_args(args)
-    common.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
-                       alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), tau=((">", 0), None),
-                       sparsity=(0, None), log_every=(1, None), energy_power=((">", 0), None),
-                       strs_samples=(1, None), strs_seqlen=(2, None), seed=(0, 2**32 - 1), soco_stages=(0, 1),
-                       teacher_cache_gb=(0, None),
-                       settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None))
+    if args.method not in methods.names():
+        raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods.names())}")
+    cli.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
+                    alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), log_every=(1, None),
+                    seed=(0, 2**32 - 1), teacher_cache_gb=(0, None), settle=(0, 1), compensate=(0, None),
+                    compensate_lr=((">", 0), None))
+    methods.check_args(args)
     loading.check_dtype_placement(args.dtype, args.device_map)
-    if abs(sum(args.soco_stages) - 1) > 1e-6:
-        raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
-                        "they are fractions of --steps and must sum to 1 (the third stage is --compensate)")
 
 
 def main(args):
@@ -165,19 +316,19 @@ def main(args):
     floor = sum(m + n for m, n in shapes.values()) / sum(m * n for m, n in shapes.values())
     if args.keep < floor:
         raise UserError(f"--keep {args.keep} is below {floor:.4f}, the cost of rank 1 in every layer; raise it")
-    common.set_seed(args.seed)
+    cli.set_seed(args.seed)
     t0 = time.time()
     if args.keep == 1:  # the original model, whatever the method (no gate has anything to learn)
         ranks, components, record = {name: "dense" for name in shapes}, None, {}
     else:
-        ctx = load_context(args, args.run_dir, whiten, decomp)
+        ctx = load_context(args, args.run_dir, whiten, decomp, needs_model(args))
         ranks, components, record = allocate(shapes, args.keep, ctx, args)
-    rho = common.kept_fraction(ranks, shapes)
+    rho = base.kept_fraction(ranks, shapes)
     if rho > args.keep + 1e-12:  # every allocator meets the budget; an overshoot is a bug, never a result
         raise RuntimeError(f"{args.method} kept {rho:.6f} > --keep {args.keep}: the allocator broke the budget")
     dense = sum(r == "dense" for r in ranks.values())
     wall = round(time.time() - t0, 1)
-    print(f"{args.method}: {common.kept_removed(rho)} of the compressed linears "
+    print(f"{args.method}: {base.kept_removed(rho)} of the compressed linears "
           f"(target kept {args.keep:.2%}); {dense}/{len(ranks)} layers dense; {wall}s")
     out = artifacts.stage_dir(args.run_dir, "allocation")
     if components:
@@ -189,14 +340,14 @@ def main(args):
     plots.write_allocation_plots(allocation, out)
     artifacts.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
-        "seed": args.seed, "flags": vars(args), **common.peak_gpu(common.pick_device(args.device)),
+        "seed": args.seed, "flags": vars(args), **cli.peak_gpu(cli.pick_device(args.device)),
         "wall_time_s": wall})
 
 
 def parser():
     """The flags (a function, so a registered method's test can parse them in-process)."""
-    p = common.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="uniform", help="|".join(methods()) + " (or one registered with gates.register)")
+    p = cli.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="uniform", help="|".join(methods.names()) + " (or one registered with methods.register)")
     p.add_argument("--keep", type=float, default=0.8, help="KEPT fraction of the compressed linears, in (0, 1]")
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
@@ -206,7 +357,7 @@ def parser():
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
                    "seeded epochs over all of them (ranks.json records the fraction seen)")
-    lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in gates.GATES.items())
+    lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in methods.GATES.items())
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
     p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
     p.add_argument("--settle", type=float, default=0.5,
@@ -216,46 +367,29 @@ def parser():
                    help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
     p.add_argument("--guidance", type=float, default=50.0,
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
-    p.add_argument("--tau", type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's backward (LLRC code 0.4, paper 0.1); "
-                   "the forward mask is hard, P(keep) = sigmoid(z) at any tau")
-    p.add_argument("--beta_end", type=float, default=0.05,
-                   help="hard-concrete: temperature at the last step, annealed geometrically from 2/3: the gates "
-                   "end nearly 0/1 and export as a hard top-k at scale 1 (2/3 = Louizos' fixed beta, exported "
-                   "with its test-time gates as scales)")
     p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
                    help="start the gates at the uniform allocation, at energy's (its dense layers start dense), "
                    "or at LLRC's logits 6 -> 3 / SoCo's scores 1, which start every layer dense (ARA refuses "
                    "paper: its init is its paper's own)")
-    p.add_argument("--soco_stages", type=float, nargs=2, default=[0.5, 0.5],
-                   help="SoCo: fractions of --steps in its coarse and refine stages (its third, the kept scores "
-                   "trained with the selection fixed, is --compensate)")
     p.add_argument("--compensate", type=int, default=None,
                    help="steps of the compensation stage after the allocation is final: only the kept components' "
                    "scales train, on the task loss; truncate.py folds them in (default: 100 after a learned method, "
                    "0 after one that trains nothing; 0 = the papers' plain methods)")
     p.add_argument("--compensate_lr", type=float, default=0.02,
-                   help="AdamW learning rate of the compensation stage (measured: 0.02 beat 0.05 and 0.1, docs/RESULTS.md)")
-    p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")
+                   help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
-    p.add_argument("--energy_norm", choices=["relative", "raw", "type"], default="relative",
-                   help="energy: how layers' whitened truncation energies compare (see allocate_energy)")
-    p.add_argument("--energy_power", type=float, default=2.0,
-                   help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")
-    p.add_argument("--strs_samples", type=int, default=None,
-                   help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 4 on a CPU)")
-    p.add_argument("--strs_seqlen", type=int, default=None,
-                   help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
     p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
                    help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
                    "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
     p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
-                   "half-precision matmuls are ~10x slower); the gates always train in float32")
+                   "half-precision matmuls are slow there); the gates always train in float32")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
     p.add_argument("--device_map", choices=["auto"], default=None,
                    help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
+    methods.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
@@ -263,4 +397,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    common.run_main(main, parser().parse_args())
+    cli.run_main(main, parser().parse_args())

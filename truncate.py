@@ -25,10 +25,13 @@ import time
 
 import torch
 
-import artifacts
-import common
-import loading
-from common import LowRankLinear, UserError
+from plumbing import artifacts
+from plumbing import loading
+from plumbing.modeling_lowrank import LowRankLinear
+from plumbing.cli import UserError
+from methods import base
+from plumbing import cli
+from plumbing.layers import find_linears, set_module, weight_matrix
 
 
 # ----------------------------------------------------------------------------- math
@@ -51,7 +54,7 @@ def lowrank_layer(mod, factors, name, rank, index=None, scale=None):
     """The LowRankLinear that replaces `mod` (weight dtype and device, bias kept) from stored factors."""
     A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
                            rank=rank, index=index, scale=scale)
-    W = common.weight_matrix(mod)
+    W = weight_matrix(mod)
     bias = None if mod.bias is None else mod.bias.detach().clone()
     return LowRankLinear(A.to(W), B.to(W), bias).to(W.device)
 
@@ -60,16 +63,16 @@ def compress_model(model, ranks, factors, components=None):
     """Swap every non-dense layer in `ranks` for a LowRankLinear, in place, one layer at a time: the original
     layer is dropped as soon as its replacement is in, so at most one layer's factors are alive beside the
     model (never the original model plus every factor). `factors` may be a lazy artifacts.Shards."""
-    for name in list(common.find_linears(model)):  # names only: holding the modules would keep every W alive
+    for name in list(find_linears(model)):  # names only: holding the modules would keep every W alive
         rank = ranks.get(name, "dense")
         if rank == "dense":
             continue
         mod = model.get_submodule(name)
-        if rank >= common.k_star(*common.weight_matrix(mod).shape):
+        if rank >= base.k_star(*weight_matrix(mod).shape):
             continue  # past break-even the dense W is cheaper and exact (docs/METHODS.md §2)
         sub = {} if components is None or f"{name}.index" not in components else \
             {"index": components[f"{name}.index"], "scale": components[f"{name}.scale"]}
-        common.set_module(model, name, lowrank_layer(mod, factors, name, rank, **sub))
+        set_module(model, name, lowrank_layer(mod, factors, name, rank, **sub))
         del mod
     return model
 
@@ -80,7 +83,7 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     architecture is built on the meta device and filled from the weights file, never randomly initialised.
     kwargs go to from_pretrained (device_map="auto" for a model past one GPU)."""
     from transformers import AutoTokenizer
-    from modeling_lowrank import LowRankForCausalLM
+    from plumbing.modeling_lowrank import LowRankForCausalLM
     rerun = "python truncate.py"
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
@@ -124,7 +127,7 @@ def check_ranks(ranks, layers, rerun):
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= v["k_max"]:
             raise UserError(f"allocation/ranks.json gives {name} the rank {r!r}: a rank must be \"dense\" or an "
                             f"integer in 1..{v['k_max']}; re-run `{rerun}`")
-        if r >= common.k_star(v["m"], v["n"]):
+        if r >= base.k_star(v["m"], v["n"]):
             ranks[name] = "dense"  # normalise, so the saved ranks say what the model holds
     return ranks
 
@@ -157,13 +160,13 @@ def main(args):
     compress_model(model, ranks, factors, components)
     check_finite(model, f"python decompose.py --run_dir {args.run_dir}")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
-    rho_linear, n_after = common.kept_fraction(ranks, shapes), count_params(model)
+    rho_linear, n_after = base.kept_fraction(ranks, shapes), count_params(model)
 
     out = artifacts.stage_dir(args.run_dir, "compressed")
     # the folder carries its own module: from_pretrained(out, trust_remote_code=True) rebuilds this model
     model.config.lowrank_ranks = {n: r for n, r in ranks.items() if r != "dense"}
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_lowrank.LowRankForCausalLM"}
-    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_lowrank.py"), out)
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "plumbing", "modeling_lowrank.py"), out)
     # config (with lowrank_ranks and auto_map) and the weights, in shards of at most 2 GB with an index for a
     # large model: the layout from_pretrained, lm-eval and accelerate expect
     model.save_pretrained(out, max_shard_size="2GB")
@@ -173,17 +176,17 @@ def main(args):
         "inputs": {"allocation": alloc["hash"], "decompose": decomp["hash"]}, "model": whiten["model"],
         "params_original": n_before, "params_compressed": n_after, "kept_fraction_linear": rho_linear,
         "kept_fraction_model": n_after / n_before, "wall_time_s": round(time.time() - t0, 1)})
-    print(f"compressed linears: {common.kept_removed(rho_linear)}; whole model: "
-          f"{common.kept_removed(n_after / n_before)} ({n_before:,} -> {n_after:,} parameters)")
+    print(f"compressed linears: {base.kept_removed(rho_linear)}; whole model: "
+          f"{base.kept_removed(n_after / n_before)} ({n_before:,} -> {n_after:,} parameters)")
     print(f"wrote {args.run_dir}/compressed; reload with truncate.load_compressed('{args.run_dir}/compressed')")
 
 
 def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
-    p = common.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     return p
 
 
 if __name__ == "__main__":
-    common.run_main(main, parser().parse_args())
+    cli.run_main(main, parser().parse_args())

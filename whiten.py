@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import artifacts
-import common
-import loading
-from common import UserError
+from plumbing import artifacts
+from plumbing import loading
+from plumbing.cli import UserError
+from plumbing import cli
+from plumbing.layers import decoder_blocks, find_linears, layer_shapes, weight_matrix
 
 MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one token repeated, say)
 
@@ -232,10 +233,10 @@ def cast_floats(obj, dtype):
 
 def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
     """Grams of block b, then each group's S (compact) and any numerical fix; the block visits `device` in its
-    compute dtype (common.compute_dtype: float32 on the CPU for a bf16 / fp16 model, whose half-precision
-    matmuls are ~10x slower there) and goes back in its own dtype (bf16 -> fp32 -> bf16 is exact)."""
+    compute dtype (cli.compute_dtype: float32 on the CPU for a bf16 / fp16 model, whose half-precision
+    matmuls are slow there) and goes back in its own dtype (bf16 -> fp32 -> bf16 is exact)."""
     own = next(block.parameters()).dtype
-    dtype = common.compute_dtype(own, device)
+    dtype = cli.compute_dtype(own, device)
     block.to(device, dtype)
     hidden[:] = [h.to(dtype) for h in hidden]  # a no-op after the first block (its outputs are already dtype)
     calls = [(cast_floats(a, dtype), cast_floats(k, dtype), p) for a, k, p in calls]
@@ -253,7 +254,7 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
             other = "eigh" if method == "cholesky" else "cholesky"
             raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None
         if fix:
-            tqdm.write(f"  numerical fix on {leader}: {fix}")  # never silent (STYLE.md habit 6)
+            tqdm.write(f"  numerical fix on {leader}: {fix}")  # never silent: every numerical patch is printed and recorded
             fixes[leader] = fix
         tensors[f"{leader}.S"] = compact_factor(S, method).cpu().contiguous()
     missing = [n for n in names if n not in groups]
@@ -264,19 +265,19 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
 
 
 def main(args):
-    common.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
+    cli.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
                        seed=(0, 2**32 - 1))
-    common.check_run_dir(args.run_dir)
-    common.set_seed(args.seed)
-    device = common.pick_device(args.device)
+    cli.check_run_dir(args.run_dir)
+    cli.set_seed(args.seed)
+    device = cli.pick_device(args.device)
     t0 = time.time()
     model, tok = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
-    common.check_seqlen(model.config, args.seqlen)
-    linears = common.find_linears(model)
-    blocks = common.decoder_blocks(model)
+    cli.check_seqlen(model.config, args.seqlen)
+    linears = find_linears(model)
+    blocks = decoder_blocks(model)
     stream = loading.token_stream(tok, loading.load_documents(args.data, "calib"))
     ids = sample_windows(stream, args.nsamples, args.seqlen, args.seed)
-    distinct = check_calibration(ids, max(common.weight_matrix(m).shape[1] for m in linears.values()))
+    distinct = check_calibration(ids, max(weight_matrix(m).shape[1] for m in linears.values()))
     print(f"{len(linears)} linear layers in {len(blocks)} decoder blocks; {ids.numel()} calibration tokens "
           f"({args.nsamples} x {args.seqlen}, {distinct} distinct) on {device}")
     move_outside_blocks(model, blocks, device)
@@ -297,15 +298,15 @@ def main(args):
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
-        "shapes": common.layer_shapes(linears), "fixes": fixes, "gram_matrices_alive_peak": GRAMS["peak"],
-        **common.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
+        "shapes": layer_shapes(linears), "fixes": fixes, "gram_matrices_alive_peak": GRAMS["peak"],
+        **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/whiten in {time.time() - t0:.1f}s ({len(set(groups.values()))} input groups, "
           f"{len(fixes)} numerical fixes, at most {GRAMS['peak']} Gram matrices alive at once)")
 
 
 def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
-    p = common.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M from pip), a local folder or a hub id")
     p.add_argument("--data", default="embedded",
                    help="'embedded' (gensim's Wikipedia), 'wikitext2', 'c4' (hub) or a .txt/.jsonl path")
@@ -321,4 +322,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    common.run_main(main, parser().parse_args())
+    cli.run_main(main, parser().parse_args())

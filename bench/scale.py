@@ -36,7 +36,7 @@ def random_model(folder, shape, blocks, dtype, tokenizer=None):
     figures are an upper bound on that term)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import loading
+    from plumbing import loading
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     tok = AutoTokenizer.from_pretrained(tokenizer or loading.embedded_model_dir())
@@ -117,13 +117,13 @@ def main(args):
     # what any stage costs before it touches a model: the interpreter with torch and transformers imported
     imports = os.path.join(work, "imports_only.py")
     with open(imports, "w") as f:
-        f.write("import torch, transformers, safetensors, tqdm, common, loading, artifacts, masking\n")
+        f.write("import torch, transformers, safetensors, tqdm, learn_masks\n")
     _, base = run(imports, work=work)
     results = {"imports_rss_bytes": base}
     out = [f"Interpreter with torch + transformers + this project imported: {base / 2**20:,.0f} MiB peak RSS."]
     print(out[0], flush=True)
     for name, model in todo:
-        import loading
+        from plumbing import loading
         folder = loading.resolve_model(model)
         cfg = json.load(open(os.path.join(folder, "config.json")))
         rows = bench_model(model, os.path.join(work, f"run_{name}"), args)

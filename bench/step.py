@@ -21,11 +21,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import artifacts  # noqa: E402
-import common  # noqa: E402
 import learn_masks  # noqa: E402
-import masking  # noqa: E402
-from speed import peak_rss_bytes  # noqa: E402
+from plumbing import artifacts  # noqa: E402
+from plumbing import cli  # noqa: E402
+from plumbing import feed  # noqa: E402
+from plumbing.speed import peak_rss_bytes  # noqa: E402
+
 
 
 def floor_step(model, layers, x, device):
@@ -35,20 +36,20 @@ def floor_step(model, layers, x, device):
         state["teacher"] = True
         t = model(x, use_cache=False)
         state["teacher"] = False
-    masking.draw_masks(layers, {}, 0)
+    learn_masks.draw_masks(layers, {}, 0)
     s = model(x, use_cache=False)
-    masking.task_loss("kl", s, t, x, [-1]).backward()
-    masking.clear_masks(layers)
+    learn_masks.task_loss("kl", s, t, x, [-1]).backward()
+    learn_masks.clear_masks(layers)
 
 
 def timed(fn, device, repeat, warm=True):
     if warm:
         fn()
-    common.sync(device)
+    cli.sync(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    common.sync(device)
+    cli.sync(device)
     return (time.perf_counter() - t0) / repeat
 
 
@@ -57,16 +58,16 @@ def measure(args, checkpointing):
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
-    ctx = learn_masks.load_context(ns, args.run_dir, whiten, decomp)
+    ctx = feed.load_context(ns, args.run_dir, whiten, decomp, needs_model=True)
     device, model = ctx["device"], ctx["model"]
-    layers = masking.attach(model, ctx["factors"], shapes, args.keep, ns)
-    x = masking.window_chunks(ctx["ids"], args.train_seqlen)[:args.batch_size].to(device)
+    layers = learn_masks.attach(model, ctx["factors"], shapes, args.keep, ns)
+    x = feed.window_chunks(ctx["ids"], args.train_seqlen)[:args.batch_size].to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def steps(n):  # the real training loop for n steps (its setup included, hence the difference below)
         run = argparse.Namespace(**{**vars(ns), "steps": n})
-        masking.train(model, layers, masking.Feed(model, ctx["ids"], run, n), args.keep, run, device)
+        learn_masks.train(model, layers, feed.Feed(model, ctx["ids"], run, n), args.keep, run, device)
     if args.memory_only:
         steps(1)
         floor = step = None

@@ -1,6 +1,6 @@
 """Benchmark: the SVD of one whitened weight W S (decompose.py's whole cost) by each path a device offers, timed
-and checked against an independent float64 reference, on LLaMA-2-7B's shapes (issue 16: "the SVD driver and
-precision per device"). W is random with a decaying spectrum and S the Cholesky factor of a Gram matrix whose
+and checked against an independent float64 reference, on LLaMA-2-7B's shapes: which SVD driver and
+precision each device should use. W is random with a decaying spectrum and S the Cholesky factor of a Gram matrix whose
 eigenvalues span 8 orders of magnitude, as whitened spectra do (docs/METHODS.md §1).
 
 Paths (the first is what decompose.py runs):
@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
+from plumbing import cli  # noqa: E402
 
 
 def whitened_matrix(m, n, seed=0):
@@ -66,7 +66,7 @@ def paths(device):
 
 
 def main(args):
-    device = common.pick_device(args.device)
+    device = cli.pick_device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| shape | path | seconds | max rel. error of the top k* sigma | rel. error of the rank-k* product |")
     print("|---|---|---|---|---|")
@@ -78,10 +78,10 @@ def main(args):
         for name, fn in paths(device).items():
             if name in args.skip or (name == "eigh64" and m > n):
                 continue
-            common.sync(device)
+            cli.sync(device)
             t0 = time.perf_counter()
             U, s, Vt = fn(M)
-            common.sync(device)
+            cli.sync(device)
             results[name] = (time.perf_counter() - t0, U[:, :k].cpu(), s[:k].cpu(), Vt[:k].cpu())
         ref_name = "gesvd64" if "gesvd64" in results else "svd64"
         _, Ur, sr, Vr = results[ref_name]

@@ -25,10 +25,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import artifacts  # noqa: E402
-import common  # noqa: E402
-import loading  # noqa: E402
-import gates  # noqa: E402
+
+import methods  # noqa: E402
+from methods import base  # noqa: E402
+from plumbing import artifacts  # noqa: E402
+from plumbing import cli  # noqa: E402
+from plumbing import loading  # noqa: E402
+from plumbing.layers import find_linears, weight_matrix  # noqa: E402
 from truncate import lowrank_factors  # noqa: E402
 from whiten import StopForward, expand_factor  # noqa: E402
 
@@ -61,7 +64,7 @@ def allocations(folder):
         r = json.load(open(p))
         f = r.get("flags", {})
         extra = [f"--compensate {r['compensate']}" if r.get("compensate") else "",
-                 "--guidance 0" if f.get("guidance") == 0 and r["method"] in gates.GATES else ""]
+                 "--guidance 0" if f.get("guidance") == 0 and r["method"] in methods.GATES else ""]
         out.append((f"{r['method']} {' '.join(x for x in extra if x)}".strip(), r))
     return out
 
@@ -72,20 +75,20 @@ def main(args):
     decomp = artifacts.read_manifest(rd, "decompose", "python decompose.py")
     name = args.layer or next(iter(decomp["layers"]))
     if name not in decomp["layers"]:
-        raise common.UserError(f"--layer {name} is not a compressed layer of {rd}; e.g. {next(iter(decomp['layers']))}")
+        raise cli.UserError(f"--layer {name} is not a compressed layer of {rd}; e.g. {next(iter(decomp['layers']))}")
     info = decomp["layers"][name]
     m, n = info["m"], info["n"]
     model, _ = loading.load_model(whiten["model"], "cpu")
-    W = common.weight_matrix(common.find_linears(model)[name]).detach().double()  # (m, n)
+    W = weight_matrix(find_linears(model)[name]).detach().double()  # (m, n)
     ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"],
                                  kind=lambda k: "int")["ids"]
     leader = whiten["groups"][name]
-    G = layer_gram(model, common.find_linears(model)[name], ids)
+    G = layer_gram(model, find_linears(model)[name], ids)
     S_file = artifacts.Shards(rd, "whiten", "python whiten.py", whiten["shards"])
     S, S_inv = expand_factor(S_file.get(f"{leader}.S"), n, whiten["whitening"])
     f = artifacts.Shards(rd, "decompose", "python decompose.py", decomp["shards"])
     U, sigma, VtSinv = f.get(f"{name}.U").double(), f.get(f"{name}.sigma").double(), f.get(f"{name}.VtSinv").double()
-    tail = common.tail_energy(sigma)
+    tail = base.tail_energy(sigma)
     checks, lines = [], []
 
     def check(what, got, want, tol):
@@ -95,14 +98,14 @@ def main(args):
 
     gram_err = ((S @ S.T - G).norm() / G.norm()).item()
     k_star, k_max = info["k_star"], info["k_max"]
-    k0 = common.uniform_ranks({name: (m, n)}, args.keep)[name]
+    k0 = base.uniform_ranks({name: (m, n)}, args.keep)[name]
     k0 = k_star if k0 == "dense" else k0
     dW = W - (U[:, :k0] * sigma[:k0]) @ VtSinv[:k0]  # W - W_k0 (m, n)
     loss = torch.einsum("ij,jk,ik->", dW, G, dW).item()  # ||(W - W_k) X||^2 / T = tr(dW G dW^T)
     A, B = lowrank_factors(U, sigma, VtSinv, rank=k0)
     out_err = math.sqrt(max(torch.einsum("ij,jk,ik->", W - A @ B, G, W - A @ B).item(), 0)
                         / torch.einsum("ij,jk,ik->", W, G, W).item())
-    b = gates.guidance_grid(sigma, m, n)  # (101,) b_l(r)
+    b = base.guidance_grid(sigma, m, n)  # (101,) b_l(r)
     lines += [f"# Walkthrough: `{name}` of `{whiten['model']}`", "",
               "Made by `python bench/walkthrough.py` (this file is its output; the numbers are this run's). "
               "Sections cite docs/METHODS.md.", "",
@@ -166,4 +169,4 @@ if __name__ == "__main__":
     p.add_argument("--keep", type=float, default=0.8, help="the budget of the uniform rank shown")
     p.add_argument("--ranks", default=None, help="a folder of ranks.json / bench/compare.py *.ranks files to tabulate")
     p.add_argument("--out", default=None, help="write the markdown here (e.g. docs/WALKTHROUGH.md)")
-    common.run_main(main, p.parse_args())
+    cli.run_main(main, p.parse_args())

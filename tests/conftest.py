@@ -87,8 +87,8 @@ def run_dir(tmp_path_factory, tiny_dir, text_file):
 
 
 def run_inprocess(script, *args):
-    """Run a stage the way its command line does (its parser, common.run_main) but in this process, so a
-    case pays no interpreter and import start (~4 s): returns (exit code, stderr). An exception that
+    """Run a stage the way its command line does (its parser, cli.run_main) but in this process, so a
+    case pays no interpreter and import start: returns (exit code, stderr). An exception that
     run_main does not turn into one line propagates, i.e. fails the test as a traceback would."""
     import contextlib
     import importlib
@@ -99,7 +99,7 @@ def run_inprocess(script, *args):
     try:
         with contextlib.redirect_stderr(err):
             try:
-                module.common.run_main(module.main, module.parser().parse_args([str(a) for a in args]))
+                module.cli.run_main(module.main, module.parser().parse_args([str(a) for a in args]))
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1

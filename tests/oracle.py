@@ -3,8 +3,8 @@ every layer's Gram matrix at once from one pass over the calibration windows, an
 layers that read the same tensor, found by identity of the input tensor."""
 import torch
 from tqdm import tqdm
+from plumbing.layers import weight_matrix
 
-import common
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def accumulate_gram(model, linears, groups, ids, batch_size, device):
     """(Whole-model oracle: every G of the model alive at once.) G_g = sum_t x_t x_t^T / T, float64."""
     G, hooks = {}, []
     for leader in sorted(set(groups.values())):
-        n = common.weight_matrix(linears[leader]).shape[1]
+        n = weight_matrix(linears[leader]).shape[1]
         G[leader] = torch.zeros(n, n, dtype=torch.float64, device=device)
 
         def hook(_m, inp, leader=leader):

@@ -10,12 +10,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import common
-import baselines
-import gates
-import masking
 from conftest import tiny_model
 from test_learn import factorize, learn_args
+import learn_masks
+from methods import base
+from methods import closed_form
+from methods import hardconcrete
+from methods import sigmoid
+from methods import soco
+from plumbing import cli
+from plumbing import feed
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +30,10 @@ def calib_ids():
 def fake_layer(gate_cls, m=40, n=40, k0=10, **kw):
     """One MaskedLinear over random factors, with a gate of `gate_cls`."""
     g = torch.Generator().manual_seed(0)
-    k_max = int(1.2 * common.k_star(m, n))
+    k_max = int(1.2 * base.k_star(m, n))
     sigma = torch.linspace(2, 0.1, min(m, n))
     gate = gate_cls(k_max, k0, sigma[:k_max], learn_args("x", **kw))
-    return gates.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, k_max, generator=g),
+    return base.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, k_max, generator=g),
                               sigma, torch.randn(k_max, n, generator=g), gate, {"teacher": False})
 
 
@@ -37,7 +41,7 @@ def fake_layer(gate_cls, m=40, n=40, k0=10, **kw):
 
 def test_straight_through_clamp_reaches_dense_layers():
     r = torch.tensor([1.3, 0.5], requires_grad=True)
-    out = gates.straight_through_min1(r)
+    out = base.straight_through_min1(r)
     assert out.tolist() == [1.0, 0.5]  # forward: min(r, 1)
     out.sum().backward()
     assert r.grad.tolist() == [1.0, 1.0]  # backward: as if unclamped, so the budget reaches a dense layer
@@ -48,9 +52,9 @@ def test_paper_init_starts_dense_and_the_budget_brings_layers_back(method, calib
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
     args = learn_args(method, init="paper", steps=200, log_every=5)
-    layers = masking.attach(model, factors, shapes, 0.5, args)
+    layers = learn_masks.attach(model, factors, shapes, 0.5, args)
     assert all(l.ratio().item() >= 1 for l in layers.values())  # every layer starts past r = 1: dense
-    record = masking.train(model, layers, masking.Feed(model, calib_ids, args, args.steps), 0.5, args, torch.device("cpu"))
+    record = learn_masks.train(model, layers, feed.Feed(model, calib_ids, args, args.steps), 0.5, args, torch.device("cpu"))
     assert record["curve"][0]["rho_hat"] > 0.99 and abs(record["curve"][-1]["rho_hat"] - 0.5) < 0.03
     assert any(to == "low-rank" for _, _, to in record["dense_flips"])  # recorded, and the gates moved
     traj = record["trajectory"]
@@ -64,8 +68,8 @@ def test_the_gates_start_at_a_given_allocation(method, calib_ids):
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
     names = sorted(shapes)
-    start = {n: "dense" if i % 3 == 0 else max(1, common.k_star(*shapes[n]) // (2 + i % 2)) for i, n in enumerate(names)}
-    layers = masking.attach(model, factors, shapes, 0.5, learn_args(method, init="energy"), start=start)
+    start = {n: "dense" if i % 3 == 0 else max(1, base.k_star(*shapes[n]) // (2 + i % 2)) for i, n in enumerate(names)}
+    layers = learn_masks.attach(model, factors, shapes, 0.5, learn_args(method, init="energy"), start=start)
     for n, l in layers.items():
         if start[n] == "dense":
             assert l.ratio().item() >= 1, (n, l.ratio().item())
@@ -79,7 +83,7 @@ def test_guidance_grid_equals_decompose_relative_errors(run_dir):
     decomp = json.load(open(f"{run_dir}/decompose/manifest.json"))
     for name, info in decomp["layers"].items():
         with safe_open(f"{run_dir}/decompose/{decomp['shards'][name]}", "pt") as f:
-            grid = gates.guidance_grid(f.get_tensor(f"{name}.sigma"), info["m"], info["n"])
+            grid = base.guidance_grid(f.get_tensor(f"{name}.sigma"), info["m"], info["n"])
             for r, err in info["rel_err"].items():
                 assert abs(grid[round(float(r) * 100)].item() - err) < 6e-5, (name, r)
 
@@ -87,8 +91,8 @@ def test_guidance_grid_equals_decompose_relative_errors(run_dir):
 # ----------------------------------------------------------------------------- defects 3 and 5: export what was trained
 
 def test_hardconcrete_exports_its_trained_count():
-    a = fake_layer(gates.HardConcreteGate)
-    b = fake_layer(gates.HardConcreteGate)
+    a = fake_layer(hardconcrete.HardConcreteGate)
+    b = fake_layer(hardconcrete.HardConcreteGate)
     with torch.no_grad():
         a.gate.log_alpha.fill_(-1.0)  # P(z != 0) = 0.645 each, but no test gate above 0.5
         b.gate.log_alpha.copy_(torch.cat([torch.full((10,), 0.1), torch.full((14,), -3.0)]))
@@ -96,37 +100,37 @@ def test_hardconcrete_exports_its_trained_count():
     shapes = {"a": (40, 40), "b": (40, 40)}
     k_hat = {n: l.gate.k_hat().item() for n, l in layers.items()}
     rho = sum(k * 80 for k in k_hat.values()) / 3200
-    gates.select(layers, shapes, rho)
-    ranks, _ = gates.export(layers)
+    base.select(layers, shapes, rho)
+    ranks, _ = base.export(layers)
     for n in layers:
         assert abs(ranks[n] - k_hat[n]) <= 1, (n, ranks[n], k_hat[n])
 
 
 def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
-    layer = fake_layer(gates.SigmoidGate)
+    layer = fake_layer(sigmoid.SigmoidGate)
     keep = torch.tensor([0, 2, 3, 7, 11])  # not a prefix
     with torch.no_grad():
         layer.gate.z.fill_(-20.0)
         layer.gate.z[keep] = 20.0
     shapes = {"l": (40, 40)}
     factors = {"l.U": layer.U, "l.sigma": layer.sigma_full.float(), "l.VtSinv": layer.VtSinv}  # k_max stored
-    gates.select({"l": layer}, shapes, 5 * 80 / 1600)
-    ranks, components = gates.export({"l": layer})
+    base.select({"l": layer}, shapes, 5 * 80 / 1600)
+    ranks, components = base.export({"l": layer})
     assert ranks["l"] == 5 and components["l.index"].tolist() == keep.tolist()
     x = torch.randn(3, 40)
     with torch.no_grad():
-        masked = layer(x)
+        fixed_out = layer(x)
         model = torch.nn.Module()
         model.l = layer.orig
         from truncate import lowrank_layer
         low = lowrank_layer(layer.orig, factors, "l", 5, index=components["l.index"], scale=components["l.scale"])
-        torch.testing.assert_close(low(x), masked, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(low(x), fixed_out, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- defect 4: SoCo
 
 def test_soco_pruned_score_can_recover():
-    layer = fake_layer(gates.SocoGate)
+    layer = fake_layer(soco.SocoGate)
     with torch.no_grad():
         layer.gate.theta[3] = -0.5  # a score pushed below 0: s = 0 (a relu's gradient would be 0 for good)
     assert layer.gate.scores()[3].item() == 0
@@ -139,7 +143,7 @@ def test_soco_pruned_score_can_recover():
 
 
 def test_soco_counts_components_not_score_mass():
-    layer = fake_layer(gates.SocoGate)
+    layer = fake_layer(soco.SocoGate)
     with torch.no_grad():
         layer.gate.theta.copy_(torch.cat([torch.full((5,), 3.0), torch.full((19,), -1.0)]))  # 5 scores 3, 19 at 0
     assert abs(layer.gate.k_hat().item() - 5) < 0.05  # 5 kept, though their score mass is ~15
@@ -147,7 +151,7 @@ def test_soco_counts_components_not_score_mass():
 
 def test_soco_stages_alternate_and_restart_the_learning_rate():
     args = learn_args("soco", steps=100)
-    plans = [gates.SocoGate.plan(s, args) for s in range(100)]
+    plans = [soco.SocoGate.plan(s, args) for s in range(100)]
     assert [p["stage"] for p in plans[49:52]] == [1, 2, 2]
     assert all(p["task"] and p["sparsity"] and p["budget"] for p in plans[:50])  # coarse: every term
     refine = plans[50:]
@@ -159,7 +163,7 @@ def test_soco_selection_ranks_by_score_times_sigma():
     """SoCo prunes by s_i sigma_i (§3.4), not by s_i alone nor by sigma_i alone: a hand-made case where the
     three orders differ (sigma 4 3 2 1, s .5 1 .9 2.5 -> s sigma 2 3 1.8 2.5). Catches an order on the
     scores only ([3, 1, 2, 0]) or the prefix ([0, 1, 2, 3])."""
-    gate = gates.SocoGate(4, 4, torch.tensor([4.0, 3.0, 2.0, 1.0]), learn_args("soco"))
+    gate = soco.SocoGate(4, 4, torch.tensor([4.0, 3.0, 2.0, 1.0]), learn_args("soco"))
     with torch.no_grad():
         gate.theta.copy_(torch.tensor([0.5, 1.0, 0.9, 2.5]))
     assert gate.order().tolist() == [1, 3, 0, 2]
@@ -169,10 +173,10 @@ def test_soco_selection_ranks_by_score_times_sigma():
 
 def test_every_calibration_token_is_reachable():
     ids = torch.arange(3 * 50).view(3, 50)
-    chunks = masking.window_chunks(ids, 16)
+    chunks = feed.window_chunks(ids, 16)
     assert chunks.shape == (3 * 4, 16) and set(chunks.flatten().tolist()) == set(range(150))
     seen = set()
-    gen = masking.batches(chunks, 2, torch.Generator().manual_seed(0))
+    gen = feed.batches(chunks, 2, torch.Generator().manual_seed(0))
     for _ in range(len(chunks) // 2):
         seen |= set(next(gen).flatten().tolist())
     assert seen == set(range(150))  # one epoch of batches covers every token
@@ -182,11 +186,11 @@ def test_ce_loss_runs_no_teacher(calib_ids):
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
     args = learn_args("ara", loss="ce", steps=3)
-    layers = masking.attach(model, factors, shapes, 0.6, args)
+    layers = learn_masks.attach(model, factors, shapes, 0.6, args)
     state, calls = next(iter(layers.values())).state, []
     model.register_forward_pre_hook(lambda m, a, kw: calls.append((state["teacher"], kw.get("use_cache"))),
                                     with_kwargs=True)
-    masking.train(model, layers, masking.Feed(model, calib_ids, args, args.steps), 0.6, args, torch.device("cpu"))
+    learn_masks.train(model, layers, feed.Feed(model, calib_ids, args, args.steps), 0.6, args, torch.device("cpu"))
     assert calls == [(False, False)] * 3  # one student forward a step, no teacher, no KV cache
 
 
@@ -204,17 +208,17 @@ def test_closed_form_meets_budget_and_keeps_more_of_a_flat_spectrum(method, rho)
     sigmas = spectra([0.1, 0.1, 0.01, 0.1])  # layer 2's spectrum is flat: truncating it costs most
     shapes = {name: (64, 64) for name in sigmas}
     args = argparse.Namespace(energy_norm="relative", energy_power=2.0)
-    fn = getattr(baselines, f"allocate_{method}")
+    fn = getattr(closed_form, f"allocate_{method}")
     ranks, _, _ = fn(shapes, rho, {"sigmas": sigmas, "tokens": 10 ** 6}, args)
-    assert rho - 64 * 2 / (4 * 64 * 64) <= common.kept_fraction(ranks, shapes) <= rho + 1e-9  # within one component
-    flat, uniform = ranks["model.layers.2.mlp.proj"], common.uniform_ranks(shapes, rho)["model.layers.2.mlp.proj"]
+    assert rho - 64 * 2 / (4 * 64 * 64) <= base.kept_fraction(ranks, shapes) <= rho + 1e-9  # within one component
+    flat, uniform = ranks["model.layers.2.mlp.proj"], base.uniform_ranks(shapes, rho)["model.layers.2.mlp.proj"]
     assert flat == "dense" or (uniform != "dense" and flat > uniform), (flat, uniform)
 
 
 def test_svdllm2_ratios_follow_the_paper():
     sigmas = spectra([0.3, 0.1])
     shapes = {name: (64, 64) for name in sigmas}
-    _, _, rec = baselines.allocate_svdllm2(shapes, 0.6, {"sigmas": sigmas, "tokens": 10 ** 6}, None)
+    _, _, rec = closed_form.allocate_svdllm2(shapes, 0.6, {"sigmas": sigmas, "tokens": 10 ** 6}, None)
     kept = list(rec["kept_ratio"].values())
     assert abs(sum(kept) / 2 - 0.6) < 1e-12 and kept[1] > kept[0]  # ratios average R; larger loss kept more
     L = [math.sqrt(10 ** 6 * (s[int(0.6 * 32):] ** 2).sum().item()) for s in sigmas.values()]
@@ -226,14 +230,14 @@ def test_a_nan_loss_names_its_term(calib_ids):
     model = tiny_model("llama")
     factors, shapes = factorize(model, calib_ids)
     args = learn_args("ara", steps=2, guidance=float("nan"))
-    layers = masking.attach(model, factors, shapes, 0.6, args)
-    with pytest.raises(common.UserError, match="guid term of the loss became nan at step 0: check --guidance"):
-        masking.train(model, layers, masking.Feed(model, calib_ids, args, args.steps), 0.6, args, torch.device("cpu"))
+    layers = learn_masks.attach(model, factors, shapes, 0.6, args)
+    with pytest.raises(cli.UserError, match="guid term of the loss became nan at step 0: check --guidance"):
+        learn_masks.train(model, layers, feed.Feed(model, calib_ids, args, args.steps), 0.6, args, torch.device("cpu"))
 
 
 def test_svdllm2_never_exceeds_the_budget_when_a_ratio_clamps():
-    """Alg. 1 line 11 can ask a matrix with a tiny loss to remove more than all of it (kept < 0). Measured on
-    the embedded default at 60% kept: 60.03% kept. Clamped matrices keep their bound and the others share
+    """Alg. 1 line 11 can ask a matrix with a tiny loss to remove more than all of it (kept < 0).
+    Clamped matrices keep their bound and the others share
     the rest of the group's removal in the same proportions, so the group still averages R."""
     i = torch.arange(64, dtype=torch.float64)
     T, k = 10 ** 6, int(0.4 * 32)  # tokens; the uniform rank at 40% kept of a 64 x 64 matrix
@@ -242,30 +246,30 @@ def test_svdllm2_never_exceeds_the_budget_when_a_ratio_clamps():
     sigmas = {f"model.layers.{b}.mlp.proj": torch.exp(-0.02 * i) for b in range(3)}
     sigmas["model.layers.3.mlp.proj"] = sharp
     shapes = {name: (64, 64) for name in sigmas}
-    ranks, _, rec = baselines.allocate_svdllm2(shapes, 0.4, {"sigmas": sigmas, "tokens": T}, None)
-    assert common.kept_fraction(ranks, shapes) <= 0.4 + 1e-9
+    ranks, _, rec = closed_form.allocate_svdllm2(shapes, 0.4, {"sigmas": sigmas, "tokens": T}, None)
+    assert base.kept_fraction(ranks, shapes) <= 0.4 + 1e-9
     kept = list(rec["kept_ratio"].values())
     assert min(kept) >= 2 * 64 / (64 * 64) - 1e-12 and abs(sum(kept) / 4 - 0.4) < 1e-9
 
 
 def test_hard_concrete_skips_its_zero_gates_with_the_same_loss_and_gradients():
     """A gate clipped to exactly 0 adds nothing to the output and gets no gradient (the clip), so the layer
-    computes only the drawn nonzero components (masking.draw_masks): the same output and gate gradients as
+    computes only the drawn nonzero components (learn_masks.draw_masks): the same output and gate gradients as
     computing all k_max. Fails if the skip drops a nonzero gate or the clip passes gradient."""
-    layer = fake_layer(gates.HardConcreteGate)
+    layer = fake_layer(hardconcrete.HardConcreteGate)
     x = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
     for skip in (False, True):
         layer.gate.skips_zeros = skip  # this instance only: the first pass computes all k_max
         layer.gate.log_alpha.grad = None
-        masking.draw_masks({"l": layer}, {}, seed=2)  # a fresh stream, the same seed: the same draw both times
+        learn_masks.draw_masks({"l": layer}, {}, seed=2)  # a fresh stream, the same seed: the same draw both times
         assert (layer.step_index is not None) == skip
         zeros = int((layer.step_mask == 0).sum())
         y = layer(x)
         (y ** 2).sum().backward()
         outs.append(y.detach())
         grads.append(layer.gate.log_alpha.grad.clone())
-    assert gates.HardConcreteGate.skips_zeros and 0 < zeros < layer.gate.k_max  # some skipped, some kept
+    assert hardconcrete.HardConcreteGate.skips_zeros and 0 < zeros < layer.gate.k_max  # some skipped, some kept
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
     assert (grads[0][layer.step_mask.detach() == 0] == 0).all()  # the clip: a zero gate learns nothing this step

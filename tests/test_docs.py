@@ -1,7 +1,9 @@
-"""The docs a reader follows from the code: every section the code cites exists in docs/METHODS.md."""
+"""The docs a reader follows from the code: every section, file, function and results heading the code and
+docs cite exists in the repository, and nothing cites a file outside it."""
 import glob
 import os
 import re
+import subprocess
 
 from conftest import ROOT, run_stage
 
@@ -14,8 +16,7 @@ def sections():
 def test_every_cited_section_exists():
     have = sections()
     assert {"1", "1.1", "2", "3", "3.1", "3.2", "3.3", "3.4", "3.5", "3.6", "3.7", "3.8", "4"} <= have
-    files = [p for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True) if "/.venv/" not in p]
-    files += [os.path.join(ROOT, "README.md")]
+    files = [os.path.join(ROOT, p) for p in text_files()]
     missing = []
     for path in files:
         for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
@@ -27,6 +28,76 @@ def test_every_cited_section_exists():
 
 def test_the_citation_check_sees_a_missing_section():
     assert "9.9" not in sections() and "3.3" in sections()
+
+
+def repo_files():
+    """The files a clone has (tracked, or new and not ignored)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    return [p for p in out.stdout.split() if os.path.exists(os.path.join(ROOT, p))]
+
+
+def text_files():
+    return [p for p in repo_files() if p.endswith((".py", ".md", ".sh")) or p == ".ci/run"]
+
+
+# our team's notes live outside the repository: a clone does not have them
+OUTSIDE = re.compile(r"\.\./[\w./-]*\.(?:md|py|txt)\b|(?<![\w./])shared/[\w./-]+|\b(?:STYLE|DATA)\.md\b")
+GENERATED = {"holder.py", "imports_only.py"}  # files a test or benchmark writes, then runs
+
+
+def headings(path):
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    return re.findall(r"^#+ (.+?)\s*$", text, flags=re.M)
+
+
+def slug(heading):  # GitHub's anchor of a heading
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def citation_problems(text, files):
+    """What `text` cites that does not exist: a path outside the repository, a file (`x.py`, `dir/x.py`), a
+    function or class (`dir/x.py:name`), a docs file, its anchor (`docs/X.md#anchor`) or heading
+    (`docs/X.md, "Heading"`). files: the repository's paths."""
+    names = {os.path.basename(f) for f in files}
+    problems = [f"cites {m.group(0)!r} outside the repository" for m in OUTSIDE.finditer(text)]
+    for m in re.finditer(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.py)(?!\w)(?::([A-Za-z_][\w.]*))?", text):
+        path, name = m.group(1), m.group(2)
+        if os.path.basename(path) in GENERATED:
+            continue
+        if path not in files and ("/" in path or path not in names):
+            problems.append(f"cites {path}, which the repository does not have")
+        elif name and path in files:
+            source = open(os.path.join(ROOT, path), encoding="utf-8").read()
+            if not re.search(rf"^\s*(?:def|class) {re.escape(name.split('.')[0])}\b", source, flags=re.M):
+                problems.append(f"cites {path}:{name}, which {path} does not define")
+    for m in re.finditer(r"docs/([\w-]+\.md)(?:#([\w-]+)|, \"([^\"]+)\")?", text):
+        doc, anchor, title = "docs/" + m.group(1), m.group(2), m.group(3)
+        if doc not in files:
+            problems.append(f"cites {doc}, which the repository does not have")
+        elif anchor and anchor not in {slug(h) for h in headings(doc)}:
+            problems.append(f"cites {doc}#{anchor}: no such heading")
+        elif title and not any(h.startswith(title) for h in headings(doc)):
+            problems.append(f"cites {doc}, \"{title}\": no such heading")
+    return problems
+
+
+def test_every_cited_file_function_and_heading_exists_and_nothing_outside():
+    files = repo_files()
+    missing = []
+    for path in text_files():
+        if path == "tests/test_docs.py":  # its own patterns and negative cases
+            continue
+        for lineno, line in enumerate(open(os.path.join(ROOT, path), encoding="utf-8"), 1):
+            missing += [f"{path}:{lineno} {p}" for p in citation_problems(line, files)]
+    assert not missing, "\n".join(missing)
+
+
+def test_the_citation_check_sees_each_kind_of_missing_citation():
+    files = repo_files()
+    assert citation_problems("see `learn_masks.py:train` and docs/METHODS.md", files) == []
+    for bad in ["see ../shared/METHODS.md", "STYLE.md habit 6", "in gates.py", "`methods/sigmoid.py:NoSuchGate`",
+                "docs/NOTES.md", "docs/RESULTS.md#no-such-anchor", 'docs/RESULTS.md, "No such heading"']:
+        assert len(citation_problems(bad, files)) == 1, bad
 
 
 def test_walkthrough_checks_one_layer_through_the_stages(run_dir, tmp_path):

@@ -2,11 +2,14 @@
 and the allocation heatmap, on the tiny model."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import run_inprocess, run_stage, stage
+from conftest import ROOT, run_inprocess, run_stage, stage
+from plumbing import cli
+from plumbing.tasks import prepare_tasks
 
 EVAL = ("--seqlen", 64, "--max_windows", 4)
 
@@ -58,7 +61,7 @@ def test_throughput_is_tokens_over_seconds_on_a_fake_clock(monkeypatch):
     tokens. Catches a missing batch factor, the prompt counted as decoded, the two timings swapped."""
     import torch
 
-    import speed
+    from plumbing import speed
     from conftest import tiny_model
     model = tiny_model("llama").eval()
     ticks = iter([0.0, 2.0, 10.0, 15.0])
@@ -85,12 +88,10 @@ def test_bad_tasks(run_dir, text_file, tmp_path):
 
 
 def test_missing_lm_eval_is_a_clear_error(monkeypatch):
-    import common
-    import evaluate
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
-    with pytest.raises(common.UserError, match="pip install lm-eval"):
-        evaluate.prepare_tasks(["local_continuation"], None, None, None)
+    with pytest.raises(cli.UserError, match="pip install lm-eval"):
+        prepare_tasks(["local_continuation"], None, None, None)
 
 
 def test_strs_meets_budget_and_reloads(run_dir):
@@ -104,14 +105,14 @@ def test_strs_meets_budget_and_reloads(run_dir):
 
 
 def test_heatmap_png(run_dir, tmp_path):
-    import plots
+    from plumbing import plots
     stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
     blocks, kinds, cells = plots.grid(alloc["layers"], alloc["shapes"])
     assert len(blocks) * len(kinds) == len(alloc["layers"]) == sum(len(r) for r in cells)
     assert open(f"{run_dir}/allocation/heatmap.png", "rb").read()[:4] == b"\x89PNG"  # drawn by learn_masks.py
-    run_stage("plots.py", f"{run_dir}/allocation/ranks.json", f"{run_dir}/allocation/ranks.json",
-              "-o", tmp_path / "cmp.png")
+    subprocess.run([sys.executable, "-m", "plumbing.plots", f"{run_dir}/allocation/ranks.json",
+                    f"{run_dir}/allocation/ranks.json", "-o", str(tmp_path / "cmp.png")], cwd=ROOT, check=True)
     data = (tmp_path / "cmp.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -119,7 +120,7 @@ def test_heatmap_png(run_dir, tmp_path):
 
 
 def test_perplexity_builds_no_kv_cache():
-    """The perplexity forward never reuses a KV cache, so it asks for none (issue 7, defect 9)."""
+    """The perplexity forward never reuses a KV cache, so it asks for none."""
     import torch
 
     from conftest import tiny_model

@@ -10,14 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
-import gates
 import learn_masks
-import masking
 from conftest import run_stage
 from test_allocators import fake_layer
 from test_learn import factorize, learn, learn_args
 from truncate import compress_model
+import learn_masks
+import methods
+from methods import ara
+from methods import base
+from methods import hardconcrete
+from methods import soco
+from plumbing import feed
+from plumbing.layers import set_module
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 
@@ -35,7 +40,7 @@ def kl_to_teacher(model, layers, ids):
 
 def truncated_logits(model, layers, ranks, factors, components, ids):
     for name, l in layers.items():  # back to the original layers, then truncate.py's path
-        common.set_module(model, name, l.orig)
+        set_module(model, name, l.orig)
     compress_model(model, ranks, factors, components)
     with torch.no_grad():
         return model(ids).logits
@@ -52,10 +57,10 @@ def test_the_fixed_masked_model_is_the_truncated_model(method, compensate, train
     layers, record, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
     assert all(l.fixed for l in layers.values())  # the state the export reads
     with torch.no_grad():
-        masked = model(ids[:4]).logits
+        fixed_out = model(ids[:4]).logits
     truncated = truncated_logits(model, layers, ranks, factors, components, ids[:4])
-    assert (truncated - masked).norm() / masked.norm() <= 1e-4
-    assert abs(common.kept_fraction(ranks, shapes) - 0.6) <= 0.01
+    assert (truncated - fixed_out).norm() / fixed_out.norm() <= 1e-4
+    assert abs(base.kept_fraction(ranks, shapes) - 0.6) <= 0.01
     assert len(record["compensation_curve"]) == compensate
 
 
@@ -80,7 +85,7 @@ def test_annealed_hardconcrete_ends_on_hard_gates_and_exports_them(trained_tiny)
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("hardconcrete", steps=20, batch_size=4, train_seqlen=32, beta_end=0.05)
-    probe = masking.attach(make(), factors, shapes, 0.6, args)
+    probe = learn_masks.attach(make(), factors, shapes, 0.6, args)
     g = next(iter(probe.values())).gate
 
     def fractional():  # the share of sampled gates strictly between 0 and 1
@@ -89,13 +94,13 @@ def test_annealed_hardconcrete_ends_on_hard_gates_and_exports_them(trained_tiny)
     before, frac_before = g.k_hat().item(), fractional()
     g.at_step(19, args)  # the last step's temperature
     assert abs(g.beta_t - 0.05) < 1e-9 and abs(g.k_hat().item() - before) < 1e-3 * before
-    assert fractional() < min(0.03, frac_before / 5), frac_before  # nearly binary (measured 2.3%; at 2/3: 27%)
+    assert fractional() < min(0.03, frac_before / 5), frac_before  # nearly binary, unlike at 2/3
     layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
     assert components is None or all(torch.equal(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
     with torch.no_grad():
-        masked = model(ids[:4]).logits
+        fixed_out = model(ids[:4]).logits
     truncated = truncated_logits(model, layers, ranks, factors, components, ids[:4])
-    assert (truncated - masked).norm() / masked.norm() <= 1e-4
+    assert (truncated - fixed_out).norm() / fixed_out.norm() <= 1e-4
 
 
 def test_the_settle_phase_follows_the_budget_down_for_hardconcrete(trained_tiny):
@@ -108,17 +113,17 @@ def test_the_settle_phase_follows_the_budget_down_for_hardconcrete(trained_tiny)
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("hardconcrete", steps=30, batch_size=4, train_seqlen=32, settle=1.0, guidance=0.0)
-    layers = masking.attach(model, factors, shapes, 0.9, args)  # the gates start at 90% kept's uniform ranks
-    record = masking.train(model, layers, masking.Feed(model, ids, args, args.steps), 0.6, args, torch.device("cpu"))
+    layers = learn_masks.attach(model, factors, shapes, 0.9, args)  # the gates start at 90% kept's uniform ranks
+    record = learn_masks.train(model, layers, feed.Feed(model, ids, args, args.steps), 0.6, args, torch.device("cpu"))
     start, end = record["curve"][0]["rho_hat"], record["curve"][-1]["rho_hat"]
     assert start > 0.85 and (start - end) >= 0.5 * (start - 0.6), (start, end)
 
 
 def test_hardconcrete_starts_on_sigmoids_ramp():
     """The uniform init: P(z_i != 0) = sigmoid(6 (1 - i / k0)), sigmoid's P(keep), by a Monte-Carlo count of
-    the sampled gates (nonzero), and k_hat within a component of k0. Before: a plateau at log a - shift =
-    +-6 (P ~ 1 or 0 except within 10% of k0), which moved as one block under AdamW (docs/METHODS.md §3.2)."""
-    layer = fake_layer(gates.HardConcreteGate, m=200, n=200, k0=60)
+    the sampled gates (nonzero), and k_hat within a component of k0. Catches a plateau init (P ~ 1 or 0 except
+    near k0), whose gates move as one block under AdamW (docs/METHODS.md §3.2)."""
+    layer = fake_layer(hardconcrete.HardConcreteGate, m=200, n=200, k0=60)
     g = torch.Generator().manual_seed(0)
     nonzero = torch.stack([layer.gate.mask(g) > 0 for _ in range(2000)]).float().mean(0)  # (k_max,)
     i = torch.arange(layer.gate.k_max, dtype=torch.float32)
@@ -129,14 +134,14 @@ def test_hardconcrete_starts_on_sigmoids_ramp():
 # ----------------------------------------------------------------------------- finalisation
 
 def test_a_dense_flag_frozen_in_training_is_exported_dense():
-    """Before: the export recomputed dense with r >= 0.99, so a layer trained dense whose r had drifted to 0.9
-    came out at 0.9 k*."""
-    a, b = fake_layer(gates.AraGate), fake_layer(gates.AraGate)  # both at r = 0.5 (k0 = 10 of k* = 20)
+    """A layer trained dense stays dense in the export even where its r has drifted below 1. Catches an export
+    that recomputes dense from r (r >= 0.99, say), which would give such a layer 0.9 k*."""
+    a, b = fake_layer(ara.AraGate), fake_layer(ara.AraGate)  # both at r = 0.5 (k0 = 10 of k* = 20)
     shapes = {"a": (40, 40), "b": (40, 40)}
     a.dense, b.dense = True, False  # a was frozen dense in the settle phase, then its gate drifted
     assert a.ratio().item() < 0.99
-    gates.select({"a": a, "b": b}, shapes, (1600 + 10 * 80) / 3200)
-    ranks, _ = gates.export({"a": a, "b": b})
+    base.select({"a": a, "b": b}, shapes, (1600 + 10 * 80) / 3200)
+    ranks, _ = base.export({"a": a, "b": b})
     assert ranks == {"a": "dense", "b": 10}
 
 
@@ -146,7 +151,7 @@ def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("ara", steps=30, batch_size=4, train_seqlen=32, settle=0.5)
-    layers = masking.attach(model, factors, shapes, 0.85, args)
+    layers = learn_masks.attach(model, factors, shapes, 0.85, args)
     first = next(iter(layers.values()))
     with torch.no_grad():  # one layer starts well past r = 1 (pi on c = 1): dense when settling begins
         first.gate.p.zero_()[0] = 12.0
@@ -159,50 +164,52 @@ def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
                 snap.update({n: l.gate.p.detach().clone() for n, l in layers.items() if l.dense})
             return out
         return wrapped
-    masking.schedule, orig = spy(masking.schedule), masking.schedule
+    learn_masks.schedule, orig = spy(learn_masks.schedule), learn_masks.schedule
     try:
-        masking.train(model, layers, masking.Feed(model, ids, args, args.steps), 0.85, args, torch.device("cpu"))
+        learn_masks.train(model, layers, feed.Feed(model, ids, args, args.steps), 0.85, args, torch.device("cpu"))
     finally:
-        masking.schedule = orig
+        learn_masks.schedule = orig
     assert snap, "no layer was dense when the settle phase began: the test needs one"
     for n, p0 in snap.items():
         assert layers[n].dense and torch.equal(layers[n].gate.p.detach(), p0), n
 
 
 def test_finalize_gives_dense_not_k_star_minus_one():
-    """Before: with c > 1 a layer could get rank k* - 1 (about dense's price) and still drop half a spectrum."""
+    """With c > 1 a rank that reaches k* is dense. Catches rank k* - 1, about dense's price with half a square
+    spectrum dropped."""
     shapes = {"a": (40, 40), "b": (40, 40)}  # k* = 20
     k_hat = {"a": 19.6, "b": 4.0}
-    ranks, c = gates.finalize(k_hat, shapes, (19 + 8) * 80 / 3200, set())
+    ranks, c = base.finalize(k_hat, shapes, (19 + 8) * 80 / 3200, set())
     assert c > 1 and ranks["a"] in ("dense", *range(1, 19)), ranks
     # a budget that fits dense a plus a small b: the layer wanted past k* takes dense
-    ranks, _ = gates.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
+    ranks, _ = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
     assert ranks["a"] == "dense" and ranks["b"] == 5
     # a layer finalised at exactly k* (here k* (m + n) = m n: dense's price) takes dense, not rank k*
     # (b at 4.49 pins c at ~1: a larger c would give b rank 5 and break the budget)
-    ranks, c = gates.finalize({"a": 20.0, "b": 4.49}, shapes, (1600 + 4 * 80) / 3200, set())
+    ranks, c = base.finalize({"a": 20.0, "b": 4.49}, shapes, (1600 + 4 * 80) / 3200, set())
     assert ranks == {"a": "dense", "b": 4}, (ranks, c)
 
 
 def test_the_dense_switch_turns_a_layer_dense_and_back():
-    """ARA's switch in the explore phase (masking.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
+    """ARA's switch in the explore phase (learn_masks.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
     again, and each flip is recorded."""
-    layer = fake_layer(gates.AraGate)  # r = 0.5
+    layer = fake_layer(ara.AraGate)  # r = 0.5
     record = {"dense_flips": []}
-    masking.update_dense({"l": layer}, ["l"], [1.2], 3, record)
+    learn_masks.update_dense({"l": layer}, ["l"], [1.2], 3, record)
     assert layer.dense and record["dense_flips"] == [[3, "l", "dense"]]
     x = torch.randn(2, 40)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.orig(x))  # dense: the original layer, exactly
-    masking.update_dense({"l": layer}, ["l"], [0.7], 4, record)
+    learn_masks.update_dense({"l": layer}, ["l"], [0.7], 4, record)
     assert not layer.dense and record["dense_flips"][-1] == [4, "l", "low-rank"]
 
 
 # ----------------------------------------------------------------------------- SoCo
 
 def test_soco_budget_reaches_kept_scores():
-    """Before: k_hat = sum 1 - exp(-s / 0.05) had d k_hat / d theta = 6e-18 at s = 2.13 (below AdamW's eps)."""
-    layer = fake_layer(gates.SocoGate)
+    """The budget's gradient reaches a kept score above 1. Catches a saturating count such as
+    sum 1 - exp(-s / 0.05), whose gradient at s = 2 is below AdamW's eps."""
+    layer = fake_layer(soco.SocoGate)
     with torch.no_grad():
         layer.gate.theta.fill_(2.0)  # s = 2: a compensating score
     assert abs(layer.gate.k_hat().item() - layer.gate.k_max) < 1e-4  # a score above 1 counts one component
@@ -217,7 +224,7 @@ def test_soco_learns_an_allocation_that_is_not_uniform(keep, trained_tiny):
     factors, shapes = factorize(model, ids)
     args = learn_args("soco", steps=60, batch_size=4, train_seqlen=32)
     _, _, ranks, _ = learn(model, factors, shapes, keep, args, ids)
-    uniform = common.uniform_ranks(shapes, keep)
+    uniform = base.uniform_ranks(shapes, keep)
     ratio = {n: (1.0 if ranks[n] == "dense" else ranks[n] / uniform[n]) for n in shapes if uniform[n] != "dense"}
     moved = sum(abs(r - 1) >= 0.1 for r in ratio.values())
     assert moved >= len(ratio) // 3, ratio  # a third of the layers at least 10% away from the uniform rank
@@ -231,19 +238,19 @@ def test_compensation_keeps_the_ranks_and_lowers_the_kl(trained_tiny):
     for steps in (0, 40):
         model = make()
         factors, shapes = factorize(model, ids)
-        ranks = common.uniform_ranks(shapes, 0.6)
+        ranks = base.uniform_ranks(shapes, 0.6)
         args = learn_args("uniform", compensate=steps, batch_size=4, train_seqlen=32, steps=1)
-        layers = masking.attach(model, factors, shapes, 0.6, args, learn=False)
-        gates.fix_ranks(layers, ranks)
-        masking.compensate(model, layers, masking.Feed(model, ids, args, steps), args, torch.device("cpu"))
-        out[steps] = (gates.export(layers)[0], kl_to_teacher(model, layers, ids))
+        layers = learn_masks.attach(model, factors, shapes, 0.6, args, learn=False)
+        base.fix_ranks(layers, ranks)
+        learn_masks.compensate(model, layers, feed.Feed(model, ids, args, steps), args, torch.device("cpu"))
+        out[steps] = (base.export(layers)[0], kl_to_teacher(model, layers, ids))
     assert out[40][0] == out[0][0] == ranks  # the allocation is untouched, so the budget holds exactly
     assert out[40][1] < 0.9 * out[0][1], out
 
 
 # ----------------------------------------------------------------------------- one place to add a method
 
-class ToyGate(gates.Gate):
+class ToyGate(base.Gate):
     """A toy method defined outside the project: one logit per layer, the first round(k_max sigmoid(a)) kept."""
     lr = 0.2
 
@@ -262,7 +269,7 @@ class ToyGate(gates.Gate):
 
 
 def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
-    gates.register("toy", ToyGate)
+    methods.register("toy", ToyGate)
     try:
         d = tmp_path / "run"
         d.mkdir()
@@ -273,7 +280,7 @@ def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
                                                 "3", "--train_seqlen", "32", "--run_dir", str(d)])
         learn_masks.main(args)
     finally:
-        del gates.GATES["toy"]
+        del base.GATES["toy"], base.FLAG_HOOKS["toy"]
     alloc = json.load(open(d / "allocation" / "ranks.json"))
     assert alloc["method"] == "toy" and len(alloc["curve"]) == 6 and len(alloc["compensation_curve"]) == 3
     assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01

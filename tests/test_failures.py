@@ -1,5 +1,5 @@
 """How the stages fail (issues 9 and 14). A table of bad inputs, each run through the stage's own parser and
-common.run_main in this process (conftest.run_inprocess: what a user's command runs, without the interpreter
+cli.run_main in this process (conftest.run_inprocess: what a user's command runs, without the interpreter
 start): non-zero exit, the last stderr line starts with "error:" and names the problem, no traceback, and no
 artifact a later stage would accept (every stage folder's manifest is as before, none is added). Then
 SIGKILLs injected where a kill does the most harm (inside the folder swap, inside JSON writes, inside
@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from conftest import run_inprocess, run_stage, stage, tiny_model
+from methods import base
+from plumbing import cli
+from plumbing.tasks import prepare_tasks
 
 STAGES = ("whiten", "decompose", "allocation", "compressed")
 EVAL = ("--seqlen", 64, "--max_windows", 2)
@@ -64,7 +67,7 @@ def manifests(d):
 def rehash(d, stage, name):
     """Keep the manifest's size and content hash of an edited file in step, so the damage itself, not the
     hash check, is what the stage has to catch (a user who edits both, or a bug that writes bad values)."""
-    from artifacts import file_hash
+    from plumbing.artifacts import file_hash
     path = f"{d}/{stage}/{name}"
     man = json.load(open(f"{d}/{stage}/manifest.json"))
     man["files"][name] = {"bytes": os.path.getsize(path), "sha256": file_hash(path)}
@@ -255,7 +258,7 @@ def config_edit(old, new):
     return setup
 
 
-# issue 14: damage checked by content, JSON fields by presence and type, tensors by kind, shape and
+# damage checked by content, JSON fields by presence and type, tensors by kind, shape and
 # finiteness, indices and scales by range; flags through argparse in the same one-line format
 CASES += [
     # content hashes: same-size edits a size check cannot see
@@ -416,11 +419,11 @@ def test_a_kill_leaves_nothing_a_later_stage_accepts(crash, full_run, tiny_dir, 
         assert "Traceback" not in nxt.stderr and lines[-1].startswith("error:"), nxt.stderr[-2000:]
 
 
-# ----------------------------------------------------------------------------- issue 14: one process per run
-# dir, full disks, budgets, caches
+# ----------------------------------------------------------------------------- one process per run dir, full
+# disks, budgets, caches
 
-HOLD = ("import sys, time; sys.path.insert(0, {root!r}); import common; "
-        "common.run_dir_lock({d!r}, 'holder.py'); print('held', flush=True); time.sleep(60)")
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from plumbing import cli; "
+        "cli.run_dir_lock({d!r}, 'holder.py'); print('held', flush=True); time.sleep(60)")
 
 
 def test_a_second_process_on_one_run_dir_is_refused_and_a_dead_holder_is_not(full_run, tmp_path):
@@ -484,8 +487,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_previous_artifact(where, full
     the OS error in its own exception; json.dump raises OSError)."""
     import errno
     import safetensors.torch
-    import artifacts
-    import common
+    from plumbing import artifacts
     import learn_masks
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
@@ -506,7 +508,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_previous_artifact(where, full
         args = ["--keep", 0.7]
     monkeypatch.setattr("sys.argv", ["learn_masks.py"])
     with pytest.raises(SystemExit) as exit_:
-        common.run_main(learn_masks.main, learn_masks.parser().parse_args([*map(str, args), "--run_dir", d]))
+        cli.run_main(learn_masks.main, learn_masks.parser().parse_args([*map(str, args), "--run_dir", d]))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 1 and line.startswith("error: No space left on device while learn_masks.py ran")
     assert manifests(d) == before and not [f for f in os.listdir(d) if ".tmp" in f or ".old" in f]
@@ -517,19 +519,18 @@ def test_keep_is_never_exceeded(full_run, tmp_path):
     """Near 1 the break-even rounding made uniform and svdllm2 give a layer "dense" (m n) where k(rho) (m + n)
     was the budget: 0.99 -> 0.994 on the tiny model. Every method, at budgets where k(rho) lands on k*."""
     import learn_masks
-    import common
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
     decomp = json.load(open(f"{d}/decompose/manifest.json"))
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
-    hit = [rho for rho in (0.95, 0.99, 0.999) if any(common.rank_at_fraction(rho, m, n) >= common.k_star(m, n)
+    hit = [rho for rho in (0.95, 0.99, 0.999) if any(base.rank_at_fraction(rho, m, n) >= base.k_star(m, n)
                                                      for m, n in shapes.values())]
     assert hit, "no budget here puts k(rho) at break-even: the test would not see the defect"
     for method in ("uniform", "svdllm2", "energy", "strs"):
         for rho in hit:
             args = learn_masks.parser().parse_args(["--method", method, "--keep", str(rho), "--run_dir", d,
                                                     "--strs_samples", "1", "--strs_seqlen", "16"])
-            common.run_main(learn_masks.main, args)
+            cli.run_main(learn_masks.main, args)
             kept = json.load(open(f"{d}/allocation/ranks.json"))["kept_fraction_linear"]
             assert kept <= rho + 1e-12, (method, rho, kept)
 
@@ -554,7 +555,6 @@ def test_huge_kmax_mult_is_full_rank_not_a_traceback(full_run, tmp_path):
 
 def test_two_local_task_files_with_one_name_are_two_tasks(tmp_path):
     import argparse
-    import evaluate
     items = [{"context": "a", "choices": [" b", " c"], "label": i % 2} for i in range(4)]
     paths = []
     for sub, flip in (("x", 0), ("y", 1)):
@@ -563,13 +563,13 @@ def test_two_local_task_files_with_one_name_are_two_tasks(tmp_path):
         path.write_text("".join(json.dumps({**it, "label": (it["label"] + flip) % 2}) + "\n" for it in items))
         paths.append(str(path))
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
-    names, _, keys = evaluate.prepare_tasks([f"local:{p}" for p in paths], None, None, args)
+    names, _, keys = prepare_tasks([f"local:{p}" for p in paths], None, None, args)
     assert len(set(names)) == 2 and len(set(keys)) == 2, names
 
 
 def test_a_model_with_non_finite_weights_is_never_saved():
     import truncate
-    from common import UserError
+    from plumbing.cli import UserError
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")

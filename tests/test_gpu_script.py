@@ -1,4 +1,4 @@
-"""bench/gpu.sh's dry mode (issue 16): the GPU script's every command, at tiny sizes on the CPU, so a typo
+"""bench/gpu.sh's dry mode: the GPU script's every command, at tiny sizes on the CPU, so a typo
 cannot waste the first GPU minutes. Each of its steps must finish, and results.json must hold each part."""
 import json
 import os

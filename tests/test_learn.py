@@ -6,14 +6,16 @@ import json
 import pytest
 import torch
 
-import common
-import gates
-import masking
 from conftest import run_inprocess, stage, tiny_model
 from decompose import whitened_svd
 from truncate import compress_model
 from oracle import accumulate_gram, share_groups
 from whiten import whitening_factor
+import learn_masks
+from methods import ara
+from methods import base
+from plumbing import feed
+from plumbing.layers import find_linears, set_module, weight_matrix
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 QUICK = ("--steps", 30, "--batch_size", 2, "--train_seqlen", 48)
@@ -21,15 +23,15 @@ QUICK = ("--steps", 30, "--batch_size", 2, "--train_seqlen", 48)
 
 def factorize(model, ids, kmax_mult=1.2):
     """whiten.py + decompose.py in memory: factors {layer.U/.sigma/.VtSinv} and shapes."""
-    linears = common.find_linears(model)
+    linears = find_linears(model)
     groups = share_groups(model, linears, ids[:1, :8])
     G = accumulate_gram(model, linears, groups, ids, 4, "cpu")
     factors, shapes = {}, {}
     for name, mod in linears.items():
         S, S_inv, _ = whitening_factor(G[groups[name]])
-        W = common.weight_matrix(mod).detach().double()
+        W = weight_matrix(mod).detach().double()
         U, sigma, VtSinv = whitened_svd(W, S, S_inv)
-        k_max = min(len(sigma), int(kmax_mult * common.k_star(*W.shape)))
+        k_max = min(len(sigma), int(kmax_mult * base.k_star(*W.shape)))
         factors.update({f"{name}.U": U[:, :k_max].float(), f"{name}.sigma": sigma,
                         f"{name}.VtSinv": VtSinv[:k_max].float()})
         shapes[name] = tuple(W.shape)
@@ -40,12 +42,12 @@ def factorize(model, ids, kmax_mult=1.2):
 
 def learn(model, factors, shapes, rho, args, ids):
     """learn_masks.allocate in memory: attach, train, select (fixed layers), compensate, export."""
-    layers = masking.attach(model, factors, shapes, rho, args)
-    feed = masking.Feed(model, ids, args, args.steps + args.compensate)
-    record = masking.train(model, layers, feed, rho, args, torch.device("cpu"))
-    record.update(gates.select(layers, shapes, rho))
-    record["compensation_curve"] = masking.compensate(model, layers, feed, args, torch.device("cpu"))
-    ranks, components = gates.export(layers)
+    layers = learn_masks.attach(model, factors, shapes, rho, args)
+    data = feed.Feed(model, ids, args, args.steps + args.compensate)
+    record = learn_masks.train(model, layers, data, rho, args, torch.device("cpu"))
+    record.update(base.select(layers, shapes, rho))
+    record["compensation_curve"] = learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
+    ranks, components = base.export(layers)
     return layers, record, ranks, components
 
 
@@ -80,26 +82,26 @@ def test_budget_reload_and_determinism(method, run_dir):
 def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
     flat = torch.ones(1, 101)  # b(r) = 1: a flat spectrum loses a lot at any r < 1
     r = torch.tensor([1.0], requires_grad=True)
-    assert gates.guidance_loss(r, flat).item() == 0
+    assert base.guidance_loss(r, flat).item() == 0
     r = torch.tensor([0.7], requires_grad=True)
-    gates.guidance_loss(r, flat).backward()
+    base.guidance_loss(r, flat).backward()
     assert r.grad.item() < 0  # descending the loss raises r toward dense
     steep = torch.zeros(1, 101)  # b(r) = 0: truncation is free, no push
-    assert gates.guidance_loss(torch.tensor([0.7]), steep).item() == 0
+    assert base.guidance_loss(torch.tensor([0.7]), steep).item() == 0
 
 
 def test_guidance_alone_makes_a_flat_layer_dense():
     torch.manual_seed(0)
     m = n = 32
-    gate = gates.AraGate(int(1.2 * common.k_star(m, n)), 8, torch.ones(n), learn_args("ara"))
-    layer = gates.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
+    gate = ara.AraGate(int(1.2 * base.k_star(m, n)), 8, torch.ones(n), learn_args("ara"))
+    layer = base.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
                                  torch.randn(gate.k_max, n), gate, {})
-    b = gates.guidance_grid(layer.sigma_full, m, n)[None]
+    b = base.guidance_grid(layer.sigma_full, m, n)[None]
     opt = torch.optim.AdamW(gate.parameters(), lr=0.1)
     r0 = layer.ratio().item()
     for _ in range(200):
         opt.zero_grad()
-        gates.guidance_loss(layer.ratio()[None], b).backward()
+        base.guidance_loss(layer.ratio()[None], b).backward()
         opt.step()
     assert r0 < 0.6 and layer.ratio().item() >= 0.99
 
@@ -111,14 +113,14 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, calib_ids)
     assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in components.items() if k.endswith(".scale"))
     with torch.no_grad():
-        masked = model(calib_ids[:2]).logits
+        fixed_out = model(calib_ids[:2]).logits
     for name, l in layers.items():  # back to the original layers, then truncate.py's path
-        common.set_module(model, name, l.orig)
+        set_module(model, name, l.orig)
     compress_model(model, ranks, factors, components)
     with torch.no_grad():
         truncated = model(calib_ids[:2]).logits
-    assert (truncated - masked).norm() / masked.norm() < 1e-4
-    assert abs(common.kept_fraction(ranks, shapes) - 0.6) <= 0.01
+    assert (truncated - fixed_out).norm() / fixed_out.norm() < 1e-4
+    assert abs(base.kept_fraction(ranks, shapes) - 0.6) <= 0.01
 
 
 SOCO_L1 = pytest.mark.xfail(strict=True, reason="SoCo's per-layer mean L1 (docs/METHODS.md §3.4) pulls each score of a "
@@ -139,12 +141,12 @@ def test_learned_allocation_protects_a_sensitive_layer(method, flags, trained_ti
     sensitive = "model.layers.0.self_attn.v_proj"
     model.get_submodule(sensitive).weight.data *= 30
     factors, shapes = factorize(model, ids)
-    uniform = common.uniform_ranks(shapes, 0.5)
+    uniform = base.uniform_ranks(shapes, 0.5)
     args = learn_args(method, steps=60, **flags)
     _, _, ranks, _ = learn(model, factors, shapes, 0.5, args, ids)
     learned = ranks[sensitive]
     assert learned == "dense" or learned > uniform[sensitive], (learned, uniform[sensitive])
-    assert abs(common.kept_fraction(ranks, shapes) - 0.5) <= 0.01
+    assert abs(base.kept_fraction(ranks, shapes) - 0.5) <= 0.01
 
 
 def test_bad_learning_inputs(run_dir):

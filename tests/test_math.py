@@ -1,9 +1,9 @@
 """Tier 1: math identities on tiny random matrices (docs/METHODS.md §1-§2)."""
 import torch
 
-import common
 from decompose import whitened_svd
 from whiten import whitening_factor
+from methods import base
 
 
 def random_XW(m=24, n=16, T=200, seed=0):
@@ -37,7 +37,7 @@ def test_truncation_loss_equals_dropped_sigma_squared():
         W_k = U[:, :k] * sigma[:k] @ VtSinv[:k]  # U_k Sigma_k V_k^T S^-1
         loss = ((W - W_k) @ X).pow(2).sum()
         torch.testing.assert_close(loss, sigma[k:].pow(2).sum(), rtol=1e-8, atol=1e-8)  # SVD-LLM Cor. 3.3
-    tail = common.tail_energy(sigma)  # tail[k] = the whitened loss of rank k, by hand from the sum above
+    tail = base.tail_energy(sigma)  # tail[k] = the whitened loss of rank k, by hand from the sum above
     assert tail[16] == 0 and torch.allclose(tail[0], sigma.pow(2).sum()) and torch.allclose(tail[5], sigma[5:].pow(2).sum())
 
 
@@ -65,17 +65,17 @@ def test_fallback_on_singular_gram_is_recorded():
 
 
 def test_break_even_rank_and_cost():
-    assert common.k_star(4096, 4096) == 2048 and common.k_star(4096, 11008) == 2985  # docs/METHODS.md §2
-    assert common.layer_cost(10, 100, 50) == 1500
-    assert common.layer_cost(40, 100, 50) == 5000  # past k* = 33 the dense W is cheaper
-    assert common.layer_cost("dense", 100, 50) == 5000
+    assert base.k_star(4096, 4096) == 2048 and base.k_star(4096, 11008) == 2985  # docs/METHODS.md §2
+    assert base.layer_cost(10, 100, 50) == 1500
+    assert base.layer_cost(40, 100, 50) == 5000  # past k* = 33 the dense W is cheaper
+    assert base.layer_cost("dense", 100, 50) == 5000
 
 
 def test_kept_fraction_accounting():
     shapes = {"a": (100, 100), "b": (300, 100)}
     ranks = {"a": 10, "b": "dense"}
-    assert abs(common.kept_fraction(ranks, shapes) - (10 * 200 + 30000) / 40000) < 1e-12
+    assert abs(base.kept_fraction(ranks, shapes) - (10 * 200 + 30000) / 40000) < 1e-12
     for rho in (0.2, 0.5, 0.8, 0.95):
-        got = common.kept_fraction(common.uniform_ranks(shapes, rho), shapes)
+        got = base.kept_fraction(base.uniform_ranks(shapes, rho), shapes)
         assert rho - 0.01 <= got <= rho + 1e-9
-    assert set(common.uniform_ranks(shapes, 1.0).values()) == {"dense"}
+    assert set(base.uniform_ranks(shapes, 1.0).values()) == {"dense"}

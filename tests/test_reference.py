@@ -1,4 +1,4 @@
-"""Every equation checked against an INDEPENDENT computation (issue 17): a slow reference written here, a
+"""Every equation checked against an INDEPENDENT computation: a slow reference written here, a
 hand-computed case, or the paper's closed form, never the code path under test. Each test names, in its
 docstring, a wrong result it catches."""
 import argparse
@@ -10,9 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import evaluate
 import oracle
+from plumbing.tasks import prepare_tasks, zero_shot
 from conftest import run_inprocess, tiny_model, tiny_tokenizer
+import methods
+from methods import ara
+from methods import base
+from methods import closed_form
+from plumbing.layers import find_linears, weight_matrix
 
 
 # ----------------------------------------------------------------------------- whitening and factors on disk
@@ -25,7 +31,7 @@ def oracle_gram(run_dir, tiny_dir):
     whiten = json.load(open(f"{run_dir}/whiten/manifest.json"))
     ids = load_file(f"{run_dir}/whiten/calib_ids.safetensors")["ids"]
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    linears = common.find_linears(model)
+    linears = find_linears(model)
     groups = oracle.share_groups(model, linears, ids[:1])
     return whiten, linears, groups, oracle.accumulate_gram(model, linears, groups, ids, 4, "cpu")
 
@@ -53,7 +59,7 @@ def test_factors_on_disk_are_the_whitened_svd_of_an_independent_gram(run_dir, or
             continue  # a jittered group: its S is not chol(G)
         f = load_file(f"{run_dir}/decompose/{decomp['shards'][name]}")
         U, sigma, VtSinv = f[f"{name}.U"].double(), f[f"{name}.sigma"].double(), f[f"{name}.VtSinv"].double()
-        W = common.weight_matrix(linears[name]).detach().double()
+        W = weight_matrix(linears[name]).detach().double()
         S = torch.linalg.cholesky(G[groups[name]])
         ref = torch.linalg.svdvals(W @ S)
         torch.testing.assert_close(sigma, ref, rtol=1e-5, atol=1e-7)
@@ -96,8 +102,8 @@ def jacobi_singular_values(A):
 @pytest.mark.parametrize("m, n", [(24, 40), (40, 24)])  # both sides of the 7B shapes (4096 x 11008, 11008 x 4096)
 def test_the_production_svd_path_equals_a_jacobi_reference_to_1e_10(m, n):
     """decompose.whitened_svd with a Cholesky S (the pipeline's triangular-solve path, torch's float64 gesdd)
-    against one-sided Jacobi on W S: every sigma to 1e-10 relative to sigma_1 (issue 16: gesdd kept over
-    gesvd for speed, bench/svd.py), and W = U diag(sigma) V^T S^-1 to 1e-10. Catches a float32 SVD (~1e-6),
+    against one-sided Jacobi on W S: every sigma to 1e-10 relative to sigma_1 (gesdd, the faster driver:
+    bench/svd.py), and W = U diag(sigma) V^T S^-1 to 1e-10. Catches a float32 SVD (~1e-6),
     an eigh of W S (W S)^T (small sigmas lose half their digits), a solve against S^T."""
     import decompose
     g = torch.Generator().manual_seed(0)
@@ -127,7 +133,7 @@ def test_truncated_layers_are_the_oracle_whitened_truncation(compressed_06, orac
     for name, k in ranks.items():
         if k == "dense" or groups[name] in whiten["fixes"]:
             continue
-        W = common.weight_matrix(linears[name]).detach().double()
+        W = weight_matrix(linears[name]).detach().double()
         S = torch.linalg.cholesky(G[groups[name]])
         U, sig, Vt = torch.linalg.svd(W @ S, full_matrices=False)
         W_k = (U[:, :k] * sig[:k]) @ torch.linalg.solve(S.T, Vt[:k].T).T  # V_k^T S^-1
@@ -144,9 +150,9 @@ def test_uniform_ranks_by_hand():
     """k = floor(rho m n / (m + n)), then the leftover budget handed out one rank per layer per pass:
     a (100, 100) at 0.5 -> 25, b (300, 100) -> floor(37.5) = 37; cost 5000 + 14800, 200 left -> a 26.
     Catches ceil for floor, (m + n) / (m n) for its inverse, a fill that overshoots."""
-    assert common.uniform_ranks({"a": (100, 100), "b": (300, 100)}, 0.5) == {"a": 26, "b": 37}
-    assert common.rank_or_dense(0.995, 160, 64) == 44  # k(0.995) = 45 = k*: dense would cost 10240 > 10189
-    assert common.rank_or_dense(1.0, 160, 64) == "dense"
+    assert base.uniform_ranks({"a": (100, 100), "b": (300, 100)}, 0.5) == {"a": 26, "b": 37}
+    assert base.rank_or_dense(0.995, 160, 64) == 44  # k(0.995) = 45 = k*: dense would cost 10240 > 10189
+    assert base.rank_or_dense(1.0, 160, 64) == "dense"
 
 
 def test_strs_cut_search_on_a_hand_made_table():
@@ -155,7 +161,7 @@ def test_strs_cut_search_on_a_hand_made_table():
     5 (a 25 + b 5 = 6000), then 1000 left: a 26, b 6, a 27, b 7, a 28. Catches sorting the wrong way
     (the robust layer kept, the sensitive one cut), the largest q below the cut instead of the smallest,
     a cut one too far or too short."""
-    from baselines import strs_search
+    from methods.strs import strs_search
     table = {("a", 0.9): 10.1, ("a", 0.5): 10.5, ("a", 0.1): 20.0,
              ("b", 0.9): 10.0, ("b", 0.5): 10.2, ("b", 0.1): 10.4}
     shapes = {"a": (100, 100), "b": (100, 100)}
@@ -197,10 +203,9 @@ def test_k_hat_is_the_expected_number_kept(method, beta_end):
     an anneal to beta 0.05 (its shift moves with beta_t). Catches P(keep) = sigmoid(z / tau) for sigmoid, a
     sign or a missing shift in hard-concrete's L0 term (or a shift left at beta = 2/3 while the samples use
     beta_t), ARA's count off by the rounding."""
-    import gates
     torch.manual_seed(0)
     args = gate_args(beta_end=beta_end, steps=50)
-    gate = gates.GATES[method](40, 20, torch.linspace(2, 0.1, 40), args)
+    gate = methods.GATES[method](40, 20, torch.linspace(2, 0.1, 40), args)
     with torch.no_grad():
         for p in gate.parameters():
             p.add_(torch.randn_like(p) * 2)
@@ -219,8 +224,7 @@ def test_ara_init_expected_rho_is_the_uniform_rank(k0):
     """ARA's two-level init: E[rho] = sum_j pi_j c_j = k0 / k_max exactly (the paper's uniform start), by
     the closed form sum over the simplex; below the eps floor's own mean (eps / 2 = 0.025 of k_max: k0 = 1
     of 64) it is that floor. Catches a j0 off by one, the eps floor left out of the mean."""
-    import gates
-    gate = gates.AraGate(64, k0, torch.ones(64), gate_args())
+    gate = ara.AraGate(64, k0, torch.ones(64), gate_args())
     pi = torch.softmax(gate.p.detach().double(), 0)
     c = 1 - torch.arange(101, dtype=torch.float64) / 100
     assert abs(float((pi * c).sum()) - max(k0 / 64, 0.05 * 0.5)) < 1e-6
@@ -231,9 +235,8 @@ def test_guidance_grid_and_its_lookup_on_a_decaying_spectrum():
     hand with Python floats on sigma_i = 0.7^i, (m, n) = (30, 20): k(r) = floor(12 r); the loss is active
     where r > 1 - b(r) (r read down to the grid), weighted 1 - r. Catches k(r) from the wrong shape term,
     the head instead of the tail, sigma for sigma^2, the lookup on the wrong side of a grid point."""
-    import gates
     sigma = torch.tensor([0.7 ** i for i in range(20)], dtype=torch.float64)
-    grid = gates.guidance_grid(sigma, 30, 20)
+    grid = base.guidance_grid(sigma, 30, 20)
     s2 = [0.7 ** (2 * i) for i in range(20)]
 
     def b(r):
@@ -242,7 +245,7 @@ def test_guidance_grid_and_its_lookup_on_a_decaying_spectrum():
     for j in (0, 10, 25, 50, 83, 100):
         assert abs(grid[j].item() - b(j / 100)) < 1e-6, j
     r = torch.tensor([0.537, 0.2, 0.999, 1.0])
-    loss = gates.guidance_loss(r, grid[None].expand(4, -1))
+    loss = base.guidance_loss(r, grid[None].expand(4, -1))
     by_hand = sum((1 - x) * (x < 1 and x > 1 - b(math.floor(x * 100) / 100)) for x in r.tolist()) / 4
     assert abs(loss.item() - by_hand) < 1e-6 and by_hand > 0
 
@@ -253,7 +256,6 @@ def test_perplexity_is_exp_of_the_mean_token_nll_by_hand():
     """exp(sum of -log p(x_{t+1} | x_<=t) / number of predicted tokens), by an explicit float64 loop over
     windows and positions; 3 windows in batches of 2, so a mean of batch means differs. Catches the
     shift off by one, the mean over batches instead of tokens, the first token counted."""
-    import evaluate
     model = tiny_model("llama")
     windows = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(0))
     windows[2] = windows[2].flip(0)
@@ -275,7 +277,6 @@ def test_zero_shot_accuracy_equals_a_hand_count(tmp_path):
     past those of the context, as the harness splits them), the prediction its argmax. The labels are set
     so the hand count is 3 of 6 right. Catches a label off by one, choices read in another order, the
     continuation scored from the wrong position."""
-    import evaluate
     tok, model = tiny_tokenizer(), tiny_model("llama")
     contexts = ["The minister said", "Police in Sydney", "The market fell", "Rain is expected",
                 "The team won", "Officials confirmed"]
@@ -292,8 +293,8 @@ def test_zero_shot_accuracy_equals_a_hand_count(tmp_path):
     path.write_text("".join(json.dumps({"context": c, "choices": choices, "label": y}) + "\n"
                             for c, y in zip(contexts, labels)))
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
-    tasks, manager, _ = evaluate.prepare_tasks([f"local:{path}"], None, tok, args)
-    acc = evaluate.zero_shot(model, tok, tasks, manager, 2)[tasks[0]]["acc"]
+    tasks, manager, _ = prepare_tasks([f"local:{path}"], None, tok, args)
+    acc = zero_shot(model, tok, tasks, manager, 2)[tasks[0]]["acc"]
     assert acc == pytest.approx(3 / 6)
 
 
@@ -321,7 +322,7 @@ def test_energy_allocation_is_optimal_for_its_own_cost_by_brute_force():
     Python floats, dense costing m n and losing nothing. Catches the tail read at k - 1 or k + 1, the head
     for the tail, the argmax for the argmin, a dense option priced below m n."""
     import itertools
-    from baselines import lagrangian_ranks
+    from methods.closed_form import lagrangian_ranks
     shapes = {"a": (8, 8), "b": (12, 6), "c": (10, 10), "d": (6, 10)}  # k* = 4, 4, 5, 3
     decay = {"a": 0.5, "b": 0.9, "c": 0.75, "d": 0.3}
     for p in (1.0, 2.0):
@@ -331,17 +332,17 @@ def test_energy_allocation_is_optimal_for_its_own_cost_by_brute_force():
                 return 0.0
             s2 = [x * x for x in sig[name]]
             return (sum(s2[k:]) / sum(s2)) ** p
-        tails = {k: common.tail_energy(torch.tensor(sig[k], dtype=torch.float64)) for k in shapes}
+        tails = {k: base.tail_energy(torch.tensor(sig[k], dtype=torch.float64)) for k in shapes}
         tails = {k: (t / t[0]) ** p for k, t in tails.items()}
-        options = {k: list(range(1, common.k_star(m, n))) + ["dense"] for k, (m, n) in shapes.items()}
+        options = {k: list(range(1, base.k_star(m, n))) + ["dense"] for k, (m, n) in shapes.items()}
         every = [dict(zip(shapes, c)) for c in itertools.product(*options.values())]
         for rho in (0.3, 0.5, 0.7):
-            budget = rho * sum(m * n for m, n in shapes.values())
-            got = lagrangian_ranks(tails, shapes, budget)
-            cost = common.total_cost(got, shapes)
-            assert cost <= budget
+            limit = rho * sum(m * n for m, n in shapes.values())
+            got = lagrangian_ranks(tails, shapes, limit)
+            cost = base.total_cost(got, shapes)
+            assert cost <= limit
             loss = sum(e(k, r) for k, r in got.items())
-            best = min(sum(e(k, r) for k, r in a.items()) for a in every if common.total_cost(a, shapes) <= cost)
+            best = min(sum(e(k, r) for k, r in a.items()) for a in every if base.total_cost(a, shapes) <= cost)
             assert loss <= best + 1e-12, (p, rho, got)
 
 
@@ -352,7 +353,6 @@ def test_svdllm2_two_weight_types_by_hand():
     whose L_min <= 1 keeps R. Catches types pooled together, the rank from the wrong shape, the ratio applied
     as kept instead of removed, a group with L <= 1 given the paper's formula (the base of the log cancels in
     s_i / sum s, so it is not tested)."""
-    import baselines
     T, R = 10 ** 4, 0.6
     decay = {"model.layers.0.self_attn.q_proj": 0.8, "model.layers.1.self_attn.q_proj": 0.6,
              "model.layers.0.mlp.up_proj": 0.9, "model.layers.1.mlp.up_proj": 0.7,
@@ -360,7 +360,7 @@ def test_svdllm2_two_weight_types_by_hand():
     shapes = {k: ((16, 16) if "q_proj" in k else (24, 16) if "up_proj" in k else (16, 24)) for k in decay}
     scale = {k: (1e-4 if "down_proj" in k else 1.0) for k in decay}  # down_proj: L_min <= 1
     sig = {k: [scale[k] * decay[k] ** i for i in range(16)] for k in decay}
-    _, _, rec = baselines.allocate_svdllm2(
+    _, _, rec = closed_form.allocate_svdllm2(
         shapes, R, {"sigmas": {k: torch.tensor(v, dtype=torch.float64) for k, v in sig.items()}, "tokens": T}, None)
     for kind in ("self_attn.q_proj", "mlp.up_proj"):
         names = [k for k in decay if k.endswith(kind)]
@@ -383,12 +383,11 @@ def test_finalisation_gives_way_the_least_wanted_dense_layer_by_hand():
     one factor c on b and c: round(18 c) + round(4 c) <= 20 components (1679 left) up to c = 0.9166, so
     b = 16, c = 4, and 79 left is less than one component. With budget 3280 both stay dense and c keeps 1.
     Catches the wrong layer popped (sorted the other way), every dense layer dropped, no give-way at all."""
-    import gates
     shapes = {"a": (40, 40), "b": (40, 40), "c": (40, 40)}
     k_hat = {"a": 19.0, "b": 18.0, "c": 4.0}
-    ranks, c = gates.finalize(k_hat, shapes, 3279 / 4800, {"a", "b"})
+    ranks, c = base.finalize(k_hat, shapes, 3279 / 4800, {"a", "b"})
     assert ranks == {"a": "dense", "b": 16, "c": 4} and 0.9 < c < 0.917
-    ranks, _ = gates.finalize(k_hat, shapes, 3280 / 4800, {"a", "b"})
+    ranks, _ = base.finalize(k_hat, shapes, 3280 / 4800, {"a", "b"})
     assert ranks == {"a": "dense", "b": "dense", "c": 1}
 
 

@@ -4,7 +4,7 @@ stage reads through these functions, which check the hash, every JSON field it n
 type), every tensor (dtype kind, shape where the reader knows it, finiteness) and every index and scale
 (range), so a missing, truncated, edited or corrupt artifact, or one made from another model or other
 settings, is one line naming the file, the problem and the command that remakes it. JSON is written to a
-temporary file and renamed. The run dir's lock (one process at a time) is common.run_dir_lock.
+temporary file and renamed. The run dir's lock (one process at a time) is cli.run_dir_lock.
 """
 import hashlib
 import json
@@ -15,7 +15,11 @@ import sys
 
 import torch
 
-from common import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
+from plumbing.cli import FORMAT_VERSION
+from plumbing.cli import TEMPORARY
+from plumbing.cli import UserError
+from plumbing.cli import check_run_dir
+from plumbing import cli
 
 
 def crash_point(name):
@@ -43,7 +47,7 @@ def config_hash(model):
 
 def weights_hash(model):
     """Fingerprint of the weights themselves (every tensor's bytes, in name order): a folder replaced by
-    one with the same config and other weights is caught. ~1 s per GB."""
+    one with the same config and other weights is caught."""
     h = hashlib.blake2b(digest_size=8)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -208,7 +212,7 @@ def write_json(path, obj):
 def read_manifest(run_dir, stage, hint, reads=None):
     """Load DIR/stage/manifest.json and check that every file it lists is there, whole (size), and that the
     files this stage `reads` (names; None = all) have their recorded content hash: a stage never pays to
-    hash an earlier stage's files it does not open (a 7B model's whiten/ is ~11 GB)."""
+    hash an earlier stage's files it does not open (a 7B model's whiten/ is large)."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
     manifest = read_json(path, rerun, schema={"stage": str, "format_version": int, "inputs": dict, "files": dict})
@@ -257,7 +261,7 @@ def check_parent(manifest, parent, run_dir, rerun):
 
 def stage_dir(run_dir, stage):
     """A fresh temporary folder of this process; `commit_stage` moves it into place, so a failed run leaves
-    nothing that a later stage would accept, and common.run_main removes it when the stage fails."""
+    nothing that a later stage would accept, and cli.run_main removes it when the stage fails."""
     check_run_dir(run_dir)
     tmp = os.path.join(run_dir, f".{stage}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

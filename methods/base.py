@@ -1,0 +1,363 @@
+"""What every method builds on (docs/METHODS.md §2-§3): the budget arithmetic, the registry of methods, and
+for the learned ones the masked low-rank layer, the Gate interface a method implements (one file per method
+beside this one), the budget and guidance terms of the loss, ARA's finalisation that fixes the selection,
+and the export of the fixed state. The loop that trains them is learn_masks.py's.
+
+Budget (§2), for shapes {layer: (m, n)} and ranks {layer: k or "dense"}:
+  c(k) = min(k (m + n), m n)      k* = floor(m n / (m + n))      rho = sum_l c(k_l) / sum_l m_l n_l
+Masked layer (frozen factors of decompose.py, k_max stored components):
+  y = U diag(mask * sigma) (V^T S^-1) x + b          U (m, k_max), V^T S^-1 (k_max, n)
+  r_l = k_hat_l (m + n) / (m n)                      differentiable kept ratio of layer l
+  r_l >= 1  ->  y = W x + b                          ARA's dense switch (§3.3)
+  rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l          the budget the loss sees (§2)
+  L = L_task + alpha (rho_hat - rho)^2 + beta L_guid           ARA's loss, for every gate (§3.3)
+After training, `select` runs ARA's finalisation (§3.3) and FIXES every layer: dense, or a set of
+components with one scale each (the gate's test-time value: 1 for the hard masks, the test-time gate
+of hard-concrete, SoCo's scores). The fixed layer computes exactly what truncate.py builds; the
+compensation stage (§3.8, learn_masks.compensate) trains those scales; `export` writes them.
+
+A new method is one file in methods/ with one Gate subclass, registered with register(name, cls): mask,
+k_hat (and optionally order, scales, terms, plan, add_flags, check_args, lr). The loop, the
+finalisation and the export are shared.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+
+# ----------------------------------------------------------------------------- the budget (docs/METHODS.md §2)
+
+def k_star(m, n):
+    """Break-even rank: past it the dense W is cheaper and exact (docs/METHODS.md §2)."""
+    return (m * n) // (m + n)
+
+
+def layer_cost(rank, m, n):
+    """c(k) = min(k (m + n), m n); rank 'dense' costs m n."""
+    return m * n if rank == "dense" else min(rank * (m + n), m * n)
+
+
+def total_cost(ranks, shapes):
+    """sum_l c(k_l): parameters of the compressed linears under `ranks`."""
+    return sum(layer_cost(ranks[name], m, n) for name, (m, n) in shapes.items())
+
+
+def kept_fraction(ranks, shapes):
+    """rho = sum_l c(k_l) / sum_l m_l n_l over the compressed linears (docs/METHODS.md §2)."""
+    return total_cost(ranks, shapes) / sum(m * n for m, n in shapes.values())
+
+
+def fill_budget(ranks, shapes, rho):
+    """Hand the budget left over by flooring back out, one rank per layer per pass, so the kept
+    fraction lands within one component per layer of rho (tiny layers make flooring visible)."""
+    left = rho * sum(m * n for m, n in shapes.values()) - total_cost(ranks, shapes)
+    grew = True
+    while grew:
+        grew = False
+        for name, (m, n) in shapes.items():
+            r = ranks[name]
+            if r != "dense" and r + 1 < k_star(m, n) and m + n <= left:
+                ranks[name], left, grew = r + 1, left - (m + n), True
+    return ranks
+
+
+def tail_energy(sigma):
+    """tail[k] = sum_{i>=k} sigma_i^2 (k = 0 .. len), float64: the whitened loss of keeping rank k (docs/METHODS.md §1)."""
+    s2 = sigma.double() ** 2
+    return torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+
+
+def rank_at_fraction(r, m, n):
+    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer (docs/METHODS.md §2)."""
+    return int(r * m * n // (m + n))
+
+
+def rank_or_dense(r, m, n):
+    """The option that keeps at most the fraction r of an m x n layer: rank k(r) (at least 1) below
+    break-even; past it, dense only when r >= 1 (dense costs m n > r m n otherwise), else rank k* - 1,
+    so an allocation built from per-layer ratios never exceeds its budget (docs/METHODS.md §2)."""
+    k = rank_at_fraction(r, m, n)
+    if k < k_star(m, n):
+        return max(k, 1)
+    return "dense" if r >= 1 else max(k_star(m, n) - 1, 1)
+
+
+def uniform_ranks(shapes, rho):
+    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)) (docs/METHODS.md §2), at most the budget."""
+    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho)
+
+
+def kept_removed(rho):
+    """Both conventions in one string, so nobody misreads a budget (docs/METHODS.md §2)."""
+    return f"kept {100 * rho:.2f}% / removed {100 * (1 - rho):.2f}%"
+
+
+# ----------------------------------------------------------------------------- the registry
+
+GATES = {}  # learned: name -> Gate subclass
+ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model and calibration ids)
+FLAG_HOOKS = {}  # name -> (add_flags(parser) or None, check_args(args) or None)
+
+
+def register(name, cls):
+    """The one call that adds a learned method: learn_masks.py --method NAME trains `cls` (a Gate subclass)."""
+    if not (isinstance(cls, type) and issubclass(cls, Gate)):
+        raise TypeError(f"{cls!r} is not a methods.base.Gate subclass")
+    GATES[name] = cls
+    FLAG_HOOKS[name] = (cls.add_flags, cls.check_args)
+
+
+def register_allocator(name, fn, needs_model=False, add_flags=None, check_args=None):
+    """Add a method that trains nothing: learn_masks.py --method NAME calls fn(shapes, rho, ctx, args)."""
+    ALLOCATORS[name] = (fn, needs_model)
+    FLAG_HOOKS[name] = (add_flags, check_args)
+
+
+def names():
+    """Every --method: the allocations that train nothing, then the learned ones."""
+    return [*ALLOCATORS, *GATES]
+
+
+def add_flags(parser):
+    """Every registered method's own flags (a hook shared by several methods is added once)."""
+    for hook in dict.fromkeys(add for add, _ in FLAG_HOOKS.values() if add is not None):
+        hook(parser)
+
+
+def check_args(args):
+    """The chosen method's own flag checks (one line, UserError)."""
+    check = FLAG_HOOKS[args.method][1]
+    if check is not None:
+        check(args)
+
+
+# ----------------------------------------------------------------------------- the shared loss terms
+
+def guidance_grid(sigma_full, m, n, points=101):
+    """b_l(r) = sqrt(sum_{i>k(r)} sigma_i^2 / sum_i sigma_i^2), k(r) = floor(r m n / (m + n)), on
+    r = 0, .01, .., 1, over the FULL spectrum (§3.3): the same numbers decompose.py prints."""
+    tail = tail_energy(sigma_full)  # (min(m, n) + 1,), tail[0] = sum_i sigma_i^2
+    r = torch.linspace(0, 1, points, dtype=torch.float64)
+    ks = torch.floor(r * m * n / (m + n) + 1e-9).long().clamp(max=len(sigma_full))
+    return (tail[ks] / tail[0]).sqrt().float()
+
+
+def guidance_loss(r, b_grid):
+    """ARA: L_guid = (1/L) sum_l (1 - r_l) 1[r_l > 1 - b_l(r_l)]; zero at r = 1 (§3.3)."""
+    idx = (r.detach().clamp(0, 1) * (b_grid.shape[1] - 1)).long()
+    b = b_grid.gather(1, idx[:, None]).squeeze(1)
+    active = ((r < 1) & (r > 1 - b)).float()  # saving 1 - r smaller than the error paid
+    return ((1 - r) * active).mean()
+
+
+def straight_through_min1(x):
+    """Forward min(x, 1), backward as if unclamped (§3.7): a dense layer (r >= 1) still feels the budget,
+    and a SoCo score above 1 still feels the count (§3.4)."""
+    return x - (x - x.clamp(max=1)).detach()
+
+
+def rho_hat_of(r, mn, dense=None):
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; R_eff of ARA). r (L,) differentiable
+    r_l, mn (L,) m_l n_l. dense (L,) bool in the settle phase: dense layers count as constants, so only the
+    low-rank ones move toward the budget; else the straight-through clamp reaches every layer."""
+    if dense is not None:
+        r_eff = torch.where(dense, torch.ones_like(r), r.clamp(max=1))
+    else:
+        r_eff = straight_through_min1(r)
+    return (r_eff * mn).sum() / mn.sum()
+
+
+# ----------------------------------------------------------------------------- gates
+
+class Gate(nn.Module):
+    """What every allocator implements (one subclass per method):
+      mask(gen)  -> (k_max,)  this step's training multiplier of each stored component
+      k_hat()    -> ()        differentiable expected number of kept components
+      order()    -> (k_max,)  component indices, most wanted first: the export keeps the first k
+      scales()   -> (k_max,) or None (all 1): each component's test-time multiplier, the scale it is
+                              exported with (and where the compensation stage starts)
+    Class-level hooks with defaults: lr, add_flags, check_args, plan, terms. The constructor takes
+    (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
+    lr = 0.1  # sized for ~200 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
+    skips_zeros = False  # True where a component whose drawn mask is exactly 0 gets no gradient from the
+    # task loss (hard-concrete's clip): the layer then computes only the others, the same loss and gradients
+    term_flags = {"budget": "--alpha", "guid": "--guidance", "task": "--lr"}  # the flag that sizes each term
+
+    def order(self):
+        return torch.arange(self.k_max, device=self.k_hat().device)  # prefix: largest sigma first
+
+    def scales(self):
+        return None
+
+    def at_step(self, step, args):
+        """Called on every gate at the top of each training step (e.g. a temperature schedule)."""
+
+    @classmethod
+    def add_flags(cls, p):
+        """This method's own flags, added to learn_masks.py's parser."""
+
+    @classmethod
+    def check_args(cls, args):
+        """Refuse flags this method cannot honour (one line, UserError)."""
+
+    @classmethod
+    def plan(cls, step, args):
+        """What runs at `step`: one stage, the task and budget terms every step, cosine lr over it."""
+        return {"stage": 1, "task": True, "budget": True, "t": step, "T": args.steps}
+
+    @classmethod
+    def terms(cls, ctx, plan, args):
+        """The loss terms beside the task loss. ctx: r (L,) differentiable r_l, rho_hat, rho, alpha (this
+        step's budget weight), b_grid (L, 101) guidance grids, gates [L]. ARA's Eq.: alpha (rho_hat - rho)^2
+        + beta L_guid, for every mask type (--guidance 0: the papers' plain versions)."""
+        if not plan["budget"]:
+            return {}
+        return {"budget": ctx.alpha * (ctx.rho_hat - ctx.rho) ** 2,
+                "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)}
+
+
+def uniform_logits(k_max, k0):
+    """Logits of a gate that starts at rank k0: +6 at i = 0 falling linearly through 0 at i = k0."""
+    i = torch.arange(k_max, dtype=torch.float32)
+    return 6 * (1 - i / max(k0, 1))
+
+
+class MaskedLinear(nn.Module):
+    """The original layer plus frozen whitened factors and a gate; one module serves every method.
+    Two states: learning (the gate's mask, ARA's dense switch) and fixed (after `select`: dense, or the
+    components `index` with learned scales softplus(theta), the exported layer exactly)."""
+
+    def __init__(self, orig, U, sigma, VtSinv, gate, state):
+        super().__init__()
+        self.orig, self.gate, self.state, self.dense = orig, gate, state, False
+        self.step_mask = None  # this step's training mask, drawn once before the forward (see draw_masks)
+        self.step_index = None  # its nonzero components, where the gate skips zeros
+        self.index, self.theta = None, None  # the fixed selection (k,) and its scales' parameters (k,)
+        self.register_buffer("U", U)  # (m, k_max)
+        self.register_buffer("sigma", sigma[:U.shape[1]].float())  # (k_max,)
+        self.register_buffer("sigma_full", sigma.double())  # (min(m, n),): ARA's b_l(r) needs all of it
+        self.m, self.n = U.shape[0], VtSinv.shape[1]
+        self.register_buffer("VtSinv", VtSinv)  # (k_max, n)
+
+    @property
+    def fixed(self):
+        return self.index is not None or (self.dense and self.gate is None)
+
+    def ratio(self):
+        return self.gate.k_hat() * (self.m + self.n) / (self.m * self.n)  # r_l
+
+    def fix(self, index, scale=None):
+        """Fix the selection: dense (index None), or keep components index (k,) with scales (k,) (default 1).
+        theta = softplus^-1(scale), so the compensation stage keeps every scale positive (§3.8)."""
+        self.step_mask = self.step_index = None
+        if self.fixed:
+            raise RuntimeError("a MaskedLinear is fixed once: its factors now hold only the kept components")
+        if index is None:
+            self.dense, self.index, self.theta = True, None, None
+            self.gate = None  # nothing left to learn in this layer
+            self.U, self.VtSinv = self.U.new_empty(self.m, 0), self.VtSinv.new_empty(0, self.n)  # runs W: freed
+            return
+        s = torch.ones(len(index)) if scale is None else scale.detach().float().cpu()
+        s = s.clamp(min=1e-4)  # a zero test-time gate would sit at softplus^-1(0) = -inf
+        self.dense, self.index = False, index.to(self.U.device)
+        self.theta = nn.Parameter((s + torch.log(-torch.expm1(-s))).to(self.U.device))
+        # keep only the k kept components, gathered once: the buffers become the truncated layer's factors
+        # (k_max - k components' memory freed; no gather per call in the compensation stage's forward)
+        self.U = self.U[:, self.index].contiguous()  # (m, k)
+        self.VtSinv = self.VtSinv[self.index].contiguous()  # (k, n)
+        self.sigma = self.sigma[self.index]  # (k,)
+
+    def scale(self):
+        return F.softplus(self.theta)  # (k,)
+
+    def forward(self, x):  # x (..., n)
+        if self.state["teacher"] or self.dense:
+            return self.orig(x)
+        bias, dtype = getattr(self.orig, "bias", None), x.dtype
+        x = x.to(self.VtSinv.dtype)  # a no-op unless float16
+        V, U = self.VtSinv, self.U  # (k_max, n), (m, k_max); fixed: (k, n), (m, k)
+        if self.index is not None:
+            # fixed: U, VtSinv, sigma hold the k kept components (fix), so the compensation stage's forward
+            # costs what the truncated model's does, not k_max components'
+            s = self.scale() * self.sigma  # (k,)
+        elif self.step_mask is not None:
+            s = self.step_mask * self.sigma  # (k_max,)
+            if self.step_index is not None:  # a gate whose zeros carry no gradient (Gate.skips_zeros): only
+                i = self.step_index  # the components this step's mask keeps; the same loss and gradients
+                V, U, s = V[i], U[:, i], s[i]
+        else:
+            raise RuntimeError("a learning MaskedLinear runs only inside learn_masks.train (its masks are drawn "
+                               "per step); call methods.base.select first to evaluate the exported model")
+        h = F.linear(x, V) * s.to(x.dtype)  # (..., components)
+        return F.linear(h, U, None if bias is None else bias.to(h.dtype)).to(dtype)  # (..., m)
+
+
+# ----------------------------------------------------------------------------- finalisation and export
+
+def finalize(k_hat, shapes, rho, dense):
+    """ARA's finalisation (§3.3) on the trained expected counts k_hat_l. `dense`: the layers training left
+    dense (the switch r_l >= 1, frozen in the settle phase): they stay dense, unless they alone break the
+    budget (the least-wanted give way). The others are scaled by one factor c so the budget is met exactly:
+    rank round(c k_hat_l), at least 1; a rank that reaches k* takes dense instead (k* - 1 would cost about
+    dense's price and still drop half a square spectrum). Returns (ranks, c)."""
+    limit = rho * sum(m * n for m, n in shapes.values())
+    r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
+    dense = sorted((k for k in shapes if k in dense), key=lambda k: -r[k])
+    low_floor = lambda d: sum(m * n if k in d else m + n for k, (m, n) in shapes.items())
+    while dense and low_floor(set(dense)) > limit:
+        dense.pop()
+
+    def ranks_at(c):
+        out = {}
+        for k, (m, n) in shapes.items():
+            rank = max(1, int(c * k_hat[k] + 0.5))
+            out[k] = "dense" if k in dense or rank >= k_star(m, n) else rank
+        return out
+    lo, hi = 0.0, 1.0
+    while total_cost(ranks_at(hi), shapes) <= limit and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total_cost(ranks_at(mid), shapes) <= limit else (lo, mid)
+    return fill_budget(ranks_at(lo), shapes, rho), lo
+
+
+def select(layers, shapes, rho):
+    """Finalise the trained gates and fix every layer (dense, or the first k of its gate's order() with the
+    gate's test-time scales). Returns the record: ARA's export scale c (1 = no rescaling)."""
+    with torch.no_grad():
+        k_hat = {name: l.gate.k_hat().item() for name, l in layers.items()}
+        ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense})
+        for name, l in layers.items():
+            if ranks[name] == "dense":
+                l.fix(None)
+                continue
+            idx = l.gate.order()[:ranks[name]].sort().values
+            s = l.gate.scales()
+            l.fix(idx, None if s is None else s[idx])
+    return {"export_scale": round(c, 4)}
+
+
+def fix_ranks(layers, ranks):
+    """Fix every layer at a given allocation (an allocation that trained nothing): the top-k prefix, scale 1."""
+    for name, l in layers.items():
+        k = ranks[name]
+        l.fix(None if k == "dense" else torch.arange(k))
+
+
+def export(layers):
+    """(ranks, components or None) from the fixed layers: exactly the model they compute. A layer that keeps
+    other than its prefix, or scales other than 1, gets {layer}.index (k,) and {layer}.scale (k,)."""
+    ranks, components = {}, {}
+    for name, l in layers.items():
+        if l.dense:
+            ranks[name] = "dense"
+            continue
+        idx, scale = l.index.cpu(), l.scale().detach().float().cpu()
+        ranks[name] = len(idx)
+        if torch.equal(idx, torch.arange(len(idx))) and torch.equal(scale, torch.ones_like(scale)):
+            continue  # the prefix at scale 1: truncate.py's default top-k
+        components[f"{name}.index"] = idx.contiguous()
+        components[f"{name}.scale"] = scale.contiguous()
+    return ranks, components or None

@@ -1,0 +1,49 @@
+"""Layer discovery without architecture names: the decoder blocks are the ModuleList with the most
+parameters, the compressed layers every nn.Linear (or GPT-2's Conv1D) inside them (docs/METHODS.md §5).
+"""
+import re
+
+import torch.nn as nn
+
+from plumbing.cli import UserError
+
+def is_linear(mod):
+    """nn.Linear, or GPT-2's Conv1D (weight stored transposed: (in, out))."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def weight_matrix(mod):
+    """W of shape (m, n) = (out, in), whatever the module stores."""
+    return mod.weight.T if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks: the ModuleList with the most parameters. No architecture names."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError("model has no nn.ModuleList of decoder blocks; is it a causal LM?")
+    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+
+
+def find_linears(model):
+    """{full module name: module} for every linear inside the decoder blocks, in forward order."""
+    inside = {id(m) for b in decoder_blocks(model) for m in b.modules()}
+    found = {n: m for n, m in model.named_modules() if id(m) in inside and is_linear(m)}
+    if not found:
+        raise UserError("no nn.Linear / Conv1D found inside the decoder blocks")
+    return found
+
+
+def layer_type(name):
+    """A layer's position within its decoder block ("self_attn.q_proj"): the name after the first
+    integer path component, which indexes the blocks. Groups e.g. every q_proj, with no architecture names."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def layer_shapes(linears):
+    return {name: tuple(weight_matrix(mod).shape) for name, mod in linears.items()}
+
+
+def set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)

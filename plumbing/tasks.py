@@ -1,0 +1,99 @@
+"""Zero-shot tasks through lm-evaluation-harness (evaluate.py --tasks): harness task names, a local
+continuation task built from held-out text, and local JSONL files, each turned into an lm-eval task YAML.
+"""
+import json
+import os
+
+import torch
+
+from plumbing import artifacts, loading
+from plumbing.cli import UserError
+
+
+def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_choices=4):
+    """A LOCAL multiple-choice task from held-out text (not a standard benchmark): given 64 tokens of
+    context, pick the true 16-token continuation among continuations taken from elsewhere."""
+    span = ctx_len + cont_len
+    if len(stream) < span * (n_choices + 1):
+        raise UserError(f"evaluation text has {len(stream)} tokens, too few for the local task; pass more --data")
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n_items):
+        p, *others = torch.randint(0, len(stream) - span, (n_choices,), generator=g).tolist()
+        conts = [stream[q + ctx_len:q + span] for q in [p] + others]
+        order = torch.randperm(n_choices, generator=g).tolist()
+        items.append({"context": tok.decode(stream[p:p + ctx_len]),
+                      "choices": [tok.decode(conts[j]) for j in order], "label": order.index(0)})
+    return items
+
+
+def check_task_file(path):
+    """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
+    if not os.path.isfile(path):
+        raise UserError(f"local task file {path!r} does not exist")
+    for i, line in enumerate(loading.read_text(path).splitlines(), 1):
+        try:
+            item = json.loads(line)
+            ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
+                all(isinstance(c, str) for c in item["choices"]) and 0 <= int(item["label"]) < len(item["choices"])
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path} line {i} is malformed: need {{\"context\": str, \"choices\": [str, ...], "
+                            f"\"label\": int index into choices}}")
+
+
+def task_yaml(name, path, folder):
+    """An lm-eval task over a local JSONL file (dataset_path: json)."""
+    text = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {os.path.abspath(path)}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+        f.write(text)
+
+
+def prepare_tasks(names, stream, tok, args):
+    """Harness task names, 'local_continuation' (built from held-out text) and 'local:PATH.jsonl'."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
+    folder = os.path.join(args.run_dir, "tasks")
+    os.makedirs(folder, exist_ok=True)
+    resolved, files = [], {}
+    for name in names:
+        if name == "local_continuation":
+            path = os.path.join(folder, "local_continuation.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(it) + "\n" for it in continuation_items(stream, tok, args.task_items, 0))
+        elif name.startswith("local:"):
+            path = name[len("local:"):]
+            check_task_file(path)
+            # named by the file's base name AND its contents: two files called items.jsonl stay two tasks
+            name = ("local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
+                    + "_" + artifacts.file_hash(path)[:8])
+        else:
+            resolved.append(name)
+            continue
+        task_yaml(name, path, folder)
+        resolved.append(name)
+        files[name] = path
+    manager = TaskManager(include_path=folder)
+    unknown = [n for n in resolved if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval --tasks list`, or use "
+                        "local_continuation / local:PATH.jsonl")
+    # what each task's numbers depend on: a local task's items (file contents), a harness task's name
+    return resolved, manager, [artifacts.file_hash(files[t]) if t in files else t for t in resolved]
+
+
+def zero_shot(model, tok, tasks, manager, batch_size):
+    """acc and acc_norm per task, 0-shot, through lm-eval's HFLM wrapper of the in-memory model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size),
+                                  tasks=tasks, task_manager=manager, num_fewshot=0, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)["results"]
+    return {t: {m: out[t][f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in out[t]} for t in tasks}
