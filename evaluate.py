@@ -1,7 +1,8 @@
 """Stage 5: evaluate the original and the compressed model (docs/METHODS.md §4).
 
-Perplexity on held-out text: the evaluation split never overlaps the calibration split
-(embedded / local text: every 5th document; wikitext2: test vs train; c4: validation vs train).
+Perplexity on held-out text, --split dev (for choosing defaults) or test (the reported numbers); no document
+is in two of calibration, dev and test (embedded / local text: documents i % 5 == 3 dev, i % 5 == 4 test, the
+rest calibration; wikitext2: train / validation / test; c4: train / validation 2000-3999 / validation 0-1999).
 Non-overlapping --seqlen windows; ppl = exp(sum NLL / #predicted tokens). --protocol paper is the
 papers' setting (docs/METHODS.md §4): WikiText-2 test joined with blank lines (or C4: the first 2000 validation
 documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
@@ -76,10 +77,18 @@ def resolve_protocol(args):
     return args
 
 
+def split_rule(data, split):
+    """Which documents a split holds, in words (printed and recorded with every perplexity)."""
+    if data in loading.HUB_SPLITS:
+        return f"the {loading.HUB_SPLITS[data][split]} split"
+    return f"documents i % 5 == {4 if split == 'test' else 3}"
+
+
 def protocol_line(ev):
     """What every printed perplexity says about how it was measured."""
     windows = f"{ev['windows']} x {ev['seqlen']} tokens" + (" (every window)" if ev["all_windows"] else "")
-    return (f"protocol {ev['protocol']}: {ev['data']} {ev['split']}, non-overlapping windows {windows}, "
+    return (f"protocol {ev['protocol']}: {ev['data']} {ev['split'].upper()} split ({ev['split_rule']}), "
+            f"non-overlapping windows {windows}, "
             f"{ev['tokens']:,} tokens, {ev['dtype']}")
 
 
@@ -141,10 +150,10 @@ def main(args):
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     cli.check_seqlen(model.config, args.seqlen)
-    stream = loading.token_stream(tok, loading.load_documents(args.data, "eval"))
+    stream = loading.token_stream(tok, loading.load_documents(args.data, args.split))
     windows = eval_windows(stream, args.seqlen, args.max_windows)
-    ev = {"protocol": args.protocol, "data": args.data, "split": "test" if args.data == "wikitext2" else
-          "validation" if args.data == "c4" else "held-out documents", "seqlen": args.seqlen, "windows": len(windows),
+    ev = {"protocol": args.protocol, "data": args.data, "split": args.split,
+          "split_rule": split_rule(args.data, args.split), "seqlen": args.seqlen, "windows": len(windows),
           "all_windows": len(windows) == len(stream) // args.seqlen, "tokens": windows.numel(), "dtype": dtype_name,
           "device": str(device) if not args.device_map else f"device_map={args.device_map}"}
     print(f"evaluating: {protocol_line(ev)}")
@@ -192,6 +201,8 @@ def parser():
                    help="default: embedded text, 40 x 512 tokens, the model's dtype (float32 on the CPU for bf16 / fp16); paper: WikiText-2 test (or --data "
                    "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
     p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
+    p.add_argument("--split", choices=["dev", "test"], default="test",
+                   help="dev: the documents every default is chosen on; test: the reported numbers (docs/METHODS.md §4)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
     p.add_argument("--max_windows", type=int, default=None,
                    help="evaluate at most this many windows, 0 = all (default: the protocol's)")

@@ -296,7 +296,7 @@ def main(args):
     artifacts.commit_stage(args.run_dir, "whiten", out, {
         "inputs": {}, "model": args.model, "config_hash": artifacts.config_hash(model),
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
-        "data": args.data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "data": args.data, "split": "calib", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
         "shapes": layer_shapes(linears), "fixes": fixes, "gram_matrices_alive_peak": GRAMS["peak"],
         **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})

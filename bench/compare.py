@@ -6,13 +6,14 @@ spread over seeds where a (method, flags, keep) ran with several.
 Needs RUN_DIR/whiten and RUN_DIR/decompose (python whiten.py && python decompose.py). Each run
 overwrites RUN_DIR/allocation, compressed and metrics.json in turn; its metrics are kept in
 RUN_DIR/NAME/ (--name, default bench), one JSON per run, and the table (built from every JSON in that
-folder, so several invocations add up) in RUN_DIR/NAME/table.md.
+folder and --split, so several invocations add up) in RUN_DIR/NAME/table_SPLIT.md. --split is required:
+dev numbers choose defaults, test numbers are reported, and one table never mixes them.
 
 A method may carry its own flags after a colon, commas for spaces: `sigmoid:--guidance,0`.
 
-  python bench/compare.py --methods uniform energy svdllm2 --keeps 0.8 0.6
-  python bench/compare.py --methods ara sigmoid sigmoid:--guidance,0 --keeps 0.8 --seeds 0 1 2
-  python bench/compare.py --table_only                    # rebuild the table from the saved runs
+  python bench/compare.py --split dev --methods uniform energy svdllm2 --keeps 0.8 0.6
+  python bench/compare.py --split dev --methods ara sigmoid sigmoid:--guidance,0 --keeps 0.8 --seeds 0 1 2
+  python bench/compare.py --split test --table_only         # rebuild the test table from the saved runs
 """
 import argparse
 import glob
@@ -62,14 +63,14 @@ def run_one(args, spec, keep, seed, out):
     wall = {"allocation": stage("learn_masks.py", "--method", method, "--keep", keep, "--seed", seed,
                                 "--run_dir", args.run_dir, *flags, *args.learn_args.split())}
     wall["truncate"] = stage("truncate.py", "--run_dir", args.run_dir)
-    wall["evaluate"] = stage("evaluate.py", "--run_dir", args.run_dir, *args.eval_args.split())
+    wall["evaluate"] = stage("evaluate.py", "--run_dir", args.run_dir, "--split", args.split, *args.eval_args.split())
     metrics = json.load(open(os.path.join(args.run_dir, "metrics.json")))
     ranks = json.load(open(os.path.join(args.run_dir, "allocation", "ranks.json")))
     metrics.update(steps=ranks.get("steps", ranks.get("ppl_passes", "-")), compensate=ranks.get("compensate", 0),
                    bench_wall_s=wall, seed=seed,
                    flags=" ".join(flags + args.learn_args.split()), train_budget_gap=ranks.get("train_budget_gap"),
                    strs_tokens_per_pass=ranks.get("strs_tokens_per_pass"))
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec}_{keep}_s{seed}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{spec}_{keep}_s{seed}_{args.split}")
     shutil.copy(os.path.join(args.run_dir, "allocation", "ranks.json"), os.path.join(out, f"{name}.ranks"))
     json.dump(metrics, open(os.path.join(out, f"{name}.json"), "w"), indent=1)
 
@@ -100,20 +101,21 @@ def main(args):
         if "compensate" not in m and os.path.isfile(path[:-5] + ".ranks"):  # a row saved before the column
             ranks = json.load(open(path[:-5] + ".ranks"))
             m.update(compensate=ranks.get("compensate", 0), steps=len(ranks.get("curve", [])) or m["steps"])
-        rows.append(m)
+        if m["eval"].get("split", "test") == args.split:  # a table never mixes dev and test numbers
+            rows.append(m)
     rows.sort(key=lambda m: (-m["keep"], m["method"], m["flags"], m["seed"]))
     whiten = json.load(open(os.path.join(args.run_dir, "whiten", "manifest.json")))
     decomp = json.load(open(os.path.join(args.run_dir, "decompose", "manifest.json")))
     first = rows[0]
     table = "\n".join([
-        f"original: ppl {first['original']['ppl']:.2f}, zero-shot acc {zero_shot(first['original'])}; "
+        f"{args.split.upper()} split. original: ppl {first['original']['ppl']:.2f}, zero-shot acc {zero_shot(first['original'])}; "
         f"eval {first['eval']}; whiten {whiten['wall_time_s']} s and decompose {decomp['wall_time_s']} s "
         "(once for all rows)", "",
         "| method | flags | seed | keep | kept / removed (linears) | kept (model) | dense layers | ppl | uniform's "
         "increase removed | zero-shot acc | train gap | steps | compensation steps | allocation s | evaluate s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *(row(m, rows) for m in rows),
         *seed_summary(rows)])
-    open(os.path.join(out, "table.md"), "w").write(table + "\n")
+    open(os.path.join(out, f"table_{args.split}.md"), "w").write(table + "\n")
     print(table)
 
 
@@ -126,6 +128,8 @@ if __name__ == "__main__":
     p.add_argument("--run_dir", default="runs/default", help="run dir with whiten/ and decompose/ in it")
     p.add_argument("--learn_args", default="", help="extra flags for learn_masks.py, one string: '--steps 200'")
     p.add_argument("--eval_args", default="", help="extra flags for evaluate.py, one string: '--max_windows 80'")
+    p.add_argument("--split", choices=["dev", "test"], required=True,
+                   help="the evaluation split: dev to choose defaults, test for the reported tables")
     p.add_argument("--name", default="bench", help="sub-folder of RUN_DIR for the runs and table.md")
     p.add_argument("--table_only", action="store_true", help="only rebuild the table from the saved runs")
     main(p.parse_args())

@@ -48,18 +48,24 @@ def kept_fraction(ranks, shapes):
     return total_cost(ranks, shapes) / sum(m * n for m, n in shapes.values())
 
 
-def fill_budget(ranks, shapes, rho):
-    """Hand the budget left over by flooring back out, one rank per layer per pass, so the kept
-    fraction lands within one component per layer of rho (tiny layers make flooring visible)."""
-    left = rho * sum(m * n for m, n in shapes.values()) - total_cost(ranks, shapes)
-    grew = True
-    while grew:
-        grew = False
-        for name, (m, n) in shapes.items():
-            r = ranks[name]
-            if r != "dense" and r + 1 < k_star(m, n) and m + n <= left:
-                ranks[name], left, grew = r + 1, left - (m + n), True
-    return ranks
+def fill_budget(ranks, shapes, rho, want=None, caps=None):
+    """Hand the budget left over by rounding back out (docs/METHODS.md §2), one component at a time, to the
+    low-rank layer whose rank falls furthest below the count it wanted (the largest remainder want_l - k_l,
+    Hamilton's apportionment; ties in forward order), among those that can still grow (below k* - 1 and
+    caps_l) and fit what is left. want: {layer: real-valued count} where the allocation has one (uniform's
+    rho m n / (m + n), a learned c k_hat); default every rank scaled by budget / cost (proportional)."""
+    limit = rho * sum(m * n for m, n in shapes.values())
+    left = limit - total_cost(ranks, shapes)
+    scale = limit / max(total_cost(ranks, shapes), 1)
+    want = want or {name: (0 if k == "dense" else k * scale) for name, k in ranks.items()}
+    while True:
+        grow = [name for name, (m, n) in shapes.items() if ranks[name] != "dense" and ranks[name] + 1 < k_star(m, n)
+                and m + n <= left and (caps is None or ranks[name] + 1 <= caps[name])]
+        if not grow:
+            return ranks
+        name = max(grow, key=lambda k: want[k] - ranks[k])  # max() keeps the first of equals: forward order
+        ranks[name] += 1
+        left -= sum(shapes[name])
 
 
 def tail_energy(sigma):
@@ -85,7 +91,8 @@ def rank_or_dense(r, m, n):
 
 def uniform_ranks(shapes, rho):
     """SVD-LLM's allocation k_l = floor(rho m n / (m + n)) (docs/METHODS.md §2), at most the budget."""
-    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho)
+    want = {name: rho * m * n / (m + n) for name, (m, n) in shapes.items()}
+    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho, want)
 
 
 def kept_removed(rho):
@@ -160,9 +167,10 @@ def straight_through_min1(x):
 def rho_hat_of(r, mn, dense=None):
     """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; R_eff of ARA). r (L,) differentiable
     r_l, mn (L,) m_l n_l. dense (L,) bool in the settle phase: dense layers count as constants, so only the
-    low-rank ones move toward the budget; else the straight-through clamp reaches every layer."""
+    low-rank ones move toward the budget; the straight-through clamp reaches every low-rank layer, one pushed
+    past r = 1 too (it stays low-rank: finalize never exports it dense), else every layer."""
     if dense is not None:
-        r_eff = torch.where(dense, torch.ones_like(r), r.clamp(max=1))
+        r_eff = torch.where(dense, torch.ones_like(r), straight_through_min1(r))
     else:
         r_eff = straight_through_min1(r)
     return (r_eff * mn).sum() / mn.sum()
@@ -189,6 +197,10 @@ class Gate(nn.Module):
 
     def scales(self):
         return None
+
+    def export_count(self):
+        """The count the finalisation scales to the budget: k_hat, unless the gate's test-time model differs."""
+        return self.k_hat().item()
 
     def at_step(self, step, args):
         """Called on every gate at the top of each training step (e.g. a temperature schedule)."""
@@ -295,40 +307,46 @@ class MaskedLinear(nn.Module):
 
 # ----------------------------------------------------------------------------- finalisation and export
 
-def finalize(k_hat, shapes, rho, dense):
+def finalize(k_hat, shapes, rho, dense, caps=None):
     """ARA's finalisation (§3.3) on the trained expected counts k_hat_l. `dense`: the layers training left
     dense (the switch r_l >= 1, frozen in the settle phase): they stay dense, unless they alone break the
-    budget (the least-wanted give way). The others are scaled by one factor c so the budget is met exactly:
-    rank round(c k_hat_l), at least 1; a rank that reaches k* takes dense instead (k* - 1 would cost about
-    dense's price and still drop half a square spectrum). Returns (ranks, c)."""
+    budget (the least-wanted give way). The others trained low-rank and stay low-rank: one factor c scales
+    every count so the budget is met, rank round(c k_hat_l), at least 1, at most k* - 1 and caps_l (the
+    components a gate can export, default all); the rest of the budget goes out by fill_budget's largest
+    remainder against c k_hat_l. Returns (ranks, c)."""
     limit = rho * sum(m * n for m, n in shapes.values())
     r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
     dense = sorted((k for k in shapes if k in dense), key=lambda k: -r[k])
     low_floor = lambda d: sum(m * n if k in d else m + n for k, (m, n) in shapes.items())
     while dense and low_floor(set(dense)) > limit:
         dense.pop()
+    top = {k: min(k_star(m, n) - 1, caps[k] if caps else m * n) for k, (m, n) in shapes.items()}
 
     def ranks_at(c):
-        out = {}
-        for k, (m, n) in shapes.items():
-            rank = max(1, int(c * k_hat[k] + 0.5))
-            out[k] = "dense" if k in dense or rank >= k_star(m, n) else rank
-        return out
+        return {k: "dense" if k in dense else max(1, min(int(c * k_hat[k] + 0.5), top[k])) for k in shapes}
     lo, hi = 0.0, 1.0
-    while total_cost(ranks_at(hi), shapes) <= limit and hi < 1e6:
+    c_max = 2 * max(top[k] / max(k_hat[k], 1e-9) for k in shapes)  # past it every rank is at its top
+    while total_cost(ranks_at(hi), shapes) <= limit and hi < c_max:
         hi *= 2
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total_cost(ranks_at(mid), shapes) <= limit else (lo, mid)
-    return fill_budget(ranks_at(lo), shapes, rho), lo
+    want = {k: lo * k_hat[k] for k in shapes}
+    return fill_budget(ranks_at(lo), shapes, rho, want, top), lo
 
 
 def select(layers, shapes, rho):
     """Finalise the trained gates and fix every layer (dense, or the first k of its gate's order() with the
-    gate's test-time scales). Returns the record: ARA's export scale c (1 = no rescaling)."""
+    gate's test-time scales). A component whose test-time scale is 0 computes nothing: it is never kept, and
+    the finalisation counts what the export can keep (Gate.export_count). Returns the record: ARA's export
+    scale c (1 = no rescaling)."""
     with torch.no_grad():
-        k_hat = {name: l.gate.k_hat().item() for name, l in layers.items()}
-        ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense})
+        k_hat, caps = {}, {}
+        for name, l in layers.items():
+            s = l.gate.scales()
+            caps[name] = l.gate.k_max if s is None else int((s > 0).sum())
+            k_hat[name] = l.gate.export_count()
+        ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense}, caps)
         for name, l in layers.items():
             if ranks[name] == "dense":
                 l.fix(None)

@@ -114,7 +114,8 @@ def allocate_svdllm2(shapes, rho, ctx, args):
     ranks = {}
     for name, (m, n) in shapes.items():
         ranks[name] = base.rank_or_dense(max(out[name], 0.0), m, n)
-    return base.fill_budget(ranks, shapes, rho), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
+    want = {name: out[name] * m * n / (m + n) for name, (m, n) in shapes.items()}  # its real-valued ranks
+    return base.fill_budget(ranks, shapes, rho, want), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
 
 
 def add_energy_flags(p):

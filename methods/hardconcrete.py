@@ -76,6 +76,11 @@ class HardConcreteGate(Gate):
     def order(self):
         return self.log_alpha.detach().argsort(descending=True)  # any subset, like sigmoid
 
+    def export_count(self):
+        # at a fixed beta the exported model runs the test-time gates: a component whose gate is 0 computes
+        # nothing and is never kept, so the count is the components exported (annealed: sum P(z != 0) as trained)
+        return self.k_hat().item() if self.annealed() else int((self.scales() > 0).sum())
+
     def scales(self):  # the test-time gate (Louizos et al. Eq. 13); annealed: the hard gate, scale 1
         if self.annealed():
             return None

@@ -12,8 +12,8 @@ from plumbing.cli import UserError
 
 
 class SocoGate(Gate):
-    """SoCo's learned non-negative spectrum s (§3.4): W' = U diag(sigma * s) V^T S^-1, s_i = max(theta_i, 0)
-    forward, straight-through backward, so a score pushed to 0 still feels the task and the budget and can
+    """SoCo's learned non-negative spectrum s (§3.4): W' = U diag(sigma * s) V^T S^-1 over the round(k_hat)
+    components of largest s_i sigma_i (the set the export keeps), s_i = max(theta_i, 0) forward, straight-through backward, so a score pushed to 0 still feels the task and the budget and can
     return (a relu's zero gradient would prune it for good). theta is the score itself, so AdamW's lr is
     in score units: a kept score (1) can be pruned, and a pruned one (0) revived, in ~1 / lr steps.
     Count: k_hat = sum_i min(s_i, 1), straight-through (a score above 1, which compensates, counts one
@@ -51,7 +51,14 @@ class SocoGate(Gate):
         return self.theta - (self.theta - self.theta.clamp(min=0)).detach()  # max(theta, 0), straight-through
 
     def mask(self, gen):
-        return self.scores()
+        # the forward runs what the count says and the export keeps: the round(k_hat) components of largest
+        # s_i sigma_i at scales s_i; the backward is the identity for every score (straight-through), so a
+        # score outside the kept set still feels the task and can enter it
+        s = self.scores()
+        rank = torch.empty_like(self.order())
+        rank[self.order()] = torch.arange(self.k_max, device=s.device)
+        kept = (rank < torch.round(self.k_hat().detach())).to(s.dtype)  # no host sync: k stays on the device
+        return s + (s * kept - s).detach()
 
     def k_hat(self):
         return straight_through_min1(self.scores()).sum()

@@ -129,25 +129,38 @@ def _embedded_articles():
     return docs
 
 
+SPLITS = ("calib", "dev", "test")
+HUB_SPLITS = {"wikitext2": {"calib": "train", "dev": "validation", "test": "test"},
+              "c4": {"calib": "train", "dev": "validation (documents 2000-3999)", "test": "validation (documents 0-1999)"}}
+
+
 def _hub_documents(spec, split):
-    """WikiText-2 raw (train / test, joined with blank lines as in GPTQ / SVD-LLM) or a C4 shard."""
+    """WikiText-2 raw (train / validation / test, joined with blank lines as in GPTQ / SVD-LLM) or a C4 shard."""
     from datasets import load_dataset
     try:
         if spec == "wikitext2":
-            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=HUB_SPLITS[spec][split].split()[0])
             return ["\n\n".join(ds["text"])]
         name = "train" if split == "calib" else "validation"
         shard = f"en/c4-{name}.00000-of-{'01024' if split == 'calib' else '00008'}.json.gz"
-        # evaluation: the first 2000 validation documents, as SVD-LLM's evaluator
-        return load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"][:5000 if split == "calib" else 2000]
+        docs = load_dataset("allenai/c4", data_files={name: shard}, split=name)["text"]
+        # test: the first 2000 validation documents, as SVD-LLM's evaluator; dev: the next 2000
+        return {"calib": docs[:5000], "dev": docs[2000:4000], "test": docs[:2000]}[split]
     except (ConnectionError, OSError) as e:
         raise UserError(f"cannot load {spec!r} from the hub ({type(e).__name__}); go online, or use "
                         "--data embedded or a local .txt/.jsonl file") from None
 
 
+def split_of(i):
+    """The split of local / embedded document i: every 5th (i % 5 == 4) is test, the one before it
+    (i % 5 == 3) dev, the rest calibration, so no document is in two splits (docs/METHODS.md §4)."""
+    return "test" if i % 5 == 4 else "dev" if i % 5 == 3 else "calib"
+
+
 def load_documents(spec, split):
-    """Documents of `split` ('calib' or 'eval'). Local and embedded text are split by document:
-    every 5th document (index % 5 == 4) is evaluation, the rest calibration, so they never overlap."""
+    """Documents of `split`: 'calib' (whiten.py and every stage that trains), 'dev' (choosing defaults),
+    'test' (the reported numbers). The hub sets use their own splits (HUB_SPLITS)."""
+    assert split in SPLITS, split
     if spec in ("wikitext2", "c4"):
         return _hub_documents(spec, split)
     if spec == "embedded":
@@ -162,8 +175,7 @@ def load_documents(spec, split):
         raise UserError(f"data file {spec!r} must end in .txt or .jsonl (one {{'text': ...}} per line)")
     else:
         raise UserError(f"unknown data {spec!r}: use 'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path")
-    keep = 4 if split == "eval" else None
-    return [d for i, d in enumerate(docs) if (i % 5 == 4) == (keep == 4)]
+    return [d for i, d in enumerate(docs) if split_of(i) == split]
 
 
 def read_text(path):

@@ -86,6 +86,19 @@ def run_dir(tmp_path_factory, tiny_dir, text_file):
     return d
 
 
+@pytest.fixture(scope="session")
+def trained_run_dir(tmp_path_factory, trained_tiny, text_file):
+    """whiten + decompose of the trained tiny Llama (saved with its tokenizer), once: the learned methods'
+    runs through the files start here."""
+    model_dir = str(tmp_path_factory.mktemp("trained_llama"))
+    trained_tiny[0]().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    d = str(tmp_path_factory.mktemp("trained_run"))
+    stage("whiten.py", "--model", model_dir, "--data", text_file, "--nsamples", 16, "--seqlen", 64, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    return d
+
+
 def run_inprocess(script, *args):
     """Run a stage the way its command line does (its parser, cli.run_main) but in this process, so a
     case pays no interpreter and import start: returns (exit code, stderr). An exception that
@@ -126,15 +139,25 @@ def run_stage(script, *args, check=True, env=None):
     return proc
 
 
+def news_windows(T=64):
+    """The news text as one token stream cut into (N, T) windows (the tiny tokenizer, eos between documents)."""
+    tok = tiny_tokenizer()
+    stream = torch.tensor([t for d in news_docs() for t in tok(d)["input_ids"] + [tok.eos_token_id]])
+    return stream[:len(stream) // T * T].view(-1, T)
+
+
+@pytest.fixture(scope="session")
+def heldout_ids():
+    """(8, 64) news windows no allocation calibrates on (trained_tiny calibrates on the first 16): the last 8."""
+    return news_windows()[-8:]
+
+
 @pytest.fixture(scope="session")
 def trained_tiny():
     """A tiny Llama trained for 200 steps on the news text (seconds on the CPU), so its layers have the
     structured spectra a real model has (a random-init model's are flat: nothing to allocate). Returns
     (make, ids): make() builds a fresh copy of the trained model; ids (16, 64) held-back calibration windows."""
-    tok = tiny_tokenizer()
-    stream = torch.tensor([t for d in news_docs() for t in tok(d)["input_ids"] + [tok.eos_token_id]])
-    T = 64
-    windows = stream[:len(stream) // T * T].view(-1, T)  # (N, 64)
+    windows = news_windows()  # (N, 64)
     calib, train = windows[:16], windows[16:]
     model = tiny_model("llama").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -90,20 +90,24 @@ def test_guidance_grid_equals_decompose_relative_errors(run_dir):
 
 # ----------------------------------------------------------------------------- defects 3 and 5: export what was trained
 
-def test_hardconcrete_exports_its_trained_count():
+def test_hardconcrete_at_a_fixed_beta_never_keeps_or_counts_a_dead_gate():
+    """Louizos' fixed beta 2/3: a gate at log a = -3.0 has test-time gate (Eq. 13) clip(sigmoid(-3) 1.2 - 0.1,
+    0, 1) = 0, though P(z != 0) = 0.20 (Eq. 12). a: 16 live gates at -1.0 (test-time 0.22), 8 dead; b: 10 live
+    at 0.1, 14 dead. The exported model runs the test-time gates, so it is 16 + 10 components: at that budget
+    a keeps its 16 live components and b its 10, each at a test-time gate above 0. Catches a dead component
+    kept at a clamped scale (it costs m + n and computes nothing) and the dead gates' P(z != 0) counted."""
     a = fake_layer(hardconcrete.HardConcreteGate)
     b = fake_layer(hardconcrete.HardConcreteGate)
     with torch.no_grad():
-        a.gate.log_alpha.fill_(-1.0)  # P(z != 0) = 0.645 each, but no test gate above 0.5
+        a.gate.log_alpha.copy_(torch.cat([torch.full((16,), -1.0), torch.full((8,), -3.0)]))
         b.gate.log_alpha.copy_(torch.cat([torch.full((10,), 0.1), torch.full((14,), -3.0)]))
-    layers = {"a": a, "b": b}
-    shapes = {"a": (40, 40), "b": (40, 40)}
-    k_hat = {n: l.gate.k_hat().item() for n, l in layers.items()}
-    rho = sum(k * 80 for k in k_hat.values()) / 3200
-    base.select(layers, shapes, rho)
-    ranks, _ = base.export(layers)
+    layers, shapes = {"a": a, "b": b}, {"a": (40, 40), "b": (40, 40)}
+    base.select(layers, shapes, (16 + 10) * 80 / 3200)
+    ranks, components = base.export(layers)
+    assert ranks == {"a": 16, "b": 10}, ranks
+    assert torch.equal(components["a.index"], torch.arange(16)) and torch.equal(components["b.index"], torch.arange(10))
     for n in layers:
-        assert abs(ranks[n] - k_hat[n]) <= 1, (n, ranks[n], k_hat[n])
+        assert (components[f"{n}.scale"] > 0.2).all(), components[f"{n}.scale"]  # live gates only, no clamp
 
 
 def test_sigmoid_exports_its_learned_subset_and_truncate_applies_it():
@@ -147,6 +151,22 @@ def test_soco_counts_components_not_score_mass():
     with torch.no_grad():
         layer.gate.theta.copy_(torch.cat([torch.full((5,), 3.0), torch.full((19,), -1.0)]))  # 5 scores 3, 19 at 0
     assert abs(layer.gate.k_hat().item() - 5) < 0.05  # 5 kept, though their score mass is ~15
+
+
+def test_soco_runs_the_components_its_budget_counts():
+    """24 scores at 0.3 count k_hat = sum min(s, 1) = 7.2 components: the forward must run 7 of them (the largest
+    s_i sigma_i, the set the export keeps at c = 1), not all 24; the gradient still reaches every score (1 each,
+    straight-through). Catches a mask that runs every s_i > 0 while the budget counts 7.2."""
+    layer = fake_layer(soco.SocoGate)
+    k_max = layer.gate.k_max
+    with torch.no_grad():
+        layer.gate.theta.copy_(torch.cat([torch.full((24,), 0.3), torch.full((k_max - 24,), -1.0)]))
+    mask = layer.gate.mask(None)
+    assert abs(layer.gate.k_hat().item() - 7.2) < 1e-5
+    assert torch.equal(mask.detach().nonzero().squeeze(1), torch.arange(7))  # sigma decreases: the first 7
+    torch.testing.assert_close(mask.detach()[:7], torch.full((7,), 0.3))
+    mask.sum().backward()
+    torch.testing.assert_close(layer.gate.theta.grad, torch.ones(k_max))
 
 
 def test_soco_stages_alternate_and_restart_the_learning_rate():

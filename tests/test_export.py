@@ -174,20 +174,29 @@ def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
         assert layers[n].dense and torch.equal(layers[n].gate.p.detach(), p0), n
 
 
-def test_finalize_gives_dense_not_k_star_minus_one():
-    """With c > 1 a rank that reaches k* is dense. Catches rank k* - 1, about dense's price with half a square
-    spectrum dropped."""
+def test_a_layer_trained_low_rank_is_exported_low_rank():
+    """The finalisation follows the training's dense flags: a layer trained low-rank keeps a rank of at most
+    k* - 1 however far c k_hat reaches past k*, and only a layer training left dense is exported dense.
+    Catches an export that turns a low-rank layer dense because its rescaled count reached k* (it then runs
+    a model it was never trained as)."""
     shapes = {"a": (40, 40), "b": (40, 40)}  # k* = 20
     k_hat = {"a": 19.6, "b": 4.0}
-    ranks, c = base.finalize(k_hat, shapes, (19 + 8) * 80 / 3200, set())
-    assert c > 1 and ranks["a"] in ("dense", *range(1, 19)), ranks
-    # a budget that fits dense a plus a small b: the layer wanted past k* takes dense
-    ranks, _ = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
-    assert ranks["a"] == "dense" and ranks["b"] == 5
-    # a layer finalised at exactly k* (here k* (m + n) = m n: dense's price) takes dense, not rank k*
-    # (b at 4.49 pins c at ~1: a larger c would give b rank 5 and break the budget)
-    ranks, c = base.finalize({"a": 20.0, "b": 4.49}, shapes, (1600 + 4 * 80) / 3200, set())
-    assert ranks == {"a": "dense", "b": 4}, (ranks, c)
+    ranks, c = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
+    assert ranks == {"a": 19, "b": 6}, (ranks, c)  # a at its top (k* - 1); the rest of the budget (6 x 80) to b
+    ranks, c = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, {"a"})
+    assert ranks == {"a": "dense", "b": 5}, (ranks, c)
+
+
+def test_the_budget_reaches_a_low_rank_layer_pushed_past_one_in_the_settle_phase():
+    """Settle phase: the dense flags are frozen and dense layers count as constants; a LOW-RANK layer whose r
+    was pushed past 1 is still low-rank (it runs its mask and is exported low-rank), so the budget must pull it
+    back: d rho_hat / d r_l = m_l n_l / sum m n. Catches min(r, 1) with a plain clamp (zero gradient past 1)."""
+    r = torch.tensor([1.3, 0.4, 1.5], requires_grad=True)  # low-rank past 1, low-rank, dense
+    mn = torch.tensor([100.0, 100.0, 200.0])
+    rho_hat = base.rho_hat_of(r, mn, dense=torch.tensor([False, False, True]))
+    assert abs(rho_hat.item() - (1.0 * 100 + 0.4 * 100 + 1.0 * 200) / 400) < 1e-6
+    rho_hat.backward()
+    torch.testing.assert_close(r.grad, torch.tensor([0.25, 0.25, 0.0]))
 
 
 def test_the_dense_switch_turns_a_layer_dense_and_back():

@@ -123,12 +123,8 @@ def test_soco_folded_scales_reproduce_masked_logits(calib_ids):
     assert abs(base.kept_fraction(ranks, shapes) - 0.6) <= 0.01
 
 
-SOCO_L1 = pytest.mark.xfail(strict=True, reason="SoCo's per-layer mean L1 (docs/METHODS.md §3.4) pulls each score of a "
-                            "small layer hardest: the sensitive v_proj stays at its uniform rank (dense at --sparsity 0)")
-
-
 @pytest.mark.parametrize("method,flags", [("sigmoid", {}), ("hardconcrete", {}), ("ara", {}),
-                                          ("soco", {"sparsity": 0.0}), pytest.param("soco", {}, marks=SOCO_L1)])
+                                          ("soco", {"sparsity": 0.0}), ("soco", {})])
 def test_learned_allocation_protects_a_sensitive_layer(method, flags, trained_tiny):
     """On the briefly trained tiny model, one layer made deliberately sensitive: v_proj of block 0 scaled by 30
     (its relative whitened spectrum, hence ARA's guidance b(r), unchanged; its error now dominates the

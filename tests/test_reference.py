@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import evaluate
+import learn_masks
 import oracle
 from plumbing.tasks import prepare_tasks, zero_shot
 from conftest import run_inprocess, tiny_model, tiny_tokenizer
@@ -158,14 +159,15 @@ def test_uniform_ranks_by_hand():
 def test_strs_cut_search_on_a_hand_made_table():
     """ASVD's STRS on two (100, 100) layers, q in {0.1, 0.5, 0.9} (ranks 5, 25, 45), budget 0.35 (7000):
     triples by ppl  b.9 10.0, a.9 10.1, b.5 10.2, b.1 10.4, a.5 10.5, a.1 20.0; the first cut that fits is
-    5 (a 25 + b 5 = 6000), then 1000 left: a 26, b 6, a 27, b 7, a 28. Catches sorting the wrong way
-    (the robust layer kept, the sensitive one cut), the largest q below the cut instead of the smallest,
-    a cut one too far or too short."""
+    5 (a 25 + b 5 = 6000), then 1000 left, five components by largest remainder against the ranks scaled by
+    7000 / 6000 (a 29.17, b 5.83): a 26, 27, 28, 29 (remainder 0.17), then b 6 (0.83). Catches sorting the wrong
+    way (the robust layer kept, the sensitive one cut), the largest q below the cut instead of the smallest,
+    a cut one too far or too short, a leftover handed out in dictionary order."""
     from methods.strs import strs_search
     table = {("a", 0.9): 10.1, ("a", 0.5): 10.5, ("a", 0.1): 20.0,
              ("b", 0.9): 10.0, ("b", 0.5): 10.2, ("b", 0.1): 10.4}
     shapes = {"a": (100, 100), "b": (100, 100)}
-    assert strs_search(table, shapes, 0.35, [0.1, 0.5, 0.9]) == {"a": 28, "b": 7}
+    assert strs_search(table, shapes, 0.35, [0.1, 0.5, 0.9]) == {"a": 29, "b": 6}
 
 
 def test_parameter_counts_are_exact(compressed_06):
@@ -248,6 +250,76 @@ def test_guidance_grid_and_its_lookup_on_a_decaying_spectrum():
     loss = base.guidance_loss(r, grid[None].expand(4, -1))
     by_hand = sum((1 - x) * (x < 1 and x > 1 - b(math.floor(x * 100) / 100)) for x in r.tolist()) / 4
     assert abs(loss.item() - by_hand) < 1e-6 and by_hand > 0
+
+
+# ----------------------------------------------------------------------------- the loss terms the learners train on
+
+def softmax_py(row):
+    z = [math.exp(v - max(row)) for v in row]
+    return [v / sum(z) for v in z]
+
+
+def test_task_losses_by_hand():
+    """learn_masks.task_loss on (1, 3, 4) logits, by hand with Python floats: kl = (1/3) sum_t sum_v p_t,v
+    (log p_t,v - log q_t,v) (teacher p, student q, per token); ce = -(1/2) sum_t log q_t,x_{t+1} (the next
+    token, the last position predicts nothing); hidden_mse = the mean squared difference of the chosen
+    hidden states, averaged over the layers chosen. Catches KL's direction swapped, a mean over the
+    vocabulary, the shift off by one, a sum over layers."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(1, 3, 4, generator=g), torch.randn(1, 3, 4, generator=g)
+    x = torch.tensor([[2, 0, 3]])
+    hs = [torch.randn(1, 3, 2, generator=g) for _ in range(3)]
+    ht = [torch.randn(1, 3, 2, generator=g) for _ in range(3)]
+    student = SimpleNamespace(logits=s_logits, hidden_states=hs)
+    teacher = SimpleNamespace(logits=t_logits, hidden_states=ht)
+    kl = 0.0
+    for t in range(3):
+        p, q = softmax_py(t_logits[0, t].tolist()), softmax_py(s_logits[0, t].tolist())
+        kl += sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q)) / 3
+    ce = -sum(math.log(softmax_py(s_logits[0, t].tolist())[x[0, t + 1]]) for t in range(2)) / 2
+    mse = lambda a, b: sum((u - v) ** 2 for u, v in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
+    assert abs(learn_masks.task_loss("kl", student, teacher, x, [-1]).item() - kl) < 1e-6
+    assert abs(learn_masks.task_loss("ce", student, None, x, [-1]).item() - ce) < 1e-6
+    by_hand = (mse(hs[-1], ht[-1]) + mse(hs[0], ht[0])) / 2
+    assert abs(learn_masks.task_loss("hidden_mse", student, teacher, x, [-1, 0]).item() - by_hand) < 1e-6
+
+
+def test_budget_and_sparsity_terms_by_hand():
+    """ARA's budget term alpha (rho_hat - rho)^2 with rho_hat = sum_l min(r_l, 1) m_l n_l / sum m n, and SoCo's
+    sparsity (sparsity / L) sum_l mean_i max(theta_l,i, 0), by hand on two layers. Catches rho_hat weighted by
+    layer count instead of size, an unclamped dense layer, the square missing, a sum where a mean belongs,
+    negative scores pulled further down."""
+    from types import SimpleNamespace
+    r, mn = torch.tensor([0.5, 1.25]), torch.tensor([1000.0, 3000.0])
+    rho_hat = base.rho_hat_of(r, mn)
+    assert abs(rho_hat.item() - (0.5 * 1000 + 1.0 * 3000) / 4000) < 1e-7
+    gates = [SimpleNamespace(theta=torch.tensor([1.5, -0.5, 0.25])), SimpleNamespace(theta=torch.tensor([0.5, 0.0]))]
+    ctx = SimpleNamespace(r=r, rho_hat=rho_hat, rho=0.6, alpha=40.0, b_grid=torch.zeros(2, 101), gates=gates)
+    args = argparse.Namespace(guidance=0.0, sparsity=3.0)
+    from methods.soco import SocoGate
+    terms = SocoGate.terms(ctx, {"budget": True, "sparsity": True}, args)
+    assert abs(terms["budget"].item() - 40.0 * (0.875 - 0.6) ** 2) < 1e-5
+    assert abs(terms["sparsity"].item() - 3.0 * ((1.5 + 0 + 0.25) / 3 + (0.5 + 0.0) / 2) / 2) < 1e-6
+    assert terms["guid"].item() == 0.0
+
+
+def test_the_local_continuation_task_is_built_from_its_text():
+    """Each local_continuation item against the text it came from: the context and its true continuation
+    (choices[label]) are consecutive in the held-out text, every distractor is a piece of that text too, four
+    choices, labels not all equal. Catches a label pointing at a distractor, a continuation not following its
+    context, a shuffled choice list that loses the true one."""
+    from conftest import news_docs, tiny_tokenizer
+    from plumbing.tasks import continuation_items
+    tok = tiny_tokenizer()
+    text = "\n\n".join(news_docs()[:40])
+    stream = torch.tensor(tok(text).input_ids)
+    items = continuation_items(stream, tok, 20, seed=0)
+    whole = tok.decode(stream)
+    for it in items:
+        assert len(it["choices"]) == 4 and (it["context"] + it["choices"][it["label"]]) in whole
+        assert all(c in whole for c in it["choices"])
+    assert len({it["label"] for it in items}) > 1
 
 
 # ----------------------------------------------------------------------------- evaluation
