@@ -20,8 +20,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
@@ -31,23 +29,10 @@ LEARNED = {"sigmoid", "hardconcrete", "ara", "soco"}
 
 def trained_tiny_dir(folder):
     """The tests' trained tiny Llama (conftest.trained_tiny's recipe), saved with its tokenizer."""
-    from conftest import news_docs, tiny_model, tiny_tokenizer
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    tok = tiny_tokenizer()
-    stream = torch.tensor([t for d in news_docs() for t in tok(d)["input_ids"] + [tok.eos_token_id]])
-    windows = stream[:len(stream) // 64 * 64].view(-1, 64)[16:]  # (N, 64)
-    model = tiny_model("llama").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        x = windows[torch.randint(len(windows), (8,), generator=g)]
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
+    from conftest import news_windows, tiny_tokenizer, train_tiny
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        train_tiny(news_windows()[16:]).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

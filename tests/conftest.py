@@ -152,23 +152,29 @@ def heldout_ids():
     return news_windows()[-8:]
 
 
-@pytest.fixture(scope="session")
-def trained_tiny():
-    """A tiny Llama trained for 200 steps on the news text (seconds on the CPU), so its layers have the
-    structured spectra a real model has (a random-init model's are flat: nothing to allocate). Returns
-    (make, ids): make() builds a fresh copy of the trained model; ids (16, 64) held-back calibration windows."""
-    windows = news_windows()  # (N, 64)
-    calib, train = windows[:16], windows[16:]
+def train_tiny(windows, steps=200):
+    """A tiny Llama trained on news windows (N, 64) with AdamW, fixed seed: the structured spectra a real
+    model has (a random-init model's are flat: nothing to allocate). bench/parity.py saves the same model."""
     model = tiny_model("llama").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        x = train[torch.randint(len(train), (8,), generator=g)]
+    for _ in range(steps):
+        x = windows[torch.randint(len(windows), (8,), generator=g)]
         loss = model(x, labels=x).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    """The tiny Llama trained for 200 steps on the news text after the first 16 windows (seconds on the CPU).
+    Returns (make, ids): make() builds a fresh copy of the trained model; ids (16, 64) held-back calibration
+    windows."""
+    windows = news_windows()  # (N, 64)
+    calib, train = windows[:16], windows[16:]
+    state = {k: v.detach().clone() for k, v in train_tiny(train).state_dict().items()}
 
     def make():
         fresh = tiny_model("llama")

@@ -129,3 +129,20 @@ def test_perplexity_builds_no_kv_cache():
     model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("use_cache")), with_kwargs=True)
     perplexity(model, torch.randint(0, model.config.vocab_size, (3, 16)), 2, torch.device("cpu"), "test")
     assert calls == [False, False]  # two batches of windows, no cache either time
+
+
+def test_the_three_splits_are_disjoint_and_each_stage_reads_its_own(run_dir, text_file):
+    """Local text: document i is test if i % 5 == 4, dev if i % 5 == 3, calibration otherwise, so each document
+    is in exactly one split, in order; whiten.py calibrates on 'calib' (its manifest says so) and evaluate.py
+    scores 'test' unless --split dev. Catches a document in two splits, a dev split taken from the test
+    documents, evaluation on calibration text."""
+    import evaluate
+    from plumbing import loading
+    docs = [d for d in loading.read_text(text_file).split("\n\n") if d.strip()]
+    parts = {split: loading.load_documents(text_file, split) for split in loading.SPLITS}
+    for split, rest in (("calib", (0, 1, 2)), ("dev", (3,)), ("test", (4,))):
+        assert parts[split] == [d for i, d in enumerate(docs) if i % 5 in rest], split
+    assert sum(map(len, parts.values())) == len(docs)
+    assert json.load(open(f"{run_dir}/whiten/manifest.json"))["split"] == "calib"
+    assert evaluate.parser().parse_args([]).split == "test"
+    assert evaluate.parser().parse_args(["--split", "dev"]).split == "dev"

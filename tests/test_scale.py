@@ -135,10 +135,10 @@ def test_protocol_paper_resolves_to_the_papers_settings():
     default = resolve_protocol(argparse.Namespace(protocol="default", data=None, seqlen=None, max_windows=None,
                                                   dtype=None))
     assert (default.data, default.seqlen, default.max_windows, default.dtype) == ("embedded", 512, 40, "auto")
-    line = protocol_line({"protocol": "paper", "data": "wikitext2", "split": "test", "seqlen": 2048, "windows": 140,
-                          "all_windows": True, "tokens": 286720, "dtype": "float32"})
-    assert line == ("protocol paper: wikitext2 test, non-overlapping windows 140 x 2048 tokens (every window), "
-                    "286,720 tokens, float32")
+    line = protocol_line({"protocol": "paper", "data": "wikitext2", "split": "test", "split_rule": "the test split",
+                          "seqlen": 2048, "windows": 140, "all_windows": True, "tokens": 286720, "dtype": "float32"})
+    assert line == ("protocol paper: wikitext2 TEST split (the test split), non-overlapping windows 140 x 2048 tokens "
+                    "(every window), 286,720 tokens, float32")
 
 
 def test_checkpointing_keeps_the_gradients_and_noise():
