@@ -202,7 +202,7 @@ def parser():
                    "c4), every 2048-token window, float32 (docs/METHODS.md §4)")
     p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
     p.add_argument("--split", choices=["dev", "test"], default="test",
-                   help="dev: the documents every default is chosen on; test: the reported numbers (docs/METHODS.md §4)")
+                   help="dev: the documents defaults are chosen on; test: the reported numbers (docs/METHODS.md §4)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
     p.add_argument("--max_windows", type=int, default=None,
                    help="evaluate at most this many windows, 0 = all (default: the protocol's)")

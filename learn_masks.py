@@ -30,8 +30,9 @@ Writes RUN_DIR/allocation/:
   ranks.json                {"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
                             training and compensation curves, wall time}
   components.safetensors    where a layer keeps other than its top-k prefix or scales other than 1 (a
-                            learned subset, hard-concrete's test-time gates, SoCo's scores, compensated
+                            learned subset, hard-concrete's test-time gates at a fixed beta, SoCo's scores, compensated
                             scales): {layer}.index (k,), {layer}.scale (k,)
+  heatmap.png, trajectory.png   the allocation and each layer's r_l over training (plumbing/plots.py)
   manifest.json             decompose/ hash, method, seed, flags
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
@@ -81,9 +82,9 @@ def check_finite(log, terms, step, term_flags):
 
 def attach(model, factors, shapes, rho, args, learn=True, start=None):
     """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
-    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max
-    >= 1.2 k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches no gate: the caller
-    fixes the layers at an allocation (base.fix_ranks)."""
+    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max =
+    min(rank, floor(1.2 k*)) > k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches
+    no gate: the caller fixes the layers at an allocation (base.fix_ranks)."""
     state = {"teacher": False}
     k0 = start or base.uniform_ranks(shapes, rho)
     layers = {}

@@ -12,9 +12,10 @@ Masked layer (frozen factors of decompose.py, k_max stored components):
   rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l          the budget the loss sees (§2)
   L = L_task + alpha (rho_hat - rho)^2 + beta L_guid           ARA's loss, for every gate (§3.3)
 After training, `select` runs ARA's finalisation (§3.3) and FIXES every layer: dense, or a set of
-components with one scale each (the gate's test-time value: 1 for the hard masks, the test-time gate
-of hard-concrete, SoCo's scores). The fixed layer computes exactly what truncate.py builds; the
-compensation stage (§3.8, learn_masks.compensate) trains those scales; `export` writes them.
+components with one scale each (the gate's test-time value: 1 for the hard masks and annealed
+hard-concrete, the test-time gate of hard-concrete at a fixed beta, SoCo's scores). The fixed layer computes
+exactly what truncate.py builds; the compensation stage (§3.8, learn_masks.compensate) trains those scales;
+`export` writes them.
 
 A new method is one file in methods/ with one Gate subclass, registered with register(name, cls): mask,
 k_hat (and optionally order, scales, terms, plan, add_flags, check_args, lr). The loop, the

@@ -16,6 +16,12 @@ from methods.base import Gate, register, uniform_logits
 from plumbing.cli import UserError
 
 
+def fraction(text):
+    """A number or a fraction such as 2/3 (Louizos' beta, which no decimal reaches exactly)."""
+    num, _, den = text.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
 class HardConcreteGate(Gate):
     """Louizos et al. hard-concrete L0 gates (§3.2). The temperature anneals geometrically from 2/3 to
     --beta_end over the steps (beta_t). Annealed (the default), the last steps' sampled gates are nearly 0
@@ -39,7 +45,7 @@ class HardConcreteGate(Gate):
 
     @classmethod
     def add_flags(cls, p):
-        p.add_argument("--beta_end", type=float, default=0.05,
+        p.add_argument("--beta_end", type=fraction, default=0.05,
                        help="hard-concrete: temperature at the last step, annealed geometrically from 2/3: the gates "
                        "end nearly 0/1 and export as a hard top-k at scale 1 (2/3 = Louizos' fixed beta, exported "
                        "with its test-time gates as scales)")

@@ -57,7 +57,7 @@ class SocoGate(Gate):
         s = self.scores()
         rank = torch.empty_like(self.order())
         rank[self.order()] = torch.arange(self.k_max, device=s.device)
-        kept = (rank < torch.round(self.k_hat().detach())).to(s.dtype)  # no host sync: k stays on the device
+        kept = (rank < torch.floor(self.k_hat().detach() + 0.5)).to(s.dtype)  # finalize's rounding; no host sync
         return s + (s * kept - s).detach()
 
     def k_hat(self):

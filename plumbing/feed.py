@@ -12,8 +12,8 @@ from plumbing.cli import UserError
 
 
 def load_context(args, run_dir, whiten, decomp, needs_model):
-    """What a method reads: the closed-form ones only the spectra; STRS and the learned ones also
-    the model, the calibration windows and the factors."""
+    """What a method reads: the closed-form ones only the spectra; STRS, the learned ones and any method run
+    with --compensate also the model, the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {run_dir}"
     f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shapes(decomp))
     sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
