@@ -31,9 +31,16 @@ def test_the_citation_check_sees_a_missing_section():
 
 
 def repo_files():
-    """The files a clone has (tracked, or new and not ignored)."""
+    """The files a clone has (tracked, or new and not ignored); outside a git checkout, every file but the
+    virtual environment, run dirs and caches."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
-    return [p for p in out.stdout.split() if os.path.exists(os.path.join(ROOT, p))]
+    if out.returncode == 0 and out.stdout.strip():
+        return [p for p in out.stdout.split() if os.path.exists(os.path.join(ROOT, p))]
+    files = []
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in {".git", ".venv", "runs", "__pycache__", ".pytest_cache"}]
+        files += [os.path.relpath(os.path.join(folder, n), ROOT) for n in names]
+    return files
 
 
 def text_files():
