@@ -15,6 +15,7 @@ Learned methods, one gate per layer (methods/base.py: the masked layer, the Gate
   soco          learned non-negative spectrum, score-ordered pruning    (SoCo; §3.4)
 The learned methods, in the order this file runs them:
   attach     every compressed linear becomes y = U diag(mask * sigma) V^T S^-1 x, r_l = k_hat_l (m + n) / (m n)
+             (methods/base.py: attach, and draw_masks before each step's forward)
   train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid      (ARA's Eq., §3.3; a gate may add terms)
              L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
              explore (first 1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and
@@ -49,11 +50,10 @@ from tqdm import tqdm
 
 import methods
 from methods import base
-from methods.base import MaskedLinear, guidance_grid, rho_hat_of
-from plumbing import artifacts, cli, loading, plots
+from methods.base import attach, clear_masks, draw_masks, guidance_grid, rho_hat_of
+from plumbing import artifacts, cli, plots
 from plumbing.cli import UserError
-from plumbing.feed import Feed, load_context
-from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.feed import Feed, add_flags as add_feed_flags, check_args as check_feed_args, load_context
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -78,54 +78,7 @@ def check_finite(log, terms, step, term_flags):
         raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
 
 
-# ----------------------------------------------------------------------------- the masked model
-
-def attach(model, factors, shapes, rho, args, learn=True, start=None):
-    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
-    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max =
-    min(rank, floor(1.2 k*)) > k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches
-    no gate: the caller fixes the layers at an allocation (base.fix_ranks)."""
-    state = {"teacher": False}
-    k0 = start or base.uniform_ranks(shapes, rho)
-    layers = {}
-    for name, orig in find_linears(model).items():
-        m, n = shapes[name]
-        W = weight_matrix(orig)
-        # float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32
-        like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
-        # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
-        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
-        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
-        sigma = factors[f"{name}.sigma"].to(like["device"])
-        k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
-        gate = None
-        if learn:
-            gate = methods.GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
-        layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
-        set_module(model, name, layers[name])
-    return layers
-
-
-def draw_masks(layers, gens, seed):
-    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
-    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
-    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
-    for l in layers.values():
-        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
-            l.step_mask = l.step_index = None
-            continue
-        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
-            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
-        l.step_mask = l.gate.mask(gens[l.U.device])
-        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output,
-        # no gradient), found once here so a checkpointed block's recomputation uses the same set
-        l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
-
-
-def clear_masks(layers):
-    for l in layers.values():
-        l.step_mask = l.step_index = None
-
+# ----------------------------------------------------------------------------- training
 
 def step_task_loss(model, layers, feed, gens, args, device):
     """One batch: the teacher's outputs (feed), this step's masks, the student's forward, L_task."""
@@ -136,8 +89,6 @@ def step_task_loss(model, layers, feed, gens, args, device):
         t_out = SimpleNamespace(logits=t_out.logits.to(s_out.logits.device))  # last GPU under device_map
     return task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
 
-
-# ----------------------------------------------------------------------------- training
 
 def schedule(step, plan, args):
     """(t, T, settling, alpha_t) at `step`: the cosine lr's position t of T within its stage, whether the
@@ -301,10 +252,9 @@ def check_args(args):
         raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods.names())}")
     cli.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
                     alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), log_every=(1, None),
-                    seed=(0, 2**32 - 1), teacher_cache_gb=(0, None), settle=(0, 1), compensate=(0, None),
-                    compensate_lr=((">", 0), None))
+                    seed=(0, 2**32 - 1), settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None))
     methods.check_args(args)
-    loading.check_dtype_placement(args.dtype, args.device_map)
+    check_feed_args(args)
 
 
 def main(args):
@@ -379,17 +329,7 @@ def parser():
     p.add_argument("--compensate_lr", type=float, default=0.02,
                    help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
-    p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
-                   help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
-                   "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
-    p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
-                   "half-precision matmuls are slow there); the gates always train in float32")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
-    p.add_argument("--device_map", choices=["auto"], default=None,
-                   help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
+    add_feed_flags(p)  # --teacher_cache, --dtype, --checkpointing, --device_map
     methods.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")

@@ -52,7 +52,7 @@ def main():
         files.setdefault(rel, []).append((name, n))
     total = sum(n for fs in files.values() for _, n in fs)
     plumb = sum(n for rel, fs in files.items() if rel.startswith(tuple(a.plumbing)) for _, n in fs)
-    print(f"| file | functions | lines |\n|---|---|---|")
+    print("| file | functions | lines |\n|---|---|---|")
     for rel, fs in sorted(files.items(), key=lambda kv: -sum(n for _, n in kv[1])):
         print(f"| {rel} | {len(fs)} | {sum(n for _, n in fs)} |")
     print(f"| all: {len(files)} files | {sum(len(fs) for fs in files.values())} | {total} (plumbing {plumb}) |")

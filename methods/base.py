@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from plumbing.layers import find_linears, set_module, weight_matrix
+
 
 
 # ----------------------------------------------------------------------------- the budget (docs/METHODS.md §2)
@@ -55,9 +57,8 @@ def fill_budget(ranks, shapes, rho, want=None, caps=None):
     Hamilton's apportionment; ties in forward order), among those that can still grow (below k* - 1 and
     caps_l) and fit what is left. want: {layer: real-valued count} where the allocation has one (uniform's
     rho m n / (m + n), a learned c k_hat); default every rank scaled by budget / cost (proportional)."""
-    limit = rho * sum(m * n for m, n in shapes.values())
-    left = limit - total_cost(ranks, shapes)
-    scale = limit / max(total_cost(ranks, shapes), 1)
+    limit, cost = rho * sum(m * n for m, n in shapes.values()), total_cost(ranks, shapes)
+    left, scale = limit - cost, limit / max(cost, 1)
     want = want or {name: (0 if k == "dense" else k * scale) for name, k in ranks.items()}
     while True:
         grow = [name for name, (m, n) in shapes.items() if ranks[name] != "dense" and ranks[name] + 1 < k_star(m, n)
@@ -306,6 +307,56 @@ class MaskedLinear(nn.Module):
         return F.linear(h, U, None if bias is None else bias.to(h.dtype)).to(dtype)  # (..., m)
 
 
+# ----------------------------------------------------------------------------- attaching and drawing
+
+def attach(model, factors, shapes, rho, args, learn=True, start=None):
+    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
+    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max =
+    min(rank, floor(1.2 k*)) > k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches
+    no gate: the caller fixes the layers at an allocation (fix_ranks)."""
+    state = {"teacher": False}
+    k0 = start or uniform_ranks(shapes, rho)
+    layers = {}
+    for name, orig in find_linears(model).items():
+        m, n = shapes[name]
+        W = weight_matrix(orig)
+        # float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32
+        like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
+        # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
+        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
+        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+        sigma = factors[f"{name}.sigma"].to(like["device"])
+        k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
+        gate = None
+        if learn:
+            gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
+        layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
+        set_module(model, name, layers[name])
+    return layers
+
+
+def draw_masks(layers, gens, seed):
+    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
+    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
+    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
+    for l in layers.values():
+        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
+            l.step_mask = l.step_index = None
+            continue
+        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
+            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
+        l.step_mask = l.gate.mask(gens[l.U.device])
+        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output,
+        # no gradient), found once here so a checkpointed block's recomputation uses the same set
+        l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
+
+
+def clear_masks(layers):
+    for l in layers.values():
+        l.step_mask = l.step_index = None
+
+
+
 # ----------------------------------------------------------------------------- finalisation and export
 
 def finalize(k_hat, shapes, rho, dense, caps=None):
@@ -342,18 +393,15 @@ def select(layers, shapes, rho):
     the finalisation counts what the export can keep (Gate.export_count). Returns the record: ARA's export
     scale c (1 = no rescaling)."""
     with torch.no_grad():
-        k_hat, caps = {}, {}
-        for name, l in layers.items():
-            s = l.gate.scales()
-            caps[name] = l.gate.k_max if s is None else int((s > 0).sum())
-            k_hat[name] = l.gate.export_count()
+        scales = {name: l.gate.scales() for name, l in layers.items()}
+        caps = {name: layers[name].gate.k_max if s is None else int((s > 0).sum()) for name, s in scales.items()}
+        k_hat = {name: l.gate.export_count() for name, l in layers.items()}
         ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense}, caps)
         for name, l in layers.items():
             if ranks[name] == "dense":
                 l.fix(None)
                 continue
-            idx = l.gate.order()[:ranks[name]].sort().values
-            s = l.gate.scales()
+            idx, s = l.gate.order()[:ranks[name]].sort().values, scales[name]
             l.fix(idx, None if s is None else s[idx])
     return {"export_scale": round(c, 4)}
 

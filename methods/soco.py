@@ -55,8 +55,9 @@ class SocoGate(Gate):
         # s_i sigma_i at scales s_i; the backward is the identity for every score (straight-through), so a
         # score outside the kept set still feels the task and can enter it
         s = self.scores()
-        rank = torch.empty_like(self.order())
-        rank[self.order()] = torch.arange(self.k_max, device=s.device)
+        order = self.order()
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(self.k_max, device=s.device)
         kept = (rank < torch.floor(self.k_hat().detach() + 0.5)).to(s.dtype)  # finalize's rounding; no host sync
         return s + (s * kept - s).detach()
 

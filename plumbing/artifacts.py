@@ -15,11 +15,7 @@ import sys
 
 import torch
 
-from plumbing.cli import FORMAT_VERSION
-from plumbing.cli import TEMPORARY
-from plumbing.cli import UserError
-from plumbing.cli import check_run_dir
-from plumbing import cli
+from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
 
 
 def crash_point(name):

@@ -11,6 +11,26 @@ from plumbing import artifacts, cli, layers, loading
 from plumbing.cli import UserError
 
 
+def add_flags(p):
+    """learn_masks.py's flags for what feeds the training and what it costs in memory."""
+    p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
+                   help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
+                   "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
+    p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
+                   "half-precision matmuls are slow there); the gates always train in float32")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
+    p.add_argument("--device_map", choices=["auto"], default=None,
+                   help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
+
+
+def check_args(args):
+    cli.check_flags(args, teacher_cache_gb=(0, None))
+    loading.check_dtype_placement(args.dtype, args.device_map)
+
+
 def load_context(args, run_dir, whiten, decomp, needs_model):
     """What a method reads: the closed-form ones only the spectra; STRS, the learned ones and any method run
     with --compensate also the model, the calibration windows and the factors."""

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_inprocess, run_stage, stage
+from conftest import ROOT, run_inprocess, stage
 from plumbing import cli
 from plumbing.tasks import prepare_tasks
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import learn_masks
 from conftest import run_stage
 from test_allocators import fake_layer
 from test_learn import factorize, learn, learn_args

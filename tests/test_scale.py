@@ -13,7 +13,7 @@ from conftest import ROOT, run_stage, stage, tiny_model, tiny_tokenizer
 from oracle import accumulate_gram, share_groups
 import learn_masks
 from methods import base
-from plumbing import cli, feed
+from plumbing import feed
 from plumbing.layers import decoder_blocks, find_linears
 from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
                     whitening_factor)

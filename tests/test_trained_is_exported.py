@@ -131,10 +131,6 @@ def test_the_files_on_disk_give_the_trained_model(method, compensate, trained_ru
 
 # ----------------------------------------------------------------------------- (c) learning helps
 
-def held_out_kl(model, layers, ids):
-    return kl_to_teacher(model, layers, ids)
-
-
 @pytest.fixture(scope="module")
 def uniform_kl(trained_tiny, heldout_ids):
     make, ids = trained_tiny
@@ -144,7 +140,7 @@ def uniform_kl(trained_tiny, heldout_ids):
     layers = learn_masks.attach(model, factors, shapes, KEEP, args, learn=False)
     base.fix_ranks(layers, base.uniform_ranks(shapes, KEEP))
     learn_masks.compensate(model, layers, feed.Feed(model, ids, args, COMPENSATE), args, torch.device("cpu"))
-    return held_out_kl(model, layers, heldout_ids)
+    return kl_to_teacher(model, layers, heldout_ids)
 
 
 SOCO_L1 = pytest.mark.xfail(strict=True, reason="SoCo at its default --sparsity 1 ends further from the original "
@@ -161,5 +157,5 @@ def test_learning_helps(method, flags, trained_tiny, heldout_ids, uniform_kl):
     model, layers, shapes, data, args = trained(method, trained_tiny, **flags)
     base.select(layers, shapes, KEEP)
     learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
-    kl = held_out_kl(model, layers, heldout_ids)
+    kl = kl_to_teacher(model, layers, heldout_ids)
     assert kl < uniform_kl, (method, kl, uniform_kl)
