@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from plumbing import artifacts
+from plumbing import artifacts, schema
 from plumbing import loading
 from plumbing.cli import UserError
 from whiten import expand_factor
@@ -67,7 +67,8 @@ def main(args):
     members = {}  # {leader: [layers]}: each shared S is read and expanded once
     for name in linears:
         members.setdefault(groups[name], []).append(name)
-    S_file = artifacts.Shards(args.run_dir, "whiten", f"python whiten.py --run_dir {args.run_dir}", whiten["shards"])
+    S_file = artifacts.Shards(args.run_dir, "whiten", f"python whiten.py --run_dir {args.run_dir}", whiten["shards"],
+                             shape=schema.whiten_shape(whiten))
     out = artifacts.stage_dir(args.run_dir, "decompose")
     info, shards, tensors, fractions = {}, {}, {}, (0.9, 0.8, 0.6)
     order = list(dict.fromkeys(groups[n] for n in linears))  # leaders in forward order: shards block by block

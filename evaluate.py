@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import artifacts, cli, loading
+from plumbing import artifacts, cli, loading, schema
 from plumbing.cli import UserError
+from plumbing.layers import decoder_blocks, is_linear
 from plumbing.speed import print_speed, speed_report
 from plumbing.tasks import prepare_tasks, zero_shot
 from truncate import count_params, load_compressed
@@ -94,8 +95,23 @@ def protocol_line(ev):
 
 # ----------------------------------------------------------------------------- main
 
+def linear_census(model):
+    """What the budget counts, read off the model itself (never copied from an upstream manifest): the weight
+    parameters of the compressed linears inside the decoder blocks (m n dense, k (m + n) low-rank), how many
+    such layers there are and how many are low-rank."""
+    params = layers = lowrank = 0
+    for block in decoder_blocks(model):
+        for mod in block.modules():
+            if type(mod).__name__ == "LowRankLinear":  # by name: a folder's own copy of the class counts too
+                params, layers, lowrank = params + mod.A.numel() + mod.B.numel(), layers + 1, lowrank + 1
+            elif is_linear(mod):
+                params, layers = params + mod.weight.numel(), layers + 1
+    return {"linear_params": params, "layers": layers, "lowrank_layers": lowrank}
+
+
 def measure(model, tok, windows, tasks, manager, args, device, label):
-    out = {"ppl": perplexity(model, windows, args.batch_size, device, label), "params": count_params(model)}
+    out = {"ppl": perplexity(model, windows, args.batch_size, device, label), "params": count_params(model),
+           **linear_census(model)}
     if tasks:
         out["zero_shot"] = zero_shot(model, tok, tasks, manager, args.batch_size)
     return out
@@ -105,7 +121,8 @@ def original_metrics(model, tok, windows, tasks, manager, task_keys, args, devic
     """The original model's numbers, cached in RUN_DIR keyed on the CONTENTS they depend on: the
     weights, the exact evaluation tokens, each task's items. An unreadable cache is rebuilt."""
     dtype = str(next(model.parameters()).dtype)
-    key = "|".join(map(str, [whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, dtype, *task_keys]))
+    key = "|".join(map(str, ["census", whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, dtype,
+                             *task_keys]))
     path = os.path.join(args.run_dir, "original_eval.json")
     try:
         with open(path) as f:
@@ -119,11 +136,34 @@ def original_metrics(model, tok, windows, tasks, manager, task_keys, args, devic
     return cache[key]
 
 
+def check_config(original, compressed, run_dir):
+    """compressed/config.json is the original model's config plus lowrank_ranks and auto_map (its path and the
+    dtype it was loaded in aside): any other difference (an edit, a tool's bug) would score another model
+    under this one's name."""
+    skip = {"_name_or_path", "lowrank_ranks", "auto_map", "dtype", "torch_dtype"}
+    differ = sorted(k for k in (set(original) | set(compressed)) - skip if original.get(k) != compressed.get(k))
+    if differ:
+        raise UserError(f"{run_dir}/compressed/config.json differs from the original model's config in "
+                        f"{differ[0]!r}: re-run `python truncate.py --run_dir {run_dir}`")
+
+
+def label(alloc, run_dir):
+    """The method and the budget asked for, as learn_masks.py recorded them in its manifest and its ranks.json
+    (both read and cross-checked: a row's label is never taken from one edited file)."""
+    rerun = f"python learn_masks.py --run_dir {run_dir}"
+    ranks = artifacts.read_json(f"{run_dir}/allocation/ranks.json", rerun, schema.RANKS)
+    for key in ("method", "keep"):
+        if ranks[key] != alloc[key]:
+            raise UserError(f"{run_dir}/allocation: ranks.json and manifest.json disagree on {key!r} ({ranks[key]!r} "
+                            f"vs {alloc[key]!r}): re-run `{rerun}`")
+    return ranks
+
+
 def check_chain(run_dir):
     """compressed <- allocation <- decompose <- whiten: every link made from what is on disk now."""
     whiten = artifacts.read_manifest(run_dir, "whiten", "python whiten.py", reads=())  # their files are not read here
     decomp = artifacts.read_manifest(run_dir, "decompose", "python decompose.py", reads=())
-    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py", reads=())
+    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py", reads=("ranks.json",))
     comp = artifacts.read_manifest(run_dir, "compressed", "python truncate.py")
     artifacts.check_parent(decomp, whiten, run_dir, "python decompose.py")
     artifacts.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
@@ -138,8 +178,7 @@ def main(args):
     loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
-    ranks = artifacts.read_json(f"{args.run_dir}/compressed/ranks.json", f"python truncate.py --run_dir {args.run_dir}",
-                                schema={"layers": dict, "method": str, "keep": artifacts.NUMBER})
+    ranks = label(chain["allocation"], args.run_dir)
     device = cli.pick_device(args.device)
     dtype, placement = cli.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
     model, tok = loading.load_model(whiten["model"], device, **placement)
@@ -160,18 +199,20 @@ def main(args):
     tasks, manager, task_keys = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None, [])
     t0 = time.time()
     original = original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten)
+    config = model.config.to_dict()
     del model
     model, _ = load_compressed(f"{args.run_dir}/compressed", device, **({"dtype": dtype} if dtype else {}), **placement)
+    check_config(config, model.config.to_dict(), args.run_dir)
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
     speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
     if artifacts.file_hash(f"{args.run_dir}/compressed/manifest.json") != comp["hash"]:  # lists every file's hash
         raise UserError(f"{args.run_dir}/compressed changed while evaluate.py ran: re-run evaluate.py")
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],
-               "kept_fraction_linear": comp["kept_fraction_linear"],
+               "kept_fraction_linear": compressed["linear_params"] / original["linear_params"],
                "kept_fraction_model": compressed["params"] / original["params"],
-               "layers_dense": sum(r == "dense" for r in ranks["layers"].values()),
-               "layers": len(ranks["layers"]),
+               "layers_dense": compressed["layers"] - compressed["lowrank_layers"],
+               "layers": original["layers"],
                "eval": ev,
                "chain": {stage: m["hash"] for stage, m in chain.items()},  # which artifacts these numbers describe
                "wall_time_s": {**{s: m.get("wall_time_s") for s, m in chain.items()},

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from plumbing import artifacts
+from plumbing import artifacts, schema
 from plumbing import loading
 from plumbing.modeling_lowrank import LowRankLinear
 from plumbing.cli import UserError
@@ -87,7 +87,8 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     rerun = "python truncate.py"
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
-    artifacts.read_json(os.path.join(path, "config.json"), rerun, keys=("lowrank_ranks",))
+    artifacts.read_json(os.path.join(path, "config.json"), rerun,
+                        schema.fields(lowrank_ranks=schema.mapping(schema.integer(1), nonempty=False)))
     try:
         model = LowRankForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception:  # truncated or corrupt file, tensors of the wrong shape or missing
@@ -98,10 +99,16 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
 
 
 def check_components(components, ranks, layers, path, rerun):
-    """Each layer's learned subset: `index` distinct integers in 0..k_max-1, as many as its rank, and a
-    finite `scale` of the same length (artifacts checked the dtypes and finiteness)."""
+    """Each low-rank layer's learned subset: `index` distinct integers in 0..k_max-1, as many as its rank, and a
+    non-negative `scale` of the same length (artifacts checked the dtypes and finiteness); no other tensor."""
+    known = {f"{n}.{w}" for n, r in ranks.items() if r != "dense" for w in ("index", "scale")}
+    stray = sorted(set(components) - known)
+    if stray:
+        raise UserError(f"{path} holds {stray[0]}, not a low-rank layer's index or scale: re-run `{rerun}`")
     for name, r in ranks.items():
-        if f"{name}.index" not in components:
+        if (f"{name}.index" in components) != (f"{name}.scale" in components):
+            raise UserError(f"{path}: {name} has an index without a scale or a scale without an index: re-run `{rerun}`")
+        if f"{name}.index" not in components:  # the prefix 0..r-1 at scale 1, truncate's default
             continue
         index, scale = components[f"{name}.index"], components.get(f"{name}.scale")
         k_max = layers[name]["k_max"]
@@ -109,6 +116,8 @@ def check_components(components, ranks, layers, path, rerun):
             raise UserError(f"{path}: {name}'s index and scale do not match its rank {r}: re-run `{rerun}`")
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= k_max or len(set(index.tolist())) < len(index)):
             raise UserError(f"{path}: {name}'s index holds values outside 0..{k_max - 1} or repeats: re-run `{rerun}`")
+        if len(scale) and float(scale.min()) < 0:
+            raise UserError(f"{path}: {name}'s scale holds negative values: re-run `{rerun}`")
 
 
 def check_finite(model, rerun):
@@ -119,7 +128,12 @@ def check_finite(model, rerun):
 
 
 def check_ranks(ranks, layers, rerun):
-    """Every compressed layer has "dense" or an integer rank in 1..k_max; ranks >= k* become "dense"."""
+    """Every compressed layer, and no other, has "dense" or an integer rank in 1..k_max; ranks >= k* become
+    "dense"."""
+    try:
+        schema.same_keys(ranks, layers, "allocation/ranks.json 'layers'", "decompose/manifest.json 'layers'")
+    except schema.Bad as e:
+        raise UserError(f"{e}: re-run `{rerun}`") from None
     for name, v in layers.items():
         r = ranks.get(name)
         if r == "dense":
@@ -142,21 +156,26 @@ def main(args):
     artifacts.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
     rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
-    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun,
-                                     schema={"layers": dict, "components": bool})
+    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, schema.RANKS)
     ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
     model, tok = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
     components = None
-    if allocation.get("components") and not os.path.isfile(comp_path):
+    if allocation["components"] and not os.path.isfile(comp_path):
         raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
+    if allocation["components"] != ("components.safetensors" in alloc["files"]):
+        raise UserError(f"{args.run_dir}/allocation/ranks.json says components {allocation['components']}, its manifest "
+                        f"{'lists' if not allocation['components'] else 'does not list'} components.safetensors: "
+                        f"re-run `{rerun}`")
     if allocation.get("components"):
-        components = artifacts.read_tensors(comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float")
+        components = artifacts.read_tensors(  # as methods.base.export writes them: int64 indices, float32 scales
+            comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float",
+            dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)
         check_components(components, ranks, decomp["layers"], comp_path, rerun)
     factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
-                               decomp["shards"], shape=artifacts.factor_shapes(decomp))  # one layer at a time
+                               decomp["shards"], shape=schema.factor_shape(decomp))  # one layer at a time
     compress_model(model, ranks, factors, components)
     check_finite(model, f"python decompose.py --run_dir {args.run_dir}")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from plumbing import schema
+from plumbing.layers import find_linears, layer_shapes
 from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
 
 
@@ -52,10 +54,20 @@ def weights_hash(model):
 
 
 def check_model(model, whiten, rerun="python whiten.py"):
-    """The model now on disk must be the one whiten/ was made from: same config, same weights."""
+    """The model now on disk must be the one whiten/ was made from: same config, same weights, and the layers
+    whiten/'s manifest names with the shapes it gives them."""
     if config_hash(model) != whiten["config_hash"] or weights_hash(model) != whiten["weights_hash"]:
         raise UserError(f"model {whiten['model']!r} is not the one whiten/ was made from (other config or "
                         f"weights): re-run the pipeline from `{rerun}`")
+    shapes = {name: list(s) for name, s in layer_shapes(find_linears(model)).items()}
+    try:
+        schema.same_keys(whiten["shapes"], shapes, "whiten/manifest.json 'shapes'", "the model")
+        bad = [n for n in shapes if shapes[n] != list(whiten["shapes"][n])]
+        if bad:
+            raise schema.Bad(f"whiten/manifest.json 'shapes' gives {bad[0]} {whiten['shapes'][bad[0]]}, the model "
+                             f"{shapes[bad[0]]}")
+    except schema.Bad as e:
+        raise UserError(f"{e}: re-run the pipeline from `{rerun}`") from None
 
 
 def tensor_hash(t):
@@ -67,28 +79,9 @@ def versions():
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-NUMBER = (int, float)
-TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "true/false",
-              NUMBER: "a number"}
-
-
-def check_fields(obj, schema, path, rerun):
-    """Every key of `schema` present in the JSON object `obj`, of the type it names (bool is not an int)."""
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is damaged or incomplete (not a JSON object): re-run `{rerun}`")
-    missing = [k for k in schema if k not in obj]
-    if missing:
-        raise UserError(f"{path} is damaged or incomplete (no {', '.join(missing)}): re-run `{rerun}`")
-    for key, kind in schema.items():
-        v = obj[key]
-        if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
-            raise UserError(f"{path} is damaged: {key!r} is {type(v).__name__}, not {TYPE_NAMES[kind]}: re-run `{rerun}`")
-    return obj
-
-
-def read_json(path, rerun, keys=(), schema=None):
-    """A JSON artifact whose `keys` (or `schema` {key: type}) are there, or one line naming the file and the
-    command that remakes it."""
+def read_json(path, rerun, spec=None):
+    """A JSON artifact that satisfies its schema `spec` (plumbing/schema.py), or one line naming the file,
+    the field and the command that remakes it."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `{rerun}` first")
     try:
@@ -96,7 +89,15 @@ def read_json(path, rerun, keys=(), schema=None):
             obj = json.load(f)
     except (ValueError, OSError):
         raise UserError(f"{path} is damaged or incomplete: re-run `{rerun}`") from None
-    return check_fields(obj, schema or {k: object for k in keys}, path, rerun)
+    return check(spec or schema.fields(), obj, path, rerun)
+
+
+def check(spec, obj, path, rerun, where=""):
+    """obj against a schema spec: a violation is one line naming the file and the field."""
+    try:
+        return spec(obj, where)
+    except schema.Bad as e:
+        raise UserError(f"{path} is damaged: {e}: re-run `{rerun}`") from None
 
 
 class TensorFile:
@@ -118,13 +119,21 @@ class TensorFile:
     def damaged(self):
         raise UserError(f"{self.path} is damaged or incomplete: re-run `{self.rerun}`") from None
 
-    def get(self, name, shape=None, kind="float"):
-        """Tensor `name`, checked: kind "float" (finite values) or "int"; `shape` a tuple, None entries free."""
+    def get(self, name, shape=None, kind="float", values=None, dtype=None):
+        """Tensor `name`, checked: kind "float" (finite values) or "int"; `shape` a tuple, None entries free;
+        `values` a value rule of plumbing/schema.py (check_values); `dtype` the one its manifest implies."""
         try:
             t = self.f.get_tensor(name)
         except Exception:  # a tensor missing, or its bytes past the end of a truncated file
             self.damaged()
-        return check_tensor(t, f"{self.path}: {name}", self.rerun, shape, kind)
+        t = check_tensor(t, f"{self.path}: {name}", self.rerun, shape, kind)
+        if dtype is not None and t.dtype != dtype:
+            raise UserError(f"{self.path}: {name} is {t.dtype}, not the {dtype} its manifest implies: re-run `{self.rerun}`")
+        try:
+            schema.check_values(t, values, f"{self.path}: {name}")
+        except schema.Bad as e:
+            raise UserError(f"{e}: re-run `{self.rerun}`") from None
+        return t
 
 
 class Shards:
@@ -133,7 +142,9 @@ class Shards:
     it. One file is open at a time (stages read block by block); damage is one line, as in TensorFile."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
-        """shape(name) -> the tuple a tensor must have (None entries free), or None: no shape check."""
+        """shape(name) -> (the tuple a tensor must have, its value rule, its dtype) (schema.whiten_shape,
+        factor_shape);
+        a name it does not know (None) is refused; shape=None: no check."""
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
         self.shape = shape
 
@@ -142,9 +153,12 @@ class Shards:
         if prefix not in self.where:
             raise UserError(f"{self.folder} has no tensor {name}: re-run `{self.rerun}`")
         file = self.where[prefix]
+        if self.shape and self.shape(name) is None:
+            raise UserError(f"{self.folder} has no tensor {name} by its manifest: re-run `{self.rerun}`")
         if file not in self.open:  # one file open at a time: a closed shard's mapped pages leave the process
             self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
-        return self.open[file].get(name, self.shape(name) if self.shape else None)
+        shape, values, dtype = self.shape(name) if self.shape else (None, None, None)
+        return self.open[file].get(name, shape, values=values, dtype=dtype)
 
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected
 
@@ -155,39 +169,35 @@ def check_tensor(t, what, rerun, shape=None, kind="float"):
     if not ok_kind:
         raise UserError(f"{what} is {t.dtype}, not {'an' if kind == 'int' else 'a'} {kind} tensor: re-run `{rerun}`")
     if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
-        want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ")"
+        want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise UserError(f"{what} has shape {tuple(t.shape)}, not {want}: re-run `{rerun}`")
     if kind == "float" and not torch.isfinite(t).all():
         raise UserError(f"{what} holds NaN or inf: re-run `{rerun}`")
     return t
 
 
-def read_ids(run_dir, whiten, vocab_size):
-    """whiten/'s calibration windows (nsamples, seqlen), int64 token ids below the model's vocabulary."""
+def read_ids(run_dir, whiten):
+    """whiten/'s calibration windows (nsamples, seqlen), non-negative int64 token ids."""
     rerun = f"python whiten.py --run_dir {run_dir}"
     path = f"{run_dir}/whiten/calib_ids.safetensors"
-    ids = TensorFile(path, rerun).get("ids", shape=(whiten["nsamples"], whiten["seqlen"]), kind="int")
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
-        raise UserError(f"{path}: token ids outside the model's vocabulary 0..{vocab_size - 1}: re-run `{rerun}`")
+    ids = TensorFile(path, rerun).get("ids", shape=(whiten["nsamples"], whiten["seqlen"]), kind="int", dtype=torch.int64)
+    if ids.numel() and int(ids.min()) < 0:
+        raise UserError(f"{path}: negative token ids: re-run `{rerun}`")
     return ids
 
 
-def factor_shapes(decomp):
-    """The shape every tensor of decompose/ must have, from its manifest: U (m, k_max), sigma (>= k_max,),
-    VtSinv (k_max, n)."""
-    def shape(name):
-        layer, _, what = name.rpartition(".")
-        v = decomp["layers"].get(layer)
-        if v is None:
-            return None
-        return {"U": (v["m"], v["k_max"]), "sigma": (None,), "VtSinv": (v["k_max"], v["n"])}.get(what)
-    return shape
+def check_vocabulary(ids, rows, run_dir):
+    """Calibration ids below the model's embedding rows."""
+    if ids.numel() and int(ids.max()) >= rows:
+        raise UserError(f"{run_dir}/whiten/calib_ids.safetensors: token ids outside the model's vocabulary "
+                        f"0..{rows - 1}: re-run `python whiten.py --run_dir {run_dir}`")
 
 
-def read_tensors(path, rerun, keys=None, device="cpu", kind=lambda name: "float"):
-    """{name: tensor} of a whole safetensors artifact (or of `keys`), through TensorFile; kind(name) -> "float" | "int"."""
+def read_tensors(path, rerun, keys=None, device="cpu", kind=lambda name: "float", dtype=lambda name: None):
+    """{name: tensor} of a whole safetensors artifact (or of `keys`), through TensorFile; kind(name) -> "float" |
+    "int"; dtype(name) -> the dtype it must have, or None."""
     f = TensorFile(path, rerun, device)
-    return {k: f.get(k, kind=kind(k)) for k in (f.names if keys is None else keys)}
+    return {k: f.get(k, kind=kind(k), dtype=dtype(k)) for k in (f.names if keys is None else keys)}
 
 
 def write_json(path, obj):
@@ -211,19 +221,14 @@ def read_manifest(run_dir, stage, hint, reads=None):
     hash an earlier stage's files it does not open (a 7B model's whiten/ is large)."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
-    manifest = read_json(path, rerun, schema={"stage": str, "format_version": int, "inputs": dict, "files": dict})
+    manifest = read_json(path, rerun, schema.fields(stage=schema.string(), format_version=schema.integer()))
     if manifest["stage"] != stage or manifest["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{rerun}`")
-    check_fields(manifest, MANIFEST[stage], path, rerun)
-    for key, (kind, fields) in NESTED.get(stage, {}).items():
-        for name, v in manifest[key].items():
-            if kind is dict:
-                check_fields(v, fields, f"{path} ({key} of {name})", rerun)
-            elif not isinstance(v, kind) or kind is str and os.path.basename(v) != v:
-                raise UserError(f"{path} is damaged: {key} of {name} is {v!r}: re-run `{rerun}`")
+    check(schema.MANIFEST[stage], manifest, path, rerun)
+    check(lambda m, _: schema.cross_check(stage, m), manifest, path, rerun)
     for name, entry in manifest["files"].items():
         file = os.path.join(run_dir, stage, name)
-        if os.path.basename(name) != name or not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"}:
+        if os.path.basename(name) != name or name in (".", ".."):
             raise UserError(f"{path} is damaged (its entry for {name!r}): re-run `{rerun}`")
         if not os.path.isfile(file) or os.path.getsize(file) != entry["bytes"]:
             raise UserError(f"{file} is damaged or incomplete (size): re-run `{rerun}`")
@@ -233,26 +238,15 @@ def read_manifest(run_dir, stage, hint, reads=None):
     return manifest
 
 
-# the fields each stage's manifest must hold (beyond stage, format_version, inputs, files), checked on
-# every read, so a hand-edited manifest is one line and never a KeyError further on
-MANIFEST = {
-    "whiten": {"model": str, "config_hash": str, "weights_hash": str, "dtype": str, "nsamples": int, "seqlen": int,
-               "whitening": str, "groups": dict, "shards": dict, "shapes": dict},
-    "decompose": {"model": str, "factor_dtype": str, "layers": dict, "shards": dict},
-    "allocation": {"method": str, "keep": NUMBER},
-    "compressed": {"model": str, "params_original": int, "params_compressed": int, "kept_fraction_linear": NUMBER},
-}
-NESTED = {  # {key: (type of every value, fields of a value that is an object)}
-    "whiten": {"groups": (str, None), "shards": (str, None)},
-    "decompose": {"layers": (dict, {"m": int, "n": int, "k_star": int, "k_max": int}), "shards": (str, None)},
-}
-
-
 def check_parent(manifest, parent, run_dir, rerun):
-    """The artifact must have been made from the parent artifact now on disk (chain of hashes)."""
+    """The artifact must have been made from the parent artifact now on disk (chain of hashes), and
+    decompose/'s layers must be whiten/'s, with the same shapes."""
     if manifest["inputs"].get(parent["stage"]) != parent["hash"]:
         raise UserError(f"{run_dir}/{manifest['stage']} was made from a different {parent['stage']}/ run "
                         f"(other model or settings): re-run `{rerun} --run_dir {run_dir}`")
+    if (manifest["stage"], parent["stage"]) == ("decompose", "whiten"):
+        check(lambda m, _: schema.check_layers_match(m, parent), manifest, f"{run_dir}/decompose/manifest.json",
+              f"{rerun} --run_dir {run_dir}")
 
 
 def stage_dir(run_dir, stage):

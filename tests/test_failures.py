@@ -51,6 +51,13 @@ def files(tmp_path_factory, tiny_dir):
     shutil.copytree(tiny_dir, fewer)
     cfg = json.loads((fewer / "config.json").read_text())
     (fewer / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    small = t / "small_embedding_model"  # 300 embedding rows under a 320-token tokenizer
+    from conftest import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("llama")
+    cfg.vocab_size = 300
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
+    tiny_tokenizer().save_pretrained(small)
     spm = t / "sentencepiece_model"  # a tokenizer that needs sentencepiece and its tokenizer.model
     shutil.copytree(tiny_dir, spm)
     os.remove(spm / "tokenizer.json")
@@ -184,7 +191,7 @@ CASES = [
     ("decompose manifest not json", lambda d, f: open(f"{d}/whiten/manifest.json", "w").write("{oops"),
      "decompose.py", [], "whiten/manifest.json is damaged or incomplete"),
     ("decompose manifest key missing", lambda d, f: edit_json(d, "whiten", "manifest.json", lambda o: o.pop("files")),
-     "decompose.py", [], "damaged or incomplete (no files)"),
+     "decompose.py", [], "is damaged: the file has no 'files'"),
     ("decompose whitening truncated", lambda d, f: truncate_file(f"{d}/whiten/block_000.safetensors"),
      "decompose.py", [], "block_000.safetensors is damaged or incomplete"),
     ("decompose whitening corrupt", lambda d, f: corrupt_same_size(f"{d}/whiten/block_000.safetensors"),
@@ -221,9 +228,9 @@ CASES = [
     ("learn factors corrupt", lambda d, f: corrupt_same_size(f"{d}/decompose/block_000.safetensors"),
      "learn_masks.py", ["--method", "energy"], "block_000.safetensors is damaged or was edited"),
     ("learn decompose manifest not json", lambda d, f: open(f"{d}/decompose/manifest.json", "w").write("[]"),
-     "learn_masks.py", [], "decompose/manifest.json is damaged or incomplete"),
+     "learn_masks.py", [], "decompose/manifest.json is damaged: the file is list, not a JSON object"),
     ("truncate rank 0", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(0)),
-     "truncate.py", [], "the rank 0"),
+     "truncate.py", [], "is 0, not \"dense\" or an integer rank >= 1"),
     ("truncate rank too big", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(10 ** 6)),
      "truncate.py", [], "the rank 1000000"),
     ("truncate ranks not json", lambda d, f: edit_json(d, "allocation", "ranks.json", "{not json"),
@@ -291,32 +298,32 @@ CASES += [
      lambda t: t[:2].contiguous()), "learn_masks.py", ["--method", "ara", "--steps", 1], "has shape (2, 64)"),
     # JSON fields: presence and type
     ("json: whiten manifest without groups", lambda d, f: edit_json(d, "whiten", "manifest.json",
-     lambda o: o.pop("groups")), "decompose.py", [], "damaged or incomplete (no groups)"),
+     lambda o: o.pop("groups")), "decompose.py", [], "the file has no 'groups'"),
     ("json: whiten groups a list", lambda d, f: edit_json(d, "whiten", "manifest.json",
      lambda o: o.update(groups=[])), "decompose.py", [], "'groups' is list, not an object"),
     ("json: whiten shard path escapes", lambda d, f: edit_json(d, "whiten", "manifest.json",
-     lambda o: o["shards"].update({k: "../x" for k in o["shards"]})), "decompose.py", [], "shards of"),
+     lambda o: o["shards"].update({k: "../x" for k in o["shards"]})), "decompose.py", [], "is '../x', not a file name in the stage's folder"),
     ("json: decompose layer without k_max", lambda d, f: edit_json(d, "decompose", "manifest.json",
-     lambda o: next(iter(o["layers"].values())).pop("k_max")), "learn_masks.py", [], "(no k_max)"),
+     lambda o: next(iter(o["layers"].values())).pop("k_max")), "learn_masks.py", [], "has no 'k_max'"),
     ("json: decompose m a string", lambda d, f: edit_json(d, "decompose", "manifest.json",
-     lambda o: next(iter(o["layers"].values())).update(m="64")), "truncate.py", [], "'m' is str, not an integer"),
+     lambda o: next(iter(o["layers"].values())).update(m="64")), "truncate.py", [], "['m'] is '64', not an integer"),
     ("json: manifest file entry a number", lambda d, f: edit_json(d, "allocation", "manifest.json",
-     lambda o: o["files"].update({"ranks.json": 5})), "truncate.py", [], "(its entry for 'ranks.json')"),
+     lambda o: o["files"].update({"ranks.json": 5})), "truncate.py", [], "'files'['ranks.json'] is int, not a JSON object"),
     ("json: ranks layers a list", lambda d, f: edit_json(d, "allocation", "ranks.json", lambda o: o.update(layers=[])),
      "truncate.py", [], "'layers' is list, not an object"),
     ("json: ranks components a string", lambda d, f: edit_json(d, "allocation", "ranks.json",
-     lambda o: o.update(components="yes")), "truncate.py", [], "'components' is str, not true/false"),
+     lambda o: o.update(components="yes")), "truncate.py", [], "'components' is 'yes', not true/false"),
     ("json: rank true", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(True)), "truncate.py", [],
-     "the rank True"),
-    ("json: compressed ranks without method", lambda d, f: edit_json(d, "compressed", "ranks.json",
-     lambda o: o.pop("method") and None), "evaluate.py", [], "damaged or incomplete (no method)"),
+     "is True, not \"dense\" or an integer rank >= 1"),
+    ("json: allocation ranks without method", lambda d, f: edit_json(d, "allocation", "ranks.json",
+     lambda o: o.pop("method") and None), "evaluate.py", [], "the file has no 'method'"),
     # indices and scales: range
     ("range: component index 10**6", lambda d, f: with_components(d, lambda c: c[next(iter(c))].fill_(10 ** 6)),
      "truncate.py", [], "outside 0.."),
     ("range: component index repeated", lambda d, f: with_components(d, lambda c: c[next(iter(c))].fill_(0)),
      "truncate.py", [], "or repeats"),
     ("range: component scale missing", lambda d, f: with_components(d, lambda c: c.pop(
-     next(k for k in c if k.endswith(".scale")))), "truncate.py", [], "do not match its rank"),
+     next(k for k in c if k.endswith(".scale")))), "truncate.py", [], "an index without a scale"),
     ("range: component scale NaN", lambda d, f: with_components(d, lambda c: nan_at_0(
      c[next(k for k in c if k.endswith(".scale"))])), "truncate.py", [], "holds NaN or inf"),
     ("range: component index float", lambda d, f: with_components(d, lambda c: c.update(
@@ -329,6 +336,27 @@ CASES += [
     ("flag: whiten seed 2**32", None, "whiten.py", ["--seed", 2 ** 32], "--seed 4294967296 is out of range"),
     ("model: config disagrees with weights", None, "whiten.py", ["--model", "F:fewer_layers_model"],
      "its config and its checkpoint disagree"),
+    # issue 28's classes: fields that contradict the tensors or the model, with every hash kept in step
+    ("schema: whitening says eigh, factors are packed", lambda d, f: edit_json(d, "whiten", "manifest.json",
+     lambda o: o.update(whitening="eigh")), "decompose.py", [], "has shape (2080,), not (64, 64)"),
+    ("schema: whitening factor of the wrong shape", lambda d, f: edit_tensor(d, "whiten", first(d, "whiten"),
+     f"{first_layer(d)}.S", lambda t: t[:-3].contiguous()), "decompose.py", [], "has shape (2077,), not (2080,)"),
+    ("schema: k_star contradicts m and n", lambda d, f: edit_json(d, "decompose", "manifest.json",
+     lambda o: next(iter(o["layers"].values())).update(k_star=7)), "truncate.py", [], "k_star 7 is not"),
+    ("schema: ranks name a layer the model lacks", lambda d, f: edit_json(d, "allocation", "ranks.json",
+     lambda o: o["layers"].update({"model.layers.9.mlp.up_proj": 3})), "truncate.py", [],
+     "names 'model.layers.9.mlp.up_proj', which decompose/manifest.json 'layers' does not have"),
+    ("schema: a spectrum that rises", lambda d, f: edit_tensor(d, "decompose", first(d, "decompose"),
+     f"{first_layer(d)}.sigma", lambda t: t.flip(0).contiguous()), "learn_masks.py", ["--method", "energy"],
+     "is not a spectrum"),
+    ("schema: components flag off, file listed", lambda d, f: with_components(d) or edit_json(
+     d, "allocation", "ranks.json", lambda o: o.update(components=False)), "truncate.py", [], "components False"),
+    ("schema: compressed config edited", lambda d, f: edit_json(d, "compressed", "config.json",
+     lambda o: o.update(rms_norm_eps=0.5)), "evaluate.py", [], "differs from the original model's config in 'rms_norm_eps'"),
+    ("schema: allocation label edited", lambda d, f: edit_json(d, "allocation", "ranks.json",
+     lambda o: o.update(method="soco")), "evaluate.py", [], "disagree on 'method'"),
+    ("model: embedding smaller than the tokenizer", None, "whiten.py", ["--model", "F:small_embedding_model"],
+     "its tokenizer has 320 tokens but its input embeddings only 300 rows"),
 ]
 
 
@@ -551,6 +579,23 @@ def test_huge_kmax_mult_is_full_rank_not_a_traceback(full_run, tmp_path):
     stage("decompose.py", "--kmax_mult", "1e308", "--run_dir", d)
     for v in json.load(open(f"{d}/decompose/manifest.json"))["layers"].values():
         assert v["k_max"] == min(v["m"], v["n"])
+
+
+def test_a_task_file_rewritten_in_place_is_scored_from_its_new_items(full_run, tmp_path, text_file):
+    """lm-eval's datasets cache keys a local file on its path and modification time: the same path, the same
+    mtime and other labels must give the new file's accuracy, not the cached items'."""
+    d = str(tmp_path / "run")
+    shutil.copytree(full_run, d)
+    path = tmp_path / "items.jsonl"
+    items = [{"context": "The", "choices": [" news", " xq"], "label": i % 2} for i in range(8)]
+    accs = []
+    for flip in (0, 1):
+        path.write_text("".join(json.dumps({**it, "label": (it["label"] + flip) % 2}) + "\n" for it in items))
+        os.utime(path, ns=(10 ** 18, 10 ** 18))  # the same modification time both times
+        stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", f"local:{path}", "--run_dir", d)
+        zs = json.load(open(f"{d}/metrics.json"))["original"]["zero_shot"]
+        accs.append(next(iter(zs.values()))["acc"])
+    assert abs(accs[0] + accs[1] - 1) < 1e-9, accs  # two choices, every label flipped: acc -> 1 - acc
 
 
 def test_two_local_task_files_with_one_name_are_two_tasks(tmp_path):
