@@ -12,8 +12,10 @@ from plumbing.cli import UserError
 
 
 class SocoGate(Gate):
-    """SoCo's learned non-negative spectrum s (§3.4): W' = U diag(sigma * s) V^T S^-1 over the round(k_hat)
-    components of largest s_i sigma_i (the set the export keeps), s_i = max(theta_i, 0) forward, straight-through backward, so a score pushed to 0 still feels the task and the budget and can
+    """SoCo's learned non-negative spectrum s (§3.4): W' = U diag(sigma * s) V^T S^-1, in the coarse stage over
+    every component (relaxed), from the refine stage on over the round(k_hat) components of largest
+    s_i sigma_i (the set the export keeps). s_i = max(theta_i, 0) forward, straight-through backward, so a
+    score pushed to 0 still feels the task and the budget and can
     return (a relu's zero gradient would prune it for good). theta is the score itself, so AdamW's lr is
     in score units: a kept score (1) can be pruned, and a pruned one (0) revived, in ~1 / lr steps.
     Count: k_hat = sum_i min(s_i, 1), straight-through (a score above 1, which compensates, counts one
@@ -45,16 +47,23 @@ class SocoGate(Gate):
             s[k0:] = 0  # start exactly at the uniform model
         self.theta = nn.Parameter(s)
         self.register_buffer("sigma", sigma.float())  # selection sees sigma_i: s scales sigma (§3.4)
-        self.k_max = k_max
+        self.k_max, self.relaxed = k_max, False  # relaxed: the coarse stage's forward (at_step)
 
     def scores(self):
         return self.theta - (self.theta - self.theta.clamp(min=0)).detach()  # max(theta, 0), straight-through
 
+    def at_step(self, step, args):
+        self.relaxed = step < round(args.soco_stages[0] * args.steps)  # the coarse stage
+
     def mask(self, gen):
-        # the forward runs what the count says and the export keeps: the round(k_hat) components of largest
-        # s_i sigma_i at scales s_i; the backward is the identity for every score (straight-through), so a
-        # score outside the kept set still feels the task and can enter it
+        # coarse stage, relaxed: every score runs at its value and counts min(s_i, 1), so a score on its way
+        # to 0 fades out of the forward instead of dropping out at a rounding step. From the refine stage on,
+        # and in the state training ends in, the forward runs what the count says and the export keeps: the
+        # round(k_hat) components of largest s_i sigma_i at scales s_i; the backward is the identity for every
+        # score (straight-through), so a score outside the kept set still feels the task and can enter it
         s = self.scores()
+        if self.relaxed:
+            return s
         order = self.order()
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.k_max, device=s.device)

@@ -38,8 +38,10 @@ def file_hash(path):
 
 
 def config_hash(model):
-    """Fingerprint of a model's config, to catch artifacts made from another model."""
-    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    """Fingerprint of a model's config, to catch artifacts made from another model: its content, not the
+    folder it was read from (`_name_or_path`), so a moved model or a re-keyed cache folder is the same model."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

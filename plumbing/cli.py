@@ -160,7 +160,7 @@ def sync(device):
 def compute_dtype(dtype, device):
     """The dtype a model computes in on `device`: its own, except half precision (bf16, fp16) on the CPU, which
     computes in float32: a CPU without bf16 units runs half-precision matmuls several times slower
-    (docs/RESULTS.md, "The papers' widths on the CPU")."""
+    (docs/RESULTS.md, "The papers' scale")."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 

@@ -169,6 +169,23 @@ def test_soco_runs_the_components_its_budget_counts():
     torch.testing.assert_close(layer.gate.theta.grad, torch.ones(k_max))
 
 
+def test_soco_relaxes_in_its_coarse_stage_and_runs_what_it_counts_from_the_refine_stage():
+    """24 scores at 0.3 (k_hat 7.2): in the coarse stage the forward runs all 24 at 0.3 (the relaxation), from the
+    refine stage on exactly the 7 it counts, and a gate not stepped (the state training ends in, the export) the
+    7. Catches a relaxation that stays on in the refine stage or a hard forward from the first step."""
+    layer = fake_layer(soco.SocoGate)
+    k_max = layer.gate.k_max
+    with torch.no_grad():
+        layer.gate.theta.copy_(torch.cat([torch.full((24,), 0.3), torch.full((k_max - 24,), -1.0)]))
+    args = learn_args("soco", steps=10)  # coarse: steps 0-4, refine: 5-9
+    running = {}
+    for step in (0, 4, 5, 9):
+        layer.gate.at_step(step, args)
+        running[step] = int((layer.gate.mask(None).detach() != 0).sum())
+    assert running == {0: 24, 4: 24, 5: 7, 9: 7}
+    assert int((soco.SocoGate(k_max, 8, layer.gate.sigma, args).mask(None).detach() != 0).sum()) == 8
+
+
 def test_soco_stages_alternate_and_restart_the_learning_rate():
     args = learn_args("soco", steps=100)
     plans = [soco.SocoGate.plan(s, args) for s in range(100)]

@@ -392,6 +392,19 @@ def test_a_model_with_other_weights_is_caught(tmp_path, tiny_dir, text_file):
     assert code == 2 and "is not the one whiten/ was made from" in err.strip().splitlines()[-1]
 
 
+def test_the_same_model_in_another_folder_has_the_same_fingerprint(tmp_path, tiny_dir):
+    """The config fingerprint is the config's content, not the folder it was read from: a model copied (or a
+    cache folder re-keyed) is the same model, and one edited config field is not."""
+    from transformers import AutoModelForCausalLM
+    from plumbing.artifacts import config_hash
+    copy = str(tmp_path / "copy")
+    shutil.copytree(tiny_dir, copy)
+    a, b = (AutoModelForCausalLM.from_pretrained(p) for p in (tiny_dir, copy))
+    assert config_hash(a) == config_hash(b)
+    b.config.rms_norm_eps *= 2
+    assert config_hash(a) != config_hash(b)
+
+
 def test_keep_one_is_the_original_for_every_method(full_run, tmp_path):
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
@@ -581,21 +594,23 @@ def test_huge_kmax_mult_is_full_rank_not_a_traceback(full_run, tmp_path):
         assert v["k_max"] == min(v["m"], v["n"])
 
 
-def test_a_task_file_rewritten_in_place_is_scored_from_its_new_items(full_run, tmp_path, text_file):
-    """lm-eval's datasets cache keys a local file on its path and modification time: the same path, the same
-    mtime and other labels must give the new file's accuracy, not the cached items'."""
-    d = str(tmp_path / "run")
-    shutil.copytree(full_run, d)
+def test_a_task_file_rewritten_in_place_is_read_from_its_new_items(tmp_path):
+    """The datasets library (lm-eval's loader) caches a local JSON file keyed on its path and modification time:
+    a file rewritten in place with the same mtime (and size) would be read from its old rows. What lm-eval
+    is given must therefore be named by content: the rows it loads are the new file's."""
+    import argparse
+    import datasets
+    import yaml
     path = tmp_path / "items.jsonl"
-    items = [{"context": "The", "choices": [" news", " xq"], "label": i % 2} for i in range(8)]
-    accs = []
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
     for flip in (0, 1):
-        path.write_text("".join(json.dumps({**it, "label": (it["label"] + flip) % 2}) + "\n" for it in items))
-        os.utime(path, ns=(10 ** 18, 10 ** 18))  # the same modification time both times
-        stage("evaluate.py", "--data", text_file, *EVAL, "--tasks", f"local:{path}", "--run_dir", d)
-        zs = json.load(open(f"{d}/metrics.json"))["original"]["zero_shot"]
-        accs.append(next(iter(zs.values()))["acc"])
-    assert abs(accs[0] + accs[1] - 1) < 1e-9, accs  # two choices, every label flipped: acc -> 1 - acc
+        path.write_text("".join(json.dumps({"context": "a", "choices": [" b", " c"], "label": (i + flip) % 2}) + "\n"
+                                for i in range(4)))
+        os.utime(path, ns=(10 ** 18, 10 ** 18))  # the same modification time both times, the same size
+        (name,), _, _ = prepare_tasks([f"local:{path}"], None, None, args)
+        spec = yaml.safe_load(open(f"{args.run_dir}/tasks/{name}.yaml"))
+        rows = datasets.load_dataset("json", data_files=spec["dataset_kwargs"]["data_files"], split="test")
+        assert list(rows["label"]) == [(i + flip) % 2 for i in range(4)]
 
 
 def test_two_local_task_files_with_one_name_are_two_tasks(tmp_path):
