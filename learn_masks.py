@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import methods
 from methods import base
-from methods.base import attach, clear_masks, draw_masks, guidance_grid, rho_hat_of
+from methods.base import attach, clear_masks, draw_masks, guidance_grid, rho_hat_of, update_dense
 from plumbing import artifacts, cli, plots
 from plumbing.cli import UserError
 from plumbing.feed import Feed, add_flags as add_feed_flags, check_args as check_feed_args, load_context
@@ -106,14 +106,6 @@ def schedule(step, plan, args):
 def cosine(opt, base_lr, t, T):
     for group in opt.param_groups:  # cosine decay to zero within each stage: the gates settle
         group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
-
-
-def update_dense(layers, names, r_host, step, record):
-    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
-    for n, rl in zip(names, r_host):
-        if (rl >= 1) != layers[n].dense:
-            layers[n].dense = rl >= 1
-            record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
 
 
 def train(model, layers, feed, rho, args, device):

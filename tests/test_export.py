@@ -199,16 +199,16 @@ def test_the_budget_reaches_a_low_rank_layer_pushed_past_one_in_the_settle_phase
 
 
 def test_the_dense_switch_turns_a_layer_dense_and_back():
-    """ARA's switch in the explore phase (learn_masks.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
+    """ARA's switch in the explore phase (base.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
     again, and each flip is recorded."""
     layer = fake_layer(ara.AraGate)  # r = 0.5
     record = {"dense_flips": []}
-    learn_masks.update_dense({"l": layer}, ["l"], [1.2], 3, record)
+    base.update_dense({"l": layer}, ["l"], [1.2], 3, record)
     assert layer.dense and record["dense_flips"] == [[3, "l", "dense"]]
     x = torch.randn(2, 40)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.orig(x))  # dense: the original layer, exactly
-    learn_masks.update_dense({"l": layer}, ["l"], [0.7], 4, record)
+    base.update_dense({"l": layer}, ["l"], [0.7], 4, record)
     assert not layer.dense and record["dense_flips"][-1] == [4, "l", "low-rank"]
 
 
