@@ -37,6 +37,7 @@ Writes RUN_DIR/allocation/:
   manifest.json             decompose/ hash, method, seed, flags
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
+  python learn_masks.py --method soco --keep 0.6                 # 300 + 150 (its own default)
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
 import math
@@ -190,16 +191,18 @@ def compensate(model, layers, feed, args, device):
 # ----------------------------------------------------------------------------- the stage
 
 def needs_model(args):
-    return args.method in methods.GATES or methods.ALLOCATORS[args.method][1] or compensate_steps(args) > 0
+    return args.method in methods.GATES or methods.ALLOCATORS[args.method][1] or args.compensate > 0
 
 
-def compensate_steps(args):
-    """--compensate, default 100 after a learned method and 0 after one that trains nothing (so --method
-    uniform stays SVD-LLM's plain baseline unless asked); 100, not more, to keep a default run near ten
-    minutes on a 2-core CPU (docs/RESULTS.md, "Why each default")."""
-    if args.compensate is not None:
-        return args.compensate
-    return 100 if args.method in methods.GATES else 0
+def resolve_schedule(args):
+    """--steps and --compensate where not given: the learned method's own defaults (Gate.steps, .compensate;
+    docs/RESULTS.md, "Why each default"); 0 compensation steps after a method that trains nothing, so
+    --method uniform stays SVD-LLM's plain baseline unless asked."""
+    gate = methods.GATES.get(args.method, base.Gate)
+    if args.steps is None:
+        args.steps = gate.steps
+    if args.compensate is None:
+        args.compensate = gate.compensate if args.method in methods.GATES else 0
 
 
 def allocate(shapes, rho, ctx, args):
@@ -250,8 +253,8 @@ def check_args(args):
 
 
 def main(args):
+    resolve_schedule(args)  # before the checks, so ranks.json and the manifest record the steps run
     check_args(args)
-    args.compensate = compensate_steps(args)  # resolved, so ranks.json and the manifest record the steps run
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py", reads=("calib_ids.safetensors",))
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
@@ -295,7 +298,9 @@ def parser():
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps (cosine-decayed learning rate)")
+    schedule = ", ".join(f"{name} {cls.steps} + {cls.compensate}" for name, cls in methods.GATES.items())
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (cosine-decayed learning rate; default per method: {schedule} compensation)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
@@ -316,8 +321,8 @@ def parser():
                    "paper: its init is its paper's own)")
     p.add_argument("--compensate", type=int, default=None,
                    help="steps of the compensation stage after the allocation is final: only the kept components' "
-                   "scales train, on the task loss; truncate.py folds them in (default: 100 after a learned method, "
-                   "0 after one that trains nothing; 0 = the papers' plain methods)")
+                   "scales train, on the task loss; truncate.py folds them in (default: the learned method's own, see "
+                   "--steps; 0 after one that trains nothing; 0 = the papers' plain methods)")
     p.add_argument("--compensate_lr", type=float, default=0.02,
                    help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")

@@ -12,7 +12,8 @@ ARA's other two parts serve every gate and live in methods/base.py: the guidance
 import torch
 import torch.nn as nn
 
-from methods.base import Gate, register
+from methods.base import Gate
+from plumbing.registry import register
 from plumbing.cli import UserError
 
 

@@ -1,5 +1,4 @@
-"""What every method builds on (docs/METHODS.md §2-§3): the budget arithmetic, the registry of methods, and
-for the learned ones the masked low-rank layer, the Gate interface a method implements (one file per method
+"""What every method builds on (docs/METHODS.md §2-§3): the budget arithmetic, and for the learned ones the masked low-rank layer, the Gate interface a method implements (one file per method
 beside this one), the budget and guidance terms of the loss, ARA's finalisation that fixes the selection,
 and the export of the fixed state. The loop that trains them is learn_masks.py's.
 
@@ -17,8 +16,8 @@ hard-concrete, the test-time gate of hard-concrete at a fixed beta, SoCo's score
 exactly what truncate.py builds; the compensation stage (§3.8, learn_masks.compensate) trains those scales;
 `export` writes them.
 
-A new method is one file in methods/ with one Gate subclass, registered with register(name, cls): mask,
-k_hat (and optionally order, scales, terms, plan, add_flags, check_args, lr). The loop, the
+A new method is one file in methods/ with one Gate subclass, registered with plumbing.registry.register(name, cls): mask,
+k_hat (and optionally order, scales, terms, plan, add_flags, check_args, lr, steps, compensate). The loop, the
 finalisation and the export are shared.
 """
 import torch
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.registry import GATES
 
 
 
@@ -102,45 +102,6 @@ def kept_removed(rho):
     return f"kept {100 * rho:.2f}% / removed {100 * (1 - rho):.2f}%"
 
 
-# ----------------------------------------------------------------------------- the registry
-
-GATES = {}  # learned: name -> Gate subclass
-ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model and calibration ids)
-FLAG_HOOKS = {}  # name -> (add_flags(parser) or None, check_args(args) or None)
-
-
-def register(name, cls):
-    """The one call that adds a learned method: learn_masks.py --method NAME trains `cls` (a Gate subclass)."""
-    if not (isinstance(cls, type) and issubclass(cls, Gate)):
-        raise TypeError(f"{cls!r} is not a methods.base.Gate subclass")
-    GATES[name] = cls
-    FLAG_HOOKS[name] = (cls.add_flags, cls.check_args)
-
-
-def register_allocator(name, fn, needs_model=False, add_flags=None, check_args=None):
-    """Add a method that trains nothing: learn_masks.py --method NAME calls fn(shapes, rho, ctx, args)."""
-    ALLOCATORS[name] = (fn, needs_model)
-    FLAG_HOOKS[name] = (add_flags, check_args)
-
-
-def names():
-    """Every --method: the allocations that train nothing, then the learned ones."""
-    return [*ALLOCATORS, *GATES]
-
-
-def add_flags(parser):
-    """Every registered method's own flags (a hook shared by several methods is added once)."""
-    for hook in dict.fromkeys(add for add, _ in FLAG_HOOKS.values() if add is not None):
-        hook(parser)
-
-
-def check_args(args):
-    """The chosen method's own flag checks (one line, UserError)."""
-    check = FLAG_HOOKS[args.method][1]
-    if check is not None:
-        check(args)
-
-
 # ----------------------------------------------------------------------------- the shared loss terms
 
 def guidance_grid(sigma_full, m, n, points=101):
@@ -187,9 +148,10 @@ class Gate(nn.Module):
       order()    -> (k_max,)  component indices, most wanted first: the export keeps the first k
       scales()   -> (k_max,) or None (all 1): each component's test-time multiplier, the scale it is
                               exported with (and where the compensation stage starts)
-    Class-level hooks with defaults: lr, add_flags, check_args, plan, terms. The constructor takes
+    Class-level hooks with defaults: lr, steps, compensate, add_flags, check_args, plan, terms. The constructor takes
     (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
     lr = 0.1  # sized for ~200 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
+    steps, compensate = 200, 100  # the schedule's defaults: a default run stays near ten minutes on 2 CPU cores
     skips_zeros = False  # True where a component whose drawn mask is exactly 0 gets no gradient from the
     # task loss (hard-concrete's clip): the layer then computes only the others, the same loss and gradients
     term_flags = {"budget": "--alpha", "guid": "--guidance", "task": "--lr"}  # the flag that sizes each term

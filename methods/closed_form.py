@@ -11,6 +11,7 @@ import torch
 
 from methods import base
 from plumbing import cli
+from plumbing.registry import register_allocator
 from plumbing.layers import layer_type
 
 
@@ -129,6 +130,6 @@ def check_energy_flags(args):
     cli.check_flags(args, energy_power=((">", 0), None))
 
 
-base.register_allocator("uniform", allocate_uniform)
-base.register_allocator("energy", allocate_energy, add_flags=add_energy_flags, check_args=check_energy_flags)
-base.register_allocator("svdllm2", allocate_svdllm2)
+register_allocator("uniform", allocate_uniform)
+register_allocator("energy", allocate_energy, add_flags=add_energy_flags, check_args=check_energy_flags)
+register_allocator("svdllm2", allocate_svdllm2)

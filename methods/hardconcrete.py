@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import Gate, register, uniform_logits
+from methods.base import Gate, uniform_logits
+from plumbing.registry import register
 from plumbing.cli import UserError
 
 

@@ -10,7 +10,8 @@ It learns any subset of the components; the export keeps the k of largest z (met
 import torch
 import torch.nn as nn
 
-from methods.base import Gate, register, uniform_logits
+from methods.base import Gate, uniform_logits
+from plumbing.registry import register
 from plumbing import cli
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import Gate, register, straight_through_min1
+from methods.base import Gate, straight_through_min1
+from plumbing.registry import register
 from plumbing import cli
 from plumbing.cli import UserError
 
@@ -24,6 +25,7 @@ class SocoGate(Gate):
     sparsity every step; (2) refine: task and sparsity on alternate steps (budget on both). SoCo's last
     stage (selection fixed, the kept scores trained on the task loss) is the shared --compensate stage."""
     lr = 0.05
+    steps, compensate = 300, 150  # its two stages share the steps: 300 + 150 beat 200 + 100 on dev at both budgets
     term_flags = {**Gate.term_flags, "sparsity": "--sparsity"}
 
     @classmethod

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from methods import base
 from plumbing import artifacts, cli
+from plumbing.registry import register_allocator
 from plumbing.layers import find_linears, set_module
 import truncate
 
@@ -88,4 +89,4 @@ def check_args(args):
     cli.check_flags(args, strs_samples=(1, None), strs_seqlen=(2, None))
 
 
-base.register_allocator("strs", allocate_strs, needs_model=True, add_flags=add_flags, check_args=check_args)
+register_allocator("strs", allocate_strs, needs_model=True, add_flags=add_flags, check_args=check_args)

@@ -20,7 +20,7 @@ from methods import ara
 from methods import base
 from methods import hardconcrete
 from methods import soco
-from plumbing import feed
+from plumbing import feed, registry
 from plumbing.layers import set_module
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
@@ -288,7 +288,7 @@ def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
                                                 "3", "--train_seqlen", "32", "--run_dir", str(d)])
         learn_masks.main(args)
     finally:
-        del base.GATES["toy"], base.FLAG_HOOKS["toy"]
+        del methods.GATES["toy"], registry.FLAG_HOOKS["toy"]
     alloc = json.load(open(d / "allocation" / "ranks.json"))
     assert alloc["method"] == "toy" and len(alloc["curve"]) == 6 and len(alloc["compensation_curve"]) == 3
     assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01

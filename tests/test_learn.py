@@ -79,6 +79,15 @@ def test_budget_reload_and_determinism(method, run_dir):
     assert abs(json.load(open(f"{d}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
 
 
+def test_each_method_runs_its_own_schedule_unless_told():
+    for flags, want in [(["--method", "soco"], (300, 150)), (["--method", "ara"], (200, 100)),
+                        (["--method", "uniform"], (200, 0)), (["--method", "uniform", "--compensate", "40"], (200, 40)),
+                        (["--method", "soco", "--steps", "7", "--compensate", "0"], (7, 0))]:
+        args = learn_masks.parser().parse_args(flags)
+        learn_masks.resolve_schedule(args)
+        assert (args.steps, args.compensate) == want, flags
+
+
 def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
     flat = torch.ones(1, 101)  # b(r) = 1: a flat spectrum loses a lot at any r < 1
     r = torch.tensor([1.0], requires_grad=True)
