@@ -37,7 +37,7 @@ Writes RUN_DIR/allocation/:
   manifest.json             decompose/ hash, method, seed, flags
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
-  python learn_masks.py --method soco --keep 0.6                 # 300 + 150 (its own default)
+  python learn_masks.py --method soco --keep 0.6                 # 200 + 250 (its own default)
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
 import math

@@ -80,7 +80,7 @@ def test_budget_reload_and_determinism(method, run_dir):
 
 
 def test_each_method_runs_its_own_schedule_unless_told():
-    for flags, want in [(["--method", "soco"], (300, 150)), (["--method", "ara"], (200, 100)),
+    for flags, want in [(["--method", "soco"], (200, 250)), (["--method", "ara"], (200, 100)),
                         (["--method", "uniform"], (200, 0)), (["--method", "uniform", "--compensate", "40"], (200, 40)),
                         (["--method", "soco", "--steps", "7", "--compensate", "0"], (7, 0))]:
         args = learn_masks.parser().parse_args(flags)
