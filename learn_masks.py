@@ -198,11 +198,11 @@ def resolve_schedule(args):
     """--steps and --compensate where not given: the learned method's own defaults (Gate.steps, .compensate;
     docs/RESULTS.md, "Why each default"); 0 compensation steps after a method that trains nothing, so
     --method uniform stays SVD-LLM's plain baseline unless asked."""
-    gate = methods.GATES.get(args.method, base.Gate)
+    gate = methods.GATES.get(args.method)
     if args.steps is None:
-        args.steps = gate.steps
+        args.steps = (gate or base.Gate).steps
     if args.compensate is None:
-        args.compensate = gate.compensate if args.method in methods.GATES else 0
+        args.compensate = gate.compensate if gate else 0
 
 
 def allocate(shapes, rho, ctx, args):
@@ -298,9 +298,7 @@ def parser():
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    schedule = ", ".join(f"{name} {cls.steps} + {cls.compensate}" for name, cls in methods.GATES.items())
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"optimiser steps (cosine-decayed learning rate; default per method: {schedule} compensation)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps, cosine-decayed lr (default per method: Gate.steps)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
     p.add_argument("--train_seqlen", type=int, default=128,
                    help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
