@@ -161,14 +161,8 @@ def label(alloc, run_dir):
 
 def check_chain(run_dir):
     """compressed <- allocation <- decompose <- whiten: every link made from what is on disk now."""
-    whiten = artifacts.read_manifest(run_dir, "whiten", "python whiten.py", reads=())  # their files are not read here
-    decomp = artifacts.read_manifest(run_dir, "decompose", "python decompose.py", reads=())
-    alloc = artifacts.read_manifest(run_dir, "allocation", "python learn_masks.py", reads=("ranks.json",))
-    comp = artifacts.read_manifest(run_dir, "compressed", "python truncate.py")
-    artifacts.check_parent(decomp, whiten, run_dir, "python decompose.py")
-    artifacts.check_parent(alloc, decomp, run_dir, "python learn_masks.py")
-    artifacts.check_parent(comp, alloc, run_dir, "python truncate.py")
-    return {m["stage"]: m for m in (whiten, decomp, alloc, comp)}
+    return artifacts.read_chain(run_dir, "whiten", "decompose", "allocation", "compressed",  # files not read here:
+                                reads={"whiten": (), "decompose": (), "allocation": ("ranks.json",)})  # size only
 
 
 def main(args):

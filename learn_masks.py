@@ -72,13 +72,6 @@ def task_loss(kind, student, teacher, x, hidden_layers):
                for i in hidden_layers) / len(hidden_layers)  # LLRC's hidden-state MSE
 
 
-def check_finite(log, terms, step, term_flags):
-    if not math.isfinite(log["loss"]):
-        culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
-        flag = term_flags.get(culprit, "--lr")
-        raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
-
-
 # ----------------------------------------------------------------------------- training
 
 def step_task_loss(model, layers, feed, gens, args, device):
@@ -119,11 +112,10 @@ def train(model, layers, feed, rho, args, device):
     base_lr = args.lr or cls.lr
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
     gens = {}  # gate noise of the training steps, per device (draw_masks)
-    shapes = {n: (layers[n].m, layers[n].n) for n in names}
-    mn = torch.tensor([m * n for m, n in shapes.values()], dtype=torch.float32, device=device)  # (L,)
-    b_grid = torch.stack([guidance_grid(layers[n].sigma_full, *shapes[n]) for n in names]).to(device)  # (L, 101)
-    record = {"curve": [], "trajectory": {"every": args.log_every, "step": [], "r": {n: [] for n in names}},
-              "dense_flips": []}
+    mn = torch.tensor([layers[n].m * layers[n].n for n in names], dtype=torch.float32, device=device)  # (L,)
+    b_grid = torch.stack([guidance_grid(l.sigma_full, l.m, l.n) for l in layers.values()]).to(device)  # (L, 101)
+    trajectory = plots.Trajectory(names, args.log_every, args.steps)  # r_l over training, for trajectory.png
+    record = {"curve": [], "trajectory": trajectory.record, "dense_flips": []}
     with torch.no_grad():  # the starting state is not a flip
         for n in names:
             layers[n].dense = layers[n].ratio().item() >= 1
@@ -137,10 +129,7 @@ def train(model, layers, feed, rho, args, device):
         r_host = r.tolist()  # one host sync per step
         if not settling:
             update_dense(layers, names, r_host, step, record)
-        if step % args.log_every == 0 or step == args.steps - 1:
-            record["trajectory"]["step"].append(step)
-            for n, rl in zip(names, r_host):
-                record["trajectory"]["r"][n].append(round(rl, 4))
+        trajectory.log(step, r_host)
         dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
         ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid,
                               gates=gates)
@@ -150,15 +139,12 @@ def train(model, layers, feed, rho, args, device):
         loss = sum(terms.values())
         log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": ctx.rho_hat.item(),
                "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
-        check_finite(log, terms, step, cls.term_flags)
+        cli.check_loss(log, terms, step, cls.term_flags)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
-            if settling:  # a frozen dense layer's gate gets zero gradients: None, so AdamW's momentum
-                for n in names:  # does not keep moving it (its dense flag is what the export reads)
-                    if layers[n].dense:
-                        for p in layers[n].gate.parameters():
-                            p.grad = None
+            for p in (p for n in names if settling and layers[n].dense for p in layers[n].gate.parameters()):
+                p.grad = None  # a frozen dense gate: no step, not even AdamW's momentum (its flag is exported)
             opt.step()
         clear_masks(layers)
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
@@ -180,7 +166,7 @@ def compensate(model, layers, feed, args, device):
     for step in tqdm(range(args.compensate), desc="compensate"):
         cosine(opt, args.compensate_lr, step, args.compensate)
         loss = step_task_loss(model, layers, feed, {}, args, device)
-        check_finite({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
+        cli.check_loss({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -255,9 +241,8 @@ def check_args(args):
 def main(args):
     resolve_schedule(args)  # before the checks, so ranks.json and the manifest record the steps run
     check_args(args)
-    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py", reads=("calib_ids.safetensors",))
-    decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
-    artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
+    chain = artifacts.read_chain(args.run_dir, "whiten", "decompose", reads={"whiten": ("calib_ids.safetensors",)})
+    whiten, decomp = chain["whiten"], chain["decompose"]
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
     floor = sum(m + n for m, n in shapes.values()) / sum(m * n for m, n in shapes.values())
     if args.keep < floor:

@@ -147,11 +147,8 @@ def check_ranks(ranks, layers, rerun):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py", reads=())
-    decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
-    alloc = artifacts.read_manifest(args.run_dir, "allocation", "python learn_masks.py")
-    artifacts.check_parent(decomp, whiten, args.run_dir, "python decompose.py")
-    artifacts.check_parent(alloc, decomp, args.run_dir, "python learn_masks.py")
+    chain = artifacts.read_chain(args.run_dir, "whiten", "decompose", "allocation", reads={"whiten": ()})
+    whiten, decomp, alloc = chain["whiten"], chain["decompose"], chain["allocation"]
     rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
     allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, schema.RANKS)

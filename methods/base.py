@@ -128,14 +128,12 @@ def straight_through_min1(x):
 
 
 def rho_hat_of(r, mn, dense=None):
-    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; R_eff of ARA). r (L,) differentiable
-    r_l, mn (L,) m_l n_l. dense (L,) bool in the settle phase: dense layers count as constants, so only the
-    low-rank ones move toward the budget; the straight-through clamp reaches every low-rank layer, one pushed
-    past r = 1 too (it stays low-rank: finalize never exports it dense), else every layer."""
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; ARA's R_eff), r (L,) differentiable,
+    mn (L,) m_l n_l, the clamp straight-through. dense (L,) bool in the settle phase: dense layers count 1, as
+    constants, so only the low-rank ones (one pushed past r = 1 too: it stays low-rank) move toward the budget."""
+    r_eff = straight_through_min1(r)
     if dense is not None:
-        r_eff = torch.where(dense, torch.ones_like(r), straight_through_min1(r))
-    else:
-        r_eff = straight_through_min1(r)
+        r_eff = torch.where(dense, torch.ones_like(r), r_eff)
     return (r_eff * mn).sum() / mn.sum()
 
 

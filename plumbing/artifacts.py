@@ -251,6 +251,20 @@ def check_parent(manifest, parent, run_dir, rerun):
               f"{rerun} --run_dir {run_dir}")
 
 
+RERUN = {"whiten": "python whiten.py", "decompose": "python decompose.py", "allocation": "python learn_masks.py",
+         "compressed": "python truncate.py"}
+
+
+def read_chain(run_dir, *stages, reads=None):
+    """{stage: manifest} for `stages` in pipeline order, each read (read_manifest; reads: {stage: the files this
+    stage opens}, default all) and then each checked against the one before it (check_parent)."""
+    reads = reads or {}
+    manifests = [read_manifest(run_dir, s, RERUN[s], reads=reads.get(s)) for s in stages]
+    for parent, child in zip(manifests, manifests[1:]):
+        check_parent(child, parent, run_dir, RERUN[child["stage"]])
+    return {m["stage"]: m for m in manifests}
+
+
 def stage_dir(run_dir, stage):
     """A fresh temporary folder of this process; `commit_stage` moves it into place, so a failed run leaves
     nothing that a later stage would accept, and cli.run_main removes it when the stage fails."""

@@ -123,6 +123,14 @@ def check_flags(args, **limits):
                 raise UserError(f"--{name} {v} is out of range: it must be a finite number {need}")
 
 
+def check_loss(log, terms, step, term_flags):
+    """A loss that became NaN or inf: one line naming the term that did and the flag that sizes it."""
+    if not math.isfinite(log["loss"]):
+        culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
+        flag = term_flags.get(culprit, "--lr")
+        raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
+
+
 def check_run_dir(run_dir):
     """The run dir must be a writable folder (created if missing)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):

@@ -81,6 +81,20 @@ def trajectory(alloc, out):
     plt.close(fig)
 
 
+class Trajectory:
+    """Every layer's r_l every `every` training steps and at the last: ranks.json's "trajectory", drawn by trajectory()."""
+
+    def __init__(self, names, every, steps):
+        self.names, self.every, self.last = names, every, steps - 1
+        self.record = {"every": every, "step": [], "r": {n: [] for n in names}}
+
+    def log(self, step, r):
+        if step % self.every == 0 or step == self.last:
+            self.record["step"].append(step)
+            for n, rl in zip(self.names, r):
+                self.record["r"][n].append(round(rl, 4))
+
+
 def write_allocation_plots(alloc, folder):
     """heatmap.png (and trajectory.png for learned methods) next to ranks.json."""
     try:
