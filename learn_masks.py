@@ -143,8 +143,11 @@ def train(model, layers, feed, rho, args, device):
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
-            for p in (p for n in names if settling and layers[n].dense for p in layers[n].gate.parameters()):
-                p.grad = None  # a frozen dense gate: no step, not even AdamW's momentum (its flag is exported)
+            if settling:  # a frozen dense layer's gate gets no step, not even from AdamW's momentum (its
+                for n in names:  # dense flag is what the export reads)
+                    if layers[n].dense:
+                        for p in layers[n].gate.parameters():
+                            p.grad = None
             opt.step()
         clear_masks(layers)
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})

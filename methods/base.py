@@ -1,6 +1,7 @@
 """What every method builds on (docs/METHODS.md §2-§3): the budget arithmetic, and for the learned ones the
-masked low-rank layer, the Gate interface a method implements (one file per method beside this one), the budget and guidance terms of the loss, ARA's finalisation that fixes the selection,
-and the export of the fixed state. The loop that trains them is learn_masks.py's.
+masked low-rank layer, the Gate interface a method implements (one file per method beside this one), the
+budget and guidance terms of the loss, ARA's finalisation that fixes the selection, and the export of the
+fixed state. The loop that trains them is learn_masks.py's.
 
 Budget (§2), for shapes {layer: (m, n)} and ranks {layer: k or "dense"}:
   c(k) = min(k (m + n), m n)      k* = floor(m n / (m + n))      rho = sum_l c(k_l) / sum_l m_l n_l
