@@ -64,7 +64,7 @@ def task_loss(kind, student, teacher, x, hidden_layers):
     entropy on the calibration text (ARA's code; no teacher), or LLRC's hidden-state MSE."""
     if kind == "kl":  # KL(teacher || student) per token
         s = F.log_softmax(student.logits.float(), -1).flatten(0, 1)
-        t = F.log_softmax(teacher.logits.float(), -1).flatten(0, 1)
+        t = F.log_softmax(teacher.logits.to(student.logits.device).float(), -1).flatten(0, 1)  # cached on the CPU
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
     if kind == "ce":
         return F.cross_entropy(student.logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
@@ -79,8 +79,6 @@ def step_task_loss(model, layers, feed, gens, args, device):
     x, t_out = feed.next(next(iter(layers.values())).state)  # (B, train_seqlen)
     draw_masks(layers, gens, args.seed)
     s_out = model(x, output_hidden_states=args.loss == "hidden_mse", use_cache=False)
-    if t_out is not None and t_out.logits.device != s_out.logits.device:  # cached on the CPU; the
-        t_out = SimpleNamespace(logits=t_out.logits.to(s_out.logits.device))  # last GPU under device_map
     return task_loss(args.loss, s_out, t_out, x, args.hidden_layers).to(device)
 
 
@@ -103,9 +101,8 @@ def cosine(opt, base_lr, t, T):
 
 
 def train(model, layers, feed, rho, args, device):
-    """Minimise L_task + the gate class's terms (default alpha_t (rho_hat - rho)^2 + beta L_guid) over
-    --steps. Returns the record: per-step curve, r_l trajectories every --log_every steps, dense flips.
-    The layers are left in their learning state; base.select fixes them."""
+    """Minimise L_task + the gate class's terms (default alpha_t (rho_hat - rho)^2 + beta L_guid) over --steps.
+    Returns the record (curve, r_l trajectories, dense flips); base.select then fixes the layers."""
     names = list(layers)
     gates = [layers[n].gate for n in names]
     cls = type(gates[0])
@@ -155,10 +152,9 @@ def train(model, layers, feed, rho, args, device):
 
 
 def compensate(model, layers, feed, args, device):
-    """The compensation stage (docs/METHODS.md §3.8; SoCo's last stage, for every allocation): the layers are
-    fixed (base.select or base.fix_ranks); only each kept component's scale s_i = softplus(theta_i) trains,
-    on the task loss, for --compensate steps at --compensate_lr (cosine). Ranks, selection and dense flags
-    do not move, so the budget holds by construction and the exported model is the trained one."""
+    """The compensation stage (§3.8; SoCo's last stage, for every allocation): on the fixed layers only each
+    kept component's scale s_i = softplus(theta_i) trains, on the task loss; ranks and selection do not move,
+    so the budget holds by construction and the exported model is the trained one."""
     params = [l.theta for l in layers.values() if not l.dense]
     if args.compensate == 0 or not params:
         return []
@@ -184,9 +180,8 @@ def needs_model(args):
 
 
 def resolve_schedule(args):
-    """--steps and --compensate where not given: the learned method's own defaults (Gate.steps, .compensate;
-    docs/RESULTS.md, "Why each default"); 0 compensation steps after a method that trains nothing, so
-    --method uniform stays SVD-LLM's plain baseline unless asked."""
+    """--steps and --compensate where not given: the learned method's own (Gate.steps, .compensate); no
+    compensation after a method that trains nothing, so --method uniform stays SVD-LLM's plain baseline."""
     gate = methods.GATES.get(args.method)
     if args.steps is None:
         args.steps = (gate or base.Gate).steps
@@ -289,26 +284,22 @@ def parser():
     p.add_argument("--steps", type=int, default=None, help="optimiser steps, cosine-decayed lr (default per method: Gate.steps)")
     p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
     p.add_argument("--train_seqlen", type=int, default=128,
-                   help="tokens per training chunk: every calibration window is cut into chunks and the steps walk "
-                   "seeded epochs over all of them (ranks.json records the fraction seen)")
+                   help="tokens per training chunk; the steps walk seeded epochs over every window's chunks")
     lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in methods.GATES.items())
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
     p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
     p.add_argument("--settle", type=float, default=0.5,
-                   help="fraction of the steps at the end in which the dense layers are fixed and alpha grows, so "
-                   "training ends on its budget (0 = ARA's single phase)")
+                   help="last fraction of the steps: dense layers fixed, alpha grows (0 = ARA's single phase)")
     p.add_argument("--alpha_growth", type=float, default=100.0,
                    help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
     p.add_argument("--guidance", type=float, default=50.0,
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
-                   help="start the gates at the uniform allocation, at energy's (its dense layers start dense), "
-                   "or at LLRC's logits 6 -> 3 / SoCo's scores 1, which start every layer dense (ARA refuses "
-                   "paper: its init is its paper's own)")
+                   help="gates start at the uniform allocation, energy's, or the paper's (LLRC's logits 6 -> 3, "
+                   "SoCo's scores 1: every layer dense)")
     p.add_argument("--compensate", type=int, default=None,
-                   help="steps of the compensation stage after the allocation is final: only the kept components' "
-                   "scales train, on the task loss; truncate.py folds them in (default: the learned method's own, see "
-                   "--steps; 0 after one that trains nothing; 0 = the papers' plain methods)")
+                   help="steps training only the kept components' scales after the allocation is final (default: "
+                   "the learned method's own; 0 after one that trains nothing, or for the papers' plain methods)")
     p.add_argument("--compensate_lr", type=float, default=0.02,
                    help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")

@@ -22,6 +22,7 @@ def main():
     p.add_argument("--root", default=".", help="the checkout whose stage runs")
     p.add_argument("--plumbing", nargs="*", default=["plumbing/"],
                    help="path prefixes (relative to --root) that count as plumbing")
+    p.add_argument("--functions", action="store_true", help="also list every function called, with its lines")
     p.add_argument("stage", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS...")
     a = p.parse_args()
     root = os.path.abspath(a.root)
@@ -55,6 +56,8 @@ def main():
     print("| file | functions | lines |\n|---|---|---|")
     for rel, fs in sorted(files.items(), key=lambda kv: -sum(n for _, n in kv[1])):
         print(f"| {rel} | {len(fs)} | {sum(n for _, n in fs)} |")
+        if a.functions:
+            print("".join(f"|  | {name} | {n} |\n" for name, n in sorted(fs, key=lambda f: -f[1])), end="")
     print(f"| all: {len(files)} files | {sum(len(fs) for fs in files.values())} | {total} (plumbing {plumb}) |")
 
 

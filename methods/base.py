@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.layers import find_linears, layer_factors, set_module, weight_matrix
 from plumbing.registry import GATES
 
 
@@ -53,11 +53,10 @@ def kept_fraction(ranks, shapes):
 
 
 def fill_budget(ranks, shapes, rho, want=None, caps=None):
-    """Hand the budget left over by rounding back out (docs/METHODS.md §2), one component at a time, to the
-    low-rank layer whose rank falls furthest below the count it wanted (the largest remainder want_l - k_l,
-    Hamilton's apportionment; ties in forward order), among those that can still grow (below k* - 1 and
-    caps_l) and fit what is left. want: {layer: real-valued count} where the allocation has one (uniform's
-    rho m n / (m + n), a learned c k_hat); default every rank scaled by budget / cost (proportional)."""
+    """The budget left over by rounding, one component at a time, to the low-rank layer furthest below the
+    count it wanted (largest remainder want_l - k_l, Hamilton's apportionment, docs/METHODS.md §2) that can
+    still grow (below k* - 1 and caps_l) and fit. want: real-valued counts (uniform's rho m n / (m + n), a
+    learned c k_hat); default every rank scaled by budget / cost."""
     limit, cost = rho * sum(m * n for m, n in shapes.values()), total_cost(ranks, shapes)
     left, scale = limit - cost, limit / max(cost, 1)
     want = want or {name: (0 if k == "dense" else k * scale) for name, k in ranks.items()}
@@ -129,9 +128,8 @@ def straight_through_min1(x):
 
 
 def rho_hat_of(r, mn, dense=None):
-    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (docs/METHODS.md §2; ARA's R_eff), r (L,) differentiable,
-    mn (L,) m_l n_l, the clamp straight-through. dense (L,) bool in the settle phase: dense layers count 1, as
-    constants, so only the low-rank ones (one pushed past r = 1 too: it stays low-rank) move toward the budget."""
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (§2; ARA's R_eff), r (L,), mn (L,) m_l n_l. dense (L,)
+    in the settle phase: dense layers count 1 as constants; the low-rank ones (even past r = 1) move."""
     r_eff = straight_through_min1(r)
     if dense is not None:
         r_eff = torch.where(dense, torch.ones_like(r), r_eff)
@@ -223,8 +221,8 @@ class MaskedLinear(nn.Module):
         return self.gate.k_hat() * (self.m + self.n) / (self.m * self.n)  # r_l
 
     def fix(self, index, scale=None):
-        """Fix the selection: dense (index None), or keep components index (k,) with scales (k,) (default 1).
-        theta = softplus^-1(scale), so the compensation stage keeps every scale positive (§3.8)."""
+        """Dense (index None), or keep components index (k,) at scales (k,) (default 1) as theta = softplus^-1(s),
+        so the compensation stage keeps every scale positive (§3.8)."""
         self.step_mask = self.step_index = None
         if self.fixed:
             raise RuntimeError("a MaskedLinear is fixed once: its factors now hold only the kept components")
@@ -252,9 +250,7 @@ class MaskedLinear(nn.Module):
         bias, dtype = getattr(self.orig, "bias", None), x.dtype
         x = x.to(self.VtSinv.dtype)  # a no-op unless float16
         V, U = self.VtSinv, self.U  # (k_max, n), (m, k_max); fixed: (k, n), (m, k)
-        if self.index is not None:
-            # fixed: U, VtSinv, sigma hold the k kept components (fix), so the compensation stage's forward
-            # costs what the truncated model's does, not k_max components'
+        if self.index is not None:  # fixed: U, VtSinv, sigma hold only the k kept components (fix)
             s = self.scale() * self.sigma  # (k,)
         elif self.step_mask is not None:
             s = self.step_mask * self.sigma  # (k_max,)
@@ -262,8 +258,7 @@ class MaskedLinear(nn.Module):
                 i = self.step_index  # the components this step's mask keeps; the same loss and gradients
                 V, U, s = V[i], U[:, i], s[i]
         else:
-            raise RuntimeError("a learning MaskedLinear runs only inside learn_masks.train (its masks are drawn "
-                               "per step); call methods.base.select first to evaluate the exported model")
+            raise RuntimeError("a learning MaskedLinear runs inside learn_masks.train; base.select fixes it")
         h = F.linear(x, V) * s.to(x.dtype)  # (..., components)
         return F.linear(h, U, None if bias is None else bias.to(h.dtype)).to(dtype)  # (..., m)
 
@@ -271,22 +266,15 @@ class MaskedLinear(nn.Module):
 # ----------------------------------------------------------------------------- attaching and drawing
 
 def attach(model, factors, shapes, rho, args, learn=True, start=None):
-    """Swap every compressed linear for a MaskedLinear; gates (learn=True) start at the allocation `start`
-    ({name: rank or "dense"}; default the uniform one). A "dense" start keeps every stored component (k_max =
-    min(rank, floor(1.2 k*)) > k*, so r_l >= 1: the layer starts on ARA's dense switch). learn=False attaches
-    no gate: the caller fixes the layers at an allocation (fix_ranks)."""
+    """Swap every compressed linear for a MaskedLinear whose gate (learn=True) starts at `start` ({name: rank
+    or "dense"}, default uniform; "dense" keeps all k_max > k* components, so r_l >= 1). learn=False: no gate,
+    the caller fixes the layers (fix_ranks)."""
     state = {"teacher": False}
     k0 = start or uniform_ranks(shapes, rho)
     layers = {}
     for name, orig in find_linears(model).items():
         m, n = shapes[name]
-        W = weight_matrix(orig)
-        # float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32
-        like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
-        # read one layer at a time (factors may be a lazy artifacts.Shards on the CPU) and stored once, in the
-        # model's dtype on its layer's device (bf16 on a GPU): no per-call casts, no second copy
-        U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
-        sigma = factors[f"{name}.sigma"].to(like["device"])
+        U, sigma, VtSinv = layer_factors(factors, name, weight_matrix(orig))  # (m, k_max), (min(m, n),), (k_max, n)
         k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
         gate = None
         if learn:
@@ -307,8 +295,7 @@ def draw_masks(layers, gens, seed):
         if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
             gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
         l.step_mask = l.gate.mask(gens[l.U.device])
-        # a gate that skips zeros (hard-concrete): the components clipped to 0 this step are skipped (no output,
-        # no gradient), found once here so a checkpointed block's recomputation uses the same set
+        # hard-concrete's zeros (Gate.skips_zeros): found once, so a checkpointed recomputation skips the same set
         l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
 
 
@@ -329,12 +316,9 @@ def update_dense(layers, names, r_host, step, record):
 
 
 def finalize(k_hat, shapes, rho, dense, caps=None):
-    """ARA's finalisation (§3.3) on the trained expected counts k_hat_l. `dense`: the layers training left
-    dense (the switch r_l >= 1, frozen in the settle phase): they stay dense, unless they alone break the
-    budget (the least-wanted give way). The others trained low-rank and stay low-rank: one factor c scales
-    every count so the budget is met, rank round(c k_hat_l), at least 1, at most k* - 1 and caps_l (the
-    components a gate can export, default all); the rest of the budget goes out by fill_budget's largest
-    remainder against c k_hat_l. Returns (ranks, c)."""
+    """ARA's finalisation (§3.3) of the trained counts k_hat_l. The layers training left `dense` stay dense unless
+    they alone break the budget (the least-wanted give way); the others get round(c k_hat_l) in [1, min(k* - 1,
+    caps_l)], one c meeting the budget, the rest by fill_budget against c k_hat_l. Returns (ranks, c)."""
     limit = rho * sum(m * n for m, n in shapes.values())
     r = {k: k_hat[k] * (m + n) / (m * n) for k, (m, n) in shapes.items()}
     dense = sorted((k for k in shapes if k in dense), key=lambda k: -r[k])
@@ -357,10 +341,8 @@ def finalize(k_hat, shapes, rho, dense, caps=None):
 
 
 def select(layers, shapes, rho):
-    """Finalise the trained gates and fix every layer (dense, or the first k of its gate's order() with the
-    gate's test-time scales). A component whose test-time scale is 0 computes nothing: it is never kept, and
-    the finalisation counts what the export can keep (Gate.export_count). Returns the record: ARA's export
-    scale c (1 = no rescaling)."""
+    """Finalise the trained gates and fix every layer: dense, or the first k of the gate's order() at its test-time
+    scales (a scale-0 component is never kept: caps, Gate.export_count). Returns {"export_scale": c}."""
     with torch.no_grad():
         scales = {name: l.gate.scales() for name, l in layers.items()}
         caps = {name: layers[name].gate.k_max if s is None else int((s > 0).sum()) for name, s in scales.items()}

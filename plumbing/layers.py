@@ -3,6 +3,7 @@ parameters, the compressed layers every nn.Linear (or GPT-2's Conv1D) inside the
 """
 import re
 
+import torch
 import torch.nn as nn
 
 from plumbing.cli import UserError
@@ -47,3 +48,12 @@ def layer_shapes(linears):
 def set_module(model, name, new):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
+
+
+def layer_factors(factors, name, W):
+    """One layer's stored factors (U, sigma, V^T S^-1), read one layer at a time (factors may be a lazy
+    artifacts.Shards) onto W's device in W's dtype (bf16 on a GPU): no per-call casts, no second copy.
+    float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32."""
+    like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
+    U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+    return U, factors[f"{name}.sigma"].to(W.device), VtSinv
