@@ -10,7 +10,7 @@ break-even, because any rank >= k* is applied as the dense W anyway. The full sp
 
 Streams: one whitening factor at a time (read once for all the layers that share it), one shard written
 per decoder block. SVD runs on the device in float64 (--device auto: the GPU when there is one; H100 /
-H200 have full-rate float64, and the whitened spectra span many orders of magnitude, see docs/METHODS.md §1).
+H200 have full-rate float64, and the whitened spectra span many orders of magnitude, see docs/METHODS.md §5).
 
 Writes RUN_DIR/decompose/:
   block_NNN.safetensors  per decoder block: {layer}.U (m, k_max), {layer}.sigma (min(m,n),) float64,

@@ -9,7 +9,7 @@ Masked layer (frozen factors of decompose.py, k_max stored components):
   y = U diag(mask * sigma) (V^T S^-1) x + b          U (m, k_max), V^T S^-1 (k_max, n)
   r_l = k_hat_l (m + n) / (m n)                      differentiable kept ratio of layer l
   r_l >= 1  ->  y = W x + b                          ARA's dense switch (§3.3)
-  rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l          the budget the loss sees (§2)
+  rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l          the budget the loss sees (§3)
   L = L_task + alpha (rho_hat - rho)^2 + beta L_guid           ARA's loss, for every gate (§3.3)
 After training, `select` runs ARA's finalisation (§3.3) and FIXES every layer: dense, or a set of
 components with one scale each (the gate's test-time value: 1 for the hard masks and annealed
@@ -77,7 +77,7 @@ def tail_energy(sigma):
 
 
 def rank_at_fraction(r, m, n):
-    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer (docs/METHODS.md §2)."""
+    """k(r) = floor(r m n / (m + n)): the rank that costs a fraction r of the dense layer (docs/METHODS.md §3.3)."""
     return int(r * m * n // (m + n))
 
 
@@ -128,7 +128,7 @@ def straight_through_min1(x):
 
 
 def rho_hat_of(r, mn, dense=None):
-    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (§2; ARA's R_eff), r (L,), mn (L,) m_l n_l. dense (L,)
+    """rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l (§3; ARA's R_eff), r (L,), mn (L,) m_l n_l. dense (L,)
     in the settle phase: dense layers count 1 as constants; the low-rank ones (even past r = 1) move."""
     r_eff = straight_through_min1(r)
     if dense is not None:

@@ -1,7 +1,7 @@
 """Command-line plumbing every stage shares: the one-line error format (UserError, Parser, run_main), the
 run dir's lock and temporary files, flag range checks, the seed, the device and the compute dtype.
-Numerics policy (stated once): Gram, Cholesky, SVD and triangular solves run in float64; factors
-are cast to the model's dtype only when a compressed layer is built.
+Numerics policy (stated once): Gram, Cholesky, SVD and triangular solves run in float64; factors are
+stored in float32 (bfloat16 for a bf16 model) and cast to the layer's dtype when it is built.
 """
 import argparse
 import errno

@@ -114,3 +114,32 @@ def test_walkthrough_checks_one_layer_through_the_stages(run_dir, tmp_path):
     text = out.read_text()
     assert text.count("(ok,") == 3 and "FAILED" not in text
     assert "| uniform | 0.70 |" in text  # the allocation's row for this layer
+
+
+def test_readme_add_your_own_method_block_runs_and_is_sigmoid(run_dir, tmp_path):
+    """README's "Add your own method" block, executed as written, registers a method that learn_masks.py trains
+    and exports; it is methods/sigmoid.py less its flags, so both give the same allocation from the same seed."""
+    import json
+    import shutil
+
+    import learn_masks
+    import methods
+    from plumbing import registry
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"## Add your own method.*?```python\n(.*?)```", readme, flags=re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    try:
+        layers = {}
+        for method in ("mysigmoid", "sigmoid"):
+            d = tmp_path / method
+            for stage in ("whiten", "decompose"):  # a copy of the session's run dir, so others are untouched
+                shutil.copytree(f"{run_dir}/{stage}", d / stage)
+            args = learn_masks.parser().parse_args(["--method", method, "--keep", "0.6", "--steps", "6",
+                                                    "--compensate", "2", "--train_seqlen", "32", "--run_dir", str(d)])
+            learn_masks.main(args)
+            alloc = json.load(open(d / "allocation" / "ranks.json"))
+            assert alloc["method"] == method and abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
+            layers[method] = alloc["layers"]
+    finally:
+        del methods.GATES["mysigmoid"], registry.FLAG_HOOKS["mysigmoid"]
+    assert layers["mysigmoid"] == layers["sigmoid"]
