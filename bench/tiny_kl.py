@@ -5,7 +5,8 @@ uniform at the same budget and compensation: the margins behind tests/test_train
 Same setting as that test (the tiny Llama trained on news text, 16 calibration windows, the last 8 windows
 held out; 60 allocation steps, 20 compensation steps, 60% kept by default). Per run: KL(original || exported)
 per token on the held-out windows before and after compensation, and the number of layers whose rank is
-at least 10% away from uniform's (dense counts as its break-even rank's ratio 1).
+at least 10% away from uniform's (a dense layer counts as unmoved, as in test_export's SoCo test). The learned
+runs are the test's own (test_trained_is_exported.trained).
 
   python bench/tiny_kl.py --methods sigmoid ara soco soco:sparsity=0 --seeds 0 1 2
   python bench/tiny_kl.py --methods soco --keep 0.8 --steps 300
@@ -25,25 +26,23 @@ from methods import base  # noqa: E402
 from plumbing import feed  # noqa: E402
 from test_export import kl_to_teacher  # noqa: E402
 from test_learn import factorize, learn_args  # noqa: E402
+from test_trained_is_exported import trained  # noqa: E402
 
 
-def run(state, calib, held, method, flags, keep, steps, compensate):
+def run(make, calib, held, method, flags, keep, steps, compensate):
     """(KL before compensation, KL after, layers moved >= 10% from uniform's rank) of one run."""
-    model = tiny_model("llama")
-    model.load_state_dict(state)
-    model.eval()
-    factors, shapes = factorize(model, calib)
-    args = learn_args(method if method != "uniform" else "sigmoid", **{
-        "steps": steps, "batch_size": 4, "train_seqlen": 32, "beta_end": 0.05, "compensate": compensate, **flags})
-    uniform = base.uniform_ranks(shapes, keep)
-    data = feed.Feed(model, calib, args, steps + compensate)
-    if method == "uniform":
+    if method == "uniform":  # test_trained_is_exported.uniform_kl's run
+        model = make()
+        factors, shapes = factorize(model, calib)
+        args = learn_args("sigmoid", compensate=compensate)
         layers = learn_masks.attach(model, factors, shapes, keep, args, learn=False)
-        base.fix_ranks(layers, uniform)
+        base.fix_ranks(layers, base.uniform_ranks(shapes, keep))
+        data = feed.Feed(model, calib, args, compensate)
     else:
-        layers = learn_masks.attach(model, factors, shapes, keep, args)
-        learn_masks.train(model, layers, data, keep, args, torch.device("cpu"))
+        model, layers, shapes, data, args = trained(method, (make, calib), keep, steps=steps, compensate=compensate,
+                                                    **flags)
         base.select(layers, shapes, keep)
+    uniform = base.uniform_ranks(shapes, keep)
     before = kl_to_teacher(model, layers, held)
     learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
     ranks, _ = base.export(layers)
@@ -64,13 +63,18 @@ def main():
     windows = news_windows()  # (N, 64)
     calib, held = windows[:16], windows[-8:]
     state = train_tiny(windows[16:]).state_dict()
+
+    def make():  # conftest.trained_tiny's copies
+        model = tiny_model("llama")
+        model.load_state_dict(state)
+        return model.eval()
     print(f"keep {a.keep}, {a.steps} + {a.compensate} steps\n")
     print("| method | seed | KL before compensation | KL after | layers moved |\n|---|---|---|---|---|")
     for spec in ["uniform"] + [m for m in a.methods if m != "uniform"]:
         method, *kv = spec.split(":")
         flags = {k: type(getattr(learn_args(method), k))(v) for k, v in (x.split("=") for x in kv)}
         for seed in a.seeds if method != "uniform" else a.seeds[:1]:
-            before, after, moved = run(state, calib, held, method, {**flags, "seed": seed}, a.keep, a.steps,
+            before, after, moved = run(make, calib, held, method, {**flags, "seed": seed}, a.keep, a.steps,
                                        a.compensate)
             print(f"| {spec} | {seed} | {before:.4f} | {after:.4f} | {moved} |", flush=True)
 

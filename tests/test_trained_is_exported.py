@@ -17,16 +17,17 @@ LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 KEEP, STEPS, COMPENSATE = 0.6, 60, 20
 
 
-def trained(method, trained_tiny, **flags):
-    """A learned method's layers in the state its training ended in (not yet finalised)."""
+def trained(method, trained_tiny, keep=KEEP, **flags):
+    """A learned method's layers in the state its training ended in (not yet finalised). bench/tiny_kl.py
+    prints the margins of (c) from the same runs."""
     make, ids = trained_tiny
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args(method, **{"steps": STEPS, "batch_size": 4, "train_seqlen": 32, "beta_end": 0.05,
                                  "compensate": COMPENSATE, **flags})
-    layers = learn_masks.attach(model, factors, shapes, KEEP, args)
-    data = feed.Feed(model, ids, args, STEPS + COMPENSATE)
-    learn_masks.train(model, layers, data, KEEP, args, torch.device("cpu"))
+    layers = learn_masks.attach(model, factors, shapes, keep, args)
+    data = feed.Feed(model, ids, args, args.steps + args.compensate)
+    learn_masks.train(model, layers, data, keep, args, torch.device("cpu"))
     return model, layers, shapes, data, args
 
 
