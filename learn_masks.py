@@ -128,8 +128,7 @@ def train(model, layers, feed, rho, args, device):
             update_dense(layers, names, r_host, step, record)
         trajectory.log(step, r_host)
         dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
-        ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid,
-                              gates=gates)
+        ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid, gates=gates)
         terms = cls.terms(ctx, plan, args)
         if plan["task"]:
             terms["task"] = step_task_loss(model, layers, feed, gens, args, device)
@@ -140,11 +139,8 @@ def train(model, layers, feed, rho, args, device):
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
-            if settling:  # a frozen dense layer's gate gets no step, not even from AdamW's momentum (its
-                for n in names:  # dense flag is what the export reads)
-                    if layers[n].dense:
-                        for p in layers[n].gate.parameters():
-                            p.grad = None
+            for g in [layers[n].gate for n in names if settling and layers[n].dense]:  # a frozen dense gate gets no
+                g.zero_grad(set_to_none=True)  # step, not even AdamW's momentum (its dense flag is what the export reads)
             opt.step()
         clear_masks(layers)
         record["curve"].append({k: round(v, 6) if isinstance(v, float) else v for k, v in log.items()})
@@ -170,6 +166,7 @@ def compensate(model, layers, feed, args, device):
         loss.backward()
         opt.step()
         curve.append({"step": step, "task": round(loss.item(), 6)})
+    print(f"compensation: task loss {curve[0]['task']:.4f} -> {curve[-1]['task']:.4f} over {args.compensate} steps")
     return curve
 
 
@@ -193,10 +190,8 @@ def allocate(shapes, rho, ctx, args):
     """(ranks, components or None, record): the allocation (learned or not), fixed, then compensated."""
     steps = args.compensate
     if args.method in methods.GATES:
-        model = ctx["model"]
-        start = None  # --init uniform / paper: the gates' own init at the uniform ranks
-        if args.init == "energy":  # the gates start at that closed-form allocation
-            start = methods.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0]
+        model = ctx["model"]  # --init energy: the gates start at that closed-form allocation, else their own init
+        start = methods.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0] if args.init == "energy" else None
         layers = attach(model, ctx["factors"], shapes, rho, args, start=start)
         feed = Feed(model, ctx["ids"], args, args.steps + steps)
         record = train(model, layers, feed, rho, args, ctx["device"])
@@ -206,8 +201,7 @@ def allocate(shapes, rho, ctx, args):
         print(f"training ended at rho_hat {curve[-1]['rho_hat']:.4f} (target {rho:.4f}); "
               f"{len(record['dense_flips'])} dense flips; export scale {record['export_scale']}")
     else:
-        fn, _ = methods.ALLOCATORS[args.method]
-        ranks, components, record = fn(shapes, rho, ctx, args)
+        ranks, components, record = methods.ALLOCATORS[args.method][0](shapes, rho, ctx, args)
         if steps == 0:
             return ranks, components, record
         model = ctx["model"]
@@ -215,9 +209,6 @@ def allocate(shapes, rho, ctx, args):
         base.fix_ranks(layers, ranks)
         feed = Feed(model, ctx["ids"], args, steps)
     record["compensation_curve"] = compensate(model, layers, feed, args, ctx["device"])
-    if steps:
-        c = record["compensation_curve"]
-        print(f"compensation: task loss {c[0]['task']:.4f} -> {c[-1]['task']:.4f} over {steps} steps")
     ranks, components = base.export(layers)
     record.update(feed.record, compensate=steps, calibration_seen=feed.seen())
     return ranks, components, record
@@ -300,8 +291,7 @@ def parser():
     p.add_argument("--compensate", type=int, default=None,
                    help="steps training only the kept components' scales after the allocation is final (default: "
                    "the learned method's own; 0 after one that trains nothing, or for the papers' plain methods)")
-    p.add_argument("--compensate_lr", type=float, default=0.02,
-                   help="AdamW learning rate of the compensation stage")
+    p.add_argument("--compensate_lr", type=float, default=0.02, help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
     add_feed_flags(p)  # --teacher_cache, --dtype, --checkpointing, --device_map
     methods.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)

@@ -18,7 +18,7 @@ exactly what truncate.py builds; the compensation stage (§3.8, learn_masks.comp
 `export` writes them.
 
 A new method is one file in methods/ with one Gate subclass, registered with plumbing.registry.register(name, cls): mask,
-k_hat (and optionally order, scales, terms, plan, add_flags, check_args, lr, steps, compensate). The loop, the
+k_hat (and optionally order, scales, terms, plan, flags, check_args, lr, steps, compensate). The loop, the
 finalisation and the export are shared.
 """
 import torch
@@ -145,13 +145,14 @@ class Gate(nn.Module):
       order()    -> (k_max,)  component indices, most wanted first: the export keeps the first k
       scales()   -> (k_max,) or None (all 1): each component's test-time multiplier, the scale it is
                               exported with (and where the compensation stage starts)
-    Class-level hooks with defaults: lr, steps, compensate, add_flags, check_args, plan, terms. The constructor takes
+    Class-level hooks with defaults: lr, steps, compensate, flags, check_args, plan, terms. The constructor takes
     (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
     lr = 0.1  # sized for ~200 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
     steps, compensate = 200, 100  # the schedule's defaults: a default run stays near ten minutes on 2 CPU cores
     skips_zeros = False  # True where a component whose drawn mask is exactly 0 gets no gradient from the
     # task loss (hard-concrete's clip): the layer then computes only the others, the same loss and gradients
     term_flags = {"budget": "--alpha", "guid": "--guidance", "task": "--lr"}  # the flag that sizes each term
+    flags = {}  # this method's own flags for learn_masks.py's parser: {"--flag": add_argument's keywords}
 
     def order(self):
         return torch.arange(self.k_max, device=self.k_hat().device)  # prefix: largest sigma first
@@ -167,10 +168,6 @@ class Gate(nn.Module):
         """Called on every gate at the top of each training step (e.g. a temperature schedule)."""
 
     @classmethod
-    def add_flags(cls, p):
-        """This method's own flags, added to learn_masks.py's parser."""
-
-    @classmethod
     def check_args(cls, args):
         """Refuse flags this method cannot honour (one line, UserError)."""
 
@@ -184,10 +181,8 @@ class Gate(nn.Module):
         """The loss terms beside the task loss. ctx: r (L,) differentiable r_l, rho_hat, rho, alpha (this
         step's budget weight), b_grid (L, 101) guidance grids, gates [L]. ARA's Eq.: alpha (rho_hat - rho)^2
         + beta L_guid, for every mask type (--guidance 0: the papers' plain versions)."""
-        if not plan["budget"]:
-            return {}
         return {"budget": ctx.alpha * (ctx.rho_hat - ctx.rho) ** 2,
-                "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)}
+                "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)} if plan["budget"] else {}
 
 
 def uniform_logits(k_max, k0):
@@ -204,8 +199,7 @@ class MaskedLinear(nn.Module):
     def __init__(self, orig, U, sigma, VtSinv, gate, state):
         super().__init__()
         self.orig, self.gate, self.state, self.dense = orig, gate, state, False
-        self.step_mask = None  # this step's training mask, drawn once before the forward (see draw_masks)
-        self.step_index = None  # its nonzero components, where the gate skips zeros
+        self.step_mask = self.step_index = None  # this step's mask and, where the gate skips zeros, its nonzeros (draw_masks)
         self.index, self.theta = None, None  # the fixed selection (k,) and its scales' parameters (k,)
         self.register_buffer("U", U)  # (m, k_max)
         self.register_buffer("sigma", sigma[:U.shape[1]].float())  # (k_max,)
@@ -227,8 +221,7 @@ class MaskedLinear(nn.Module):
         if self.fixed:
             raise RuntimeError("a MaskedLinear is fixed once: its factors now hold only the kept components")
         if index is None:
-            self.dense, self.index, self.theta = True, None, None
-            self.gate = None  # nothing left to learn in this layer
+            self.dense, self.gate = True, None  # nothing left to learn in this layer
             self.U, self.VtSinv = self.U.new_empty(self.m, 0), self.VtSinv.new_empty(0, self.n)  # runs W: freed
             return
         s = torch.ones(len(index)) if scale is None else scale.detach().float().cpu()
@@ -273,12 +266,9 @@ def attach(model, factors, shapes, rho, args, learn=True, start=None):
     k0 = start or uniform_ranks(shapes, rho)
     layers = {}
     for name, orig in find_linears(model).items():
-        m, n = shapes[name]
         U, sigma, VtSinv = layer_factors(factors, name, weight_matrix(orig))  # (m, k_max), (min(m, n),), (k_max, n)
         k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
-        gate = None
-        if learn:
-            gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device)
+        gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device) if learn else None
         layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
         set_module(model, name, layers[name])
     return layers
@@ -326,9 +316,7 @@ def finalize(k_hat, shapes, rho, dense, caps=None):
     while dense and low_floor(set(dense)) > limit:
         dense.pop()
     top = {k: min(k_star(m, n) - 1, caps[k] if caps else m * n) for k, (m, n) in shapes.items()}
-
-    def ranks_at(c):
-        return {k: "dense" if k in dense else max(1, min(int(c * k_hat[k] + 0.5), top[k])) for k in shapes}
+    ranks_at = lambda c: {k: "dense" if k in dense else max(1, min(int(c * k_hat[k] + 0.5), top[k])) for k in shapes}
     lo, hi = 0.0, 1.0
     c_max = 2 * max(top[k] / max(k_hat[k], 1e-9) for k in shapes)  # past it every rank is at its top
     while total_cost(ranks_at(hi), shapes) <= limit and hi < c_max:
@@ -348,12 +336,9 @@ def select(layers, shapes, rho):
         caps = {name: layers[name].gate.k_max if s is None else int((s > 0).sum()) for name, s in scales.items()}
         k_hat = {name: l.gate.export_count() for name, l in layers.items()}
         ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense}, caps)
-        for name, l in layers.items():
-            if ranks[name] == "dense":
-                l.fix(None)
-                continue
-            idx, s = l.gate.order()[:ranks[name]].sort().values, scales[name]
-            l.fix(idx, None if s is None else s[idx])
+        for name, l in layers.items():  # dense (index None), or the first k of the order at their scales
+            idx = None if ranks[name] == "dense" else l.gate.order()[:ranks[name]].sort().values
+            l.fix(idx, None if idx is None or scales[name] is None else scales[name][idx])
     return {"export_scale": round(c, 4)}
 
 
@@ -369,13 +354,11 @@ def export(layers):
     other than its prefix, or scales other than 1, gets {layer}.index (k,) and {layer}.scale (k,)."""
     ranks, components = {}, {}
     for name, l in layers.items():
+        ranks[name] = "dense" if l.dense else len(l.index)
         if l.dense:
-            ranks[name] = "dense"
             continue
         idx, scale = l.index.cpu(), l.scale().detach().float().cpu()
-        ranks[name] = len(idx)
         if torch.equal(idx, torch.arange(len(idx))) and torch.equal(scale, torch.ones_like(scale)):
             continue  # the prefix at scale 1: truncate.py's default top-k
-        components[f"{name}.index"] = idx.contiguous()
-        components[f"{name}.scale"] = scale.contiguous()
+        components.update({f"{name}.index": idx.contiguous(), f"{name}.scale": scale.contiguous()})
     return ranks, components or None

@@ -119,11 +119,11 @@ def allocate_svdllm2(shapes, rho, ctx, args):
     return base.fill_budget(ranks, shapes, rho, want), None, {"kept_ratio": out, "uniform_groups": uniform_groups}
 
 
-def add_energy_flags(p):
-    p.add_argument("--energy_norm", choices=["relative", "raw", "type"], default="relative",
-                   help="energy: how layers' whitened truncation energies compare (see allocate_energy)")
-    p.add_argument("--energy_power", type=float, default=2.0,
-                   help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")
+ENERGY_FLAGS = {
+    "--energy_norm": dict(choices=["relative", "raw", "type"], default="relative",
+                          help="energy: how layers' whitened truncation energies compare (see allocate_energy)"),
+    "--energy_power": dict(type=float, default=2.0,
+                           help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")}
 
 
 def check_energy_flags(args):
@@ -131,5 +131,5 @@ def check_energy_flags(args):
 
 
 register_allocator("uniform", allocate_uniform)
-register_allocator("energy", allocate_energy, add_flags=add_energy_flags, check_args=check_energy_flags)
+register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS, check_args=check_energy_flags)
 register_allocator("svdllm2", allocate_svdllm2)

@@ -44,12 +44,9 @@ class HardConcreteGate(Gate):
             z = uniform_logits(k_max, k0) + self.shift()
         self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
-    @classmethod
-    def add_flags(cls, p):
-        p.add_argument("--beta_end", type=fraction, default=0.05,
-                       help="hard-concrete: temperature at the last step, annealed geometrically from 2/3: the gates "
-                       "end nearly 0/1 and export as a hard top-k at scale 1 (2/3 = Louizos' fixed beta, exported "
-                       "with its test-time gates as scales)")
+    flags = {"--beta_end": dict(type=fraction, default=0.05, help="hard-concrete: temperature at the last step, "
+                                "annealed geometrically from 2/3: the gates end nearly 0/1 and export as a hard top-k at "
+                                "scale 1 (2/3 = Louizos' fixed beta, exported with its test-time gates as scales)")}
 
     @classmethod
     def check_args(cls, args):

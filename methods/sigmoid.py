@@ -19,11 +19,8 @@ class SigmoidGate(Gate):
     """LLRC / ARS Gumbel-sigmoid mask with straight-through estimator (§3.1). The forward mask is hard
     (1[g > .5]), so P(keep) = sigmoid(z) at any tau: tau only sets the slope of the backward surrogate."""
 
-    @classmethod
-    def add_flags(cls, p):
-        p.add_argument("--tau", type=float, default=0.4,
-                       help="sigmoid: temperature of the straight-through surrogate's backward (LLRC code 0.4, paper "
-                       "0.1); the forward mask is hard, P(keep) = sigmoid(z) at any tau")
+    flags = {"--tau": dict(type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's "
+                           "backward (LLRC code 0.4, paper 0.1); the forward mask is hard, P(keep) = sigmoid(z) at any tau")}
 
     @classmethod
     def check_args(cls, args):

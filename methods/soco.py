@@ -28,12 +28,11 @@ class SocoGate(Gate):
     steps, compensate = 200, 250  # longer coarse stages ran unstably on some seeds; the extra steps go to compensation
     term_flags = {**Gate.term_flags, "sparsity": "--sparsity"}
 
-    @classmethod
-    def add_flags(cls, p):
-        p.add_argument("--soco_stages", type=float, nargs=2, default=[0.5, 0.5],
-                       help="SoCo: fractions of --steps in its coarse and refine stages (its third, the kept scores "
-                       "trained with the selection fixed, is --compensate)")
-        p.add_argument("--sparsity", type=float, default=1.0, help="SoCo: weight of the L1 sparsity term on scores")
+    flags = {"--soco_stages": dict(type=float, nargs=2, default=[0.5, 0.5], help="SoCo: fractions of --steps in its "
+                                   "coarse and refine stages (its third, the kept scores trained with the selection "
+                                   "fixed, is --compensate)"),
+             "--sparsity": dict(type=float, default=0.1, help="SoCo: weight of the per-layer L1 term on the scores "
+                                "(too large, it, not the task, sets the allocation)")}
 
     @classmethod
     def check_args(cls, args):

@@ -78,15 +78,14 @@ def allocate_strs(shapes, rho, ctx, args):
                          "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
 
 
-def add_flags(p):
-    p.add_argument("--strs_samples", type=int, default=None,
-                   help="STRS: calibration windows per perplexity pass (default: 32 on a GPU as ASVD, 2 on a CPU)")
-    p.add_argument("--strs_seqlen", type=int, default=None,
-                   help="STRS: tokens per window (default: the calibration --seqlen on a GPU, 128 on a CPU)")
+FLAGS = {"--strs_samples": dict(type=int, default=None, help="STRS: calibration windows per perplexity pass "
+                                "(default: 32 on a GPU as ASVD, 2 on a CPU)"),
+         "--strs_seqlen": dict(type=int, default=None, help="STRS: tokens per window (default: the calibration "
+                               "--seqlen on a GPU, 128 on a CPU)")}
 
 
 def check_args(args):
     cli.check_flags(args, strs_samples=(1, None), strs_seqlen=(2, None))
 
 
-register_allocator("strs", allocate_strs, needs_model=True, add_flags=add_flags, check_args=check_args)
+register_allocator("strs", allocate_strs, needs_model=True, flags=FLAGS, check_args=check_args)

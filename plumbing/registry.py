@@ -3,7 +3,7 @@ learn_masks.py looks a --method up by name, adds each method's own flags and run
 
 GATES = {}  # learned: name -> Gate subclass
 ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model and calibration ids)
-FLAG_HOOKS = {}  # name -> (add_flags(parser) or None, check_args(args) or None)
+FLAGS = {}  # name -> ({"--flag": the keywords of argparse's add_argument}, check_args(args) or None)
 
 
 def register(name, cls):
@@ -12,13 +12,13 @@ def register(name, cls):
     if not (isinstance(cls, type) and issubclass(cls, Gate)):
         raise TypeError(f"{cls!r} is not a methods.base.Gate subclass")
     GATES[name] = cls
-    FLAG_HOOKS[name] = (cls.add_flags, cls.check_args)
+    FLAGS[name] = (cls.flags, cls.check_args)
 
 
-def register_allocator(name, fn, needs_model=False, add_flags=None, check_args=None):
+def register_allocator(name, fn, needs_model=False, flags=None, check_args=None):
     """Add a method that trains nothing: learn_masks.py --method NAME calls fn(shapes, rho, ctx, args)."""
     ALLOCATORS[name] = (fn, needs_model)
-    FLAG_HOOKS[name] = (add_flags, check_args)
+    FLAGS[name] = (flags or {}, check_args)
 
 
 def names():
@@ -27,13 +27,13 @@ def names():
 
 
 def add_flags(parser):
-    """Every registered method's own flags (a hook shared by several methods is added once)."""
-    for hook in dict.fromkeys(add for add, _ in FLAG_HOOKS.values() if add is not None):
-        hook(parser)
+    """Every registered method's own flags, in registration order (a flag several methods declare is added once)."""
+    for flag, keywords in {f: kw for flags, _ in FLAGS.values() for f, kw in flags.items()}.items():
+        parser.add_argument(flag, **keywords)
 
 
 def check_args(args):
     """The chosen method's own flag checks (one line, UserError)."""
-    check = FLAG_HOOKS[args.method][1]
+    check = FLAGS[args.method][1]
     if check is not None:
         check(args)

@@ -141,5 +141,5 @@ def test_readme_add_your_own_method_block_runs_and_is_sigmoid(run_dir, tmp_path)
             assert alloc["method"] == method and abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
             layers[method] = alloc["layers"]
     finally:
-        del methods.GATES["mysigmoid"], registry.FLAG_HOOKS["mysigmoid"]
+        del methods.GATES["mysigmoid"], registry.FLAGS["mysigmoid"]
     assert layers["mysigmoid"] == layers["sigmoid"]

@@ -227,10 +227,12 @@ def test_soco_budget_reaches_kept_scores():
 
 @pytest.mark.parametrize("keep", [0.8, 0.6])
 def test_soco_learns_an_allocation_that_is_not_uniform(keep, trained_tiny):
+    """At its own schedule (SocoGate.steps), SoCo's task gradients move the allocation: catches scores whose
+    gradients are too small to leave the uniform ranks (a count or L1 normalised into AdamW's epsilon)."""
     make, ids = trained_tiny
     model = make()
     factors, shapes = factorize(model, ids)
-    args = learn_args("soco", steps=60, batch_size=4, train_seqlen=32)
+    args = learn_args("soco", steps=soco.SocoGate.steps, batch_size=4, train_seqlen=32)
     _, _, ranks, _ = learn(model, factors, shapes, keep, args, ids)
     uniform = base.uniform_ranks(shapes, keep)
     ratio = {n: (1.0 if ranks[n] == "dense" else ranks[n] / uniform[n]) for n in shapes if uniform[n] != "dense"}
@@ -261,10 +263,12 @@ def test_compensation_keeps_the_ranks_and_lowers_the_kl(trained_tiny):
 class ToyGate(base.Gate):
     """A toy method defined outside the project: one logit per layer, the first round(k_max sigmoid(a)) kept."""
     lr = 0.2
+    flags = {"--toy_start": dict(type=float, default=None, help="toy: the kept fraction every gate starts at")}
 
     def __init__(self, k_max, k0, sigma, args):
         super().__init__()
         self.k_max = k_max
+        k0 = k0 if args.toy_start is None else round(args.toy_start * k_max)
         self.a = torch.nn.Parameter(torch.tensor(math.log(k0 / (k_max - k0))))
 
     def mask(self, gen):
@@ -285,12 +289,13 @@ def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
             import shutil
             shutil.copytree(f"{run_dir}/{stage}", d / stage)
         args = learn_masks.parser().parse_args(["--method", "toy", "--keep", "0.6", "--steps", "6", "--compensate",
-                                                "3", "--train_seqlen", "32", "--run_dir", str(d)])
+                                                "3", "--train_seqlen", "32", "--toy_start", "0.5", "--run_dir", str(d)])
         learn_masks.main(args)
     finally:
-        del methods.GATES["toy"], registry.FLAG_HOOKS["toy"]
+        del methods.GATES["toy"], registry.FLAGS["toy"]
     alloc = json.load(open(d / "allocation" / "ranks.json"))
     assert alloc["method"] == "toy" and len(alloc["curve"]) == 6 and len(alloc["compensation_curve"]) == 3
+    assert alloc["flags"]["toy_start"] == 0.5  # its own flag, declared as data, parsed and recorded
     assert abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
     run_stage("truncate.py", "--run_dir", d)
     run_stage("evaluate.py", "--run_dir", d, "--max_windows", 2, "--seqlen", 32)

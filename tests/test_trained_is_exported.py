@@ -144,18 +144,12 @@ def uniform_kl(trained_tiny, heldout_ids):
     return kl_to_teacher(model, layers, heldout_ids)
 
 
-SOCO_L1 = pytest.mark.xfail(strict=True, reason="SoCo at its default --sparsity 1 ends further from the original "
-                            "than uniform on the tiny model (its per-layer L1 pulls every kept score down); at "
-                            "--sparsity 0 it is closer. The embedded dev split kept 1 (docs/RESULTS.md)")
-
-
-@pytest.mark.parametrize("method,flags", [("sigmoid", {}), ("hardconcrete", {}), ("ara", {}),
-                                          ("soco", {"sparsity": 0.0}), pytest.param("soco", {}, marks=SOCO_L1)])
-def test_learning_helps(method, flags, trained_tiny, heldout_ids, uniform_kl):
+@pytest.mark.parametrize("method", LEARNED)
+def test_learning_helps(method, trained_tiny, heldout_ids, uniform_kl):
     """Each learned method at its defaults (60 steps here), then COMPENSATE steps of compensation, against
     uniform + the same COMPENSATE steps, at 60% kept: KL(original || exported) on held-out windows must be
     lower. Catches a learner whose gradients push the wrong way, or whose export loses what it learned."""
-    model, layers, shapes, data, args = trained(method, trained_tiny, **flags)
+    model, layers, shapes, data, args = trained(method, trained_tiny)
     base.select(layers, shapes, KEEP)
     learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
     kl = kl_to_teacher(model, layers, heldout_ids)
