@@ -23,21 +23,15 @@ sys.path[:0] = [HERE, os.path.join(HERE, "tests")]
 import learn_masks  # noqa: E402
 from conftest import news_windows, tiny_model, train_tiny  # noqa: E402
 from methods import base  # noqa: E402
-from plumbing import feed  # noqa: E402
 from test_export import kl_to_teacher  # noqa: E402
-from test_learn import factorize, learn_args  # noqa: E402
-from test_trained_is_exported import trained  # noqa: E402
+from test_learn import learn_args  # noqa: E402
+from test_trained_is_exported import trained, uniform_fixed  # noqa: E402
 
 
 def run(make, calib, held, method, flags, keep, steps, compensate):
     """(KL before compensation, KL after, layers moved >= 10% from uniform's rank) of one run."""
     if method == "uniform":  # test_trained_is_exported.uniform_kl's run
-        model = make()
-        factors, shapes = factorize(model, calib)
-        args = learn_args("sigmoid", compensate=compensate)
-        layers = learn_masks.attach(model, factors, shapes, keep, args, learn=False)
-        base.fix_ranks(layers, base.uniform_ranks(shapes, keep))
-        data = feed.Feed(model, calib, args, compensate)
+        model, layers, shapes, data, args = uniform_fixed((make, calib), keep, compensate)
     else:
         model, layers, shapes, data, args = trained(method, (make, calib), keep, steps=steps, compensate=compensate,
                                                     **flags)

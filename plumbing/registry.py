@@ -27,9 +27,16 @@ def names():
 
 
 def add_flags(parser):
-    """Every registered method's own flags, in registration order (a flag several methods declare is added once)."""
-    for flag, keywords in {f: kw for flags, _ in FLAGS.values() for f, kw in flags.items()}.items():
-        parser.add_argument(flag, **keywords)
+    """Every registered method's own flags, in registration order. A flag several methods declare (a subclass
+    inherits its parent's) is added once, and only if they declare it alike: two meanings of one flag fail loudly."""
+    added = {}
+    for flags, _ in FLAGS.values():
+        for flag, keywords in flags.items():
+            if flag not in added:
+                parser.add_argument(flag, **keywords)
+            elif added[flag] != keywords:
+                raise TypeError(f"{flag} is declared by two methods with different keywords: rename one")
+            added[flag] = keywords
 
 
 def check_args(args):

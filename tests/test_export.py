@@ -280,6 +280,26 @@ class ToyGate(base.Gate):
         return self.k_max * torch.sigmoid(self.a)
 
 
+def test_a_flag_two_methods_declare_differently_fails_loudly():
+    """A subclass that inherits its parent's flags shares them; a second, different --toy_start is refused
+    rather than silently dropped (the parser would otherwise keep whichever registered first)."""
+    class Child(ToyGate):
+        pass
+
+    class Rival(ToyGate):
+        flags = {"--toy_start": dict(type=int, default=0)}
+    try:
+        methods.register("toy", ToyGate)
+        methods.register("toy_child", Child)
+        learn_masks.parser()  # inherited, identical: added once
+        methods.register("toy_rival", Rival)
+        with pytest.raises(TypeError, match="--toy_start"):
+            learn_masks.parser()
+    finally:
+        for name in ("toy", "toy_child", "toy_rival"):
+            methods.GATES.pop(name, None), registry.FLAGS.pop(name, None)
+
+
 def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
     methods.register("toy", ToyGate)
     try:

@@ -132,15 +132,21 @@ def test_the_files_on_disk_give_the_trained_model(method, compensate, trained_ru
 
 # ----------------------------------------------------------------------------- (c) learning helps
 
-@pytest.fixture(scope="module")
-def uniform_kl(trained_tiny, heldout_ids):
+def uniform_fixed(trained_tiny, keep=KEEP, compensate=COMPENSATE):
+    """The uniform allocation's layers, fixed, with a Feed for `compensate` steps (bench/tiny_kl.py's baseline too)."""
     make, ids = trained_tiny
     model = make()
     factors, shapes = factorize(model, ids)
-    args = learn_args("sigmoid", compensate=COMPENSATE)
-    layers = learn_masks.attach(model, factors, shapes, KEEP, args, learn=False)
-    base.fix_ranks(layers, base.uniform_ranks(shapes, KEEP))
-    learn_masks.compensate(model, layers, feed.Feed(model, ids, args, COMPENSATE), args, torch.device("cpu"))
+    args = learn_args("sigmoid", compensate=compensate)
+    layers = learn_masks.attach(model, factors, shapes, keep, args, learn=False)
+    base.fix_ranks(layers, base.uniform_ranks(shapes, keep))
+    return model, layers, shapes, feed.Feed(model, ids, args, compensate), args
+
+
+@pytest.fixture(scope="module")
+def uniform_kl(trained_tiny, heldout_ids):
+    model, layers, _, data, args = uniform_fixed(trained_tiny)
+    learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
     return kl_to_teacher(model, layers, heldout_ids)
 
 
