@@ -199,7 +199,8 @@ def main(args):
     check_config(config, model.config.to_dict(), args.run_dir)
     compressed = measure(model, tok, windows, tasks, manager, args, device, "compressed")
     del model
-    speed = speed_report(args.run_dir, whiten["model"], device, args) if args.speed else None
+    speed = speed_report(args.run_dir, whiten["model"], device, args.speed_batch, args.speed_seqlen,
+                         args.speed_new_tokens) if args.speed else None
     if artifacts.file_hash(f"{args.run_dir}/compressed/manifest.json") != comp["hash"]:  # lists every file's hash
         raise UserError(f"{args.run_dir}/compressed changed while evaluate.py ran: re-run evaluate.py")
     metrics = {"original": original, "compressed": compressed, "method": ranks["method"], "keep": ranks["keep"],

@@ -15,7 +15,7 @@ Learned methods, one gate per layer (methods/base.py: the masked layer, the Gate
   soco          learned non-negative spectrum, score-ordered pruning    (SoCo; §3.4)
 The learned methods, in the order this file runs them:
   attach     every compressed linear becomes y = U diag(mask * sigma) V^T S^-1 x, r_l = k_hat_l (m + n) / (m n)
-             (methods/base.py: attach, and draw_masks before each step's forward)
+             (methods/base.py: attach; draw_masks here before each step's forward)
   train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid      (ARA's Eq., §3.3; a gate may add terms)
              L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
              explore (first 1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and
@@ -23,7 +23,7 @@ The learned methods, in the order this file runs them:
              settle (last --settle): the dense flags are frozen, dense layers count as constants, and alpha_t
                  grows geometrically to alpha * --alpha_growth (the cosine lr restarts), so the low-rank
                  layers close the gap under the task loss and training ends on its budget (§3.3).
-  select     ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
+  fix        ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
   compensate (§3.8, --compensate N, after ANY method) trains only those scales on the task loss
   export     the fixed layers' ranks, kept subsets and scales: the model truncate.py builds
 
@@ -40,6 +40,8 @@ Writes RUN_DIR/allocation/:
   python learn_masks.py --method soco --keep 0.6                 # 200 + 250 (its own default)
   python learn_masks.py --method uniform --compensate 100        # SVD-LLM's allocation, compensated
 """
+import argparse
+import inspect
 import math
 import time
 from types import SimpleNamespace
@@ -50,11 +52,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import methods
+from methods import closed_form, strs, sigmoid, hardconcrete, ara, soco  # noqa: F401  (each registers itself)
 from methods import base
-from methods.base import attach, clear_masks, draw_masks, guidance_grid, rho_hat_of, update_dense
-from plumbing import artifacts, cli, plots
+from methods.base import Gate, attach, export, fix_prefix, fix_trained, guidance_grid, guidance_loss, rho_hat_of
+from plumbing import artifacts, cli, layers as layer_walk, loading, plots, schema
 from plumbing.cli import UserError
-from plumbing.feed import Feed, add_flags as add_feed_flags, check_args as check_feed_args, load_context
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -72,7 +74,99 @@ def task_loss(kind, student, teacher, x, hidden_layers):
                for i in hidden_layers) / len(hidden_layers)  # LLRC's hidden-state MSE
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the batches and the teacher
+
+def window_chunks(ids, length):
+    """Cut every calibration window (N, T) into ceil(T / length) chunks (N * ceil(T / length), length),
+    the last chunk ending at T, so every calibration token is seen, not only each window's start."""
+    T = ids.shape[1]
+    if length >= T:
+        return ids
+    starts = list(range(0, T - length + 1, length))
+    if starts[-1] + length < T:
+        starts.append(T - length)
+    return torch.cat([ids[:, s:s + length] for s in starts])
+
+
+def batch_indices(n_chunks, batch_size, gen):
+    """Epochs over a seeded permutation of the chunk indices: every chunk once before any repeats."""
+    while True:
+        perm = torch.randperm(n_chunks, generator=gen)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def use_teacher_cache(mode, loss, steps, batch, n_chunks, seqlen, vocab, itemsize, gb):
+    """--teacher_cache auto: only where it pays (KL loss, the steps revisit chunks) and the logits fit `gb` of CPU
+    memory (itemsize: bytes per logit, 2 in bf16); on / off force it (on still needs the KL loss)."""
+    if loss != "kl" or mode == "off":
+        return False
+    revisits = steps * min(batch, n_chunks) > n_chunks
+    return mode == "on" or revisits and n_chunks * seqlen * vocab * itemsize <= gb * 2 ** 30
+
+
+class Feed:
+    """The calibration chunks in seeded epochs and the teacher's outputs on each batch (the same model with every
+    gate off), its logits cached per chunk on the CPU where the steps revisit chunks: exact, the numbers a fresh
+    teacher forward gives. Shared by the allocation and the compensation stage, so the second continues the
+    first's epochs and cache."""
+
+    def __init__(self, model, ids, args, steps):
+        self.model, self.loss, self.hidden = model, args.loss, args.loss == "hidden_mse"
+        self.chunks = window_chunks(ids, args.train_seqlen)  # (C, train_seqlen)
+        self.batch = min(args.batch_size, len(self.chunks))
+        self.order = batch_indices(len(self.chunks), self.batch, torch.Generator().manual_seed(args.seed))
+        use = use_teacher_cache(args.teacher_cache, args.loss, steps, args.batch_size, len(self.chunks),
+                                args.train_seqlen, model.config.vocab_size, next(model.parameters()).element_size(),
+                                args.teacher_cache_gb)
+        self.cache = {} if use else None  # chunk index -> the teacher's logits (T, V), in their own dtype
+        self.record = {"teacher_cache": use, "teacher_forwards": 0, "task_steps": 0}
+
+    def next(self, state):
+        """The next batch x (B, train_seqlen) on the model's input device and the teacher's outputs on it (None
+        for --loss ce). state: the masked layers' shared switch, on while the teacher runs."""
+        idx = next(self.order).tolist()
+        x = self.chunks[idx].to(loading.input_device(self.model))  # (B, train_seqlen)
+        self.record["task_steps"] += 1
+        if self.loss == "ce":
+            return x, None
+        if self.cache is not None and all(i in self.cache for i in idx):
+            return x, SimpleNamespace(logits=torch.stack([self.cache[i] for i in idx]))
+        with torch.no_grad():
+            state["teacher"] = True  # the teacher: same weights, masks off
+            t_out = self.model(x, output_hidden_states=self.hidden, use_cache=False)
+            state["teacher"] = False
+        self.record["teacher_forwards"] += 1
+        if self.cache is not None:
+            for i, row in zip(idx, t_out.logits.cpu()):
+                self.cache[i] = row.clone()
+        return x, t_out
+
+    def seen(self):
+        return round(min(1.0, self.record["task_steps"] * self.batch / len(self.chunks)), 4)
+
+
+# ----------------------------------------------------------------------------- one training step
+
+def draw_masks(layers, gens, seed):
+    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
+    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
+    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
+    for l in layers.values():
+        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
+            l.step_mask = l.step_index = None
+            continue
+        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
+            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
+        l.step_mask = l.gate.mask(gens[l.U.device])
+        # hard-concrete's zeros (Gate.skips_zeros): found once, so a checkpointed recomputation skips the same set
+        l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
+
+
+def clear_masks(layers):
+    for l in layers.values():
+        l.step_mask = l.step_index = None
+
 
 def step_task_loss(model, layers, feed, gens, args, device):
     """One batch: the teacher's outputs (feed), this step's masks, the student's forward, L_task."""
@@ -100,42 +194,68 @@ def cosine(opt, base_lr, t, T):
         group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
 
 
+def update_dense(layers, names, r_host, step, flips):
+    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
+    for n, rl in zip(names, r_host):
+        if (rl >= 1) != layers[n].dense:
+            layers[n].dense = rl >= 1
+            flips.append([step, n, "dense" if rl >= 1 else "low-rank"])
+
+
+def loss_terms(plan, r, rho_hat, rho, alpha, beta, b_grid, gates):
+    """The terms beside L_task: ARA's alpha (rho_hat - rho)^2 + beta L_guid (§3.3), for every gate, and the
+    gate's own (SoCo's sparsity). r (L,) differentiable r_l, b_grid (L, 101) the guidance grids."""
+    terms = {"budget": alpha * (rho_hat - rho) ** 2, "guid": beta * guidance_loss(r, b_grid)} if plan["budget"] else {}
+    return {**terms, **type(gates[0]).extra_terms(gates, plan)}
+
+
+def check_loss(log, terms, step, term_flags):
+    """A loss that became NaN or inf: one line naming the term that did and the flag that sizes it."""
+    if not math.isfinite(log["loss"]):
+        culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
+        raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check "
+                        f"{term_flags.get(culprit, '--lr')}")
+
+
 def train(model, layers, feed, rho, args, device):
-    """Minimise L_task + the gate class's terms (default alpha_t (rho_hat - rho)^2 + beta L_guid) over --steps.
-    Returns the record (curve, r_l trajectories, dense flips); base.select then fixes the layers."""
+    """Minimise L_task + alpha_t (rho_hat - rho)^2 + beta L_guid (+ the gate's own terms) over --steps.
+    Returns the record (curve, r_l trajectories, dense flips); fix_trained then fixes the layers."""
     names = list(layers)
     gates = [layers[n].gate for n in names]
-    cls = type(gates[0])
+    cls = type(gates[0])  # every layer's gate is of the run's method, with the run's hyperparameters
     base_lr = args.lr or cls.lr
     opt = torch.optim.AdamW([p for g in gates for p in g.parameters()], lr=base_lr, weight_decay=0.0)
     gens = {}  # gate noise of the training steps, per device (draw_masks)
     mn = torch.tensor([layers[n].m * layers[n].n for n in names], dtype=torch.float32, device=device)  # (L,)
     b_grid = torch.stack([guidance_grid(l.sigma_full, l.m, l.n) for l in layers.values()]).to(device)  # (L, 101)
-    trajectory = plots.Trajectory(names, args.log_every, args.steps)  # r_l over training, for trajectory.png
-    record = {"curve": [], "trajectory": trajectory.record, "dense_flips": []}
+    trajectory = {"every": args.log_every, "step": [], "r": {n: [] for n in names}}  # r_l, for trajectory.png
+    record = {"curve": [], "trajectory": trajectory, "dense_flips": []}
     with torch.no_grad():  # the starting state is not a flip
         for n in names:
             layers[n].dense = layers[n].ratio().item() >= 1
     for step in tqdm(range(args.steps), desc=f"learn {args.method}"):
-        plan = cls.plan(step, args)
+        plan = gates[0].plan(step, args.steps)
         for g in gates:
-            g.at_step(step, args)
+            g.at_step(step, args.steps)
         t, T, settling, alpha = schedule(step, plan, args)
         cosine(opt, base_lr, t, T)
         r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
         if not settling:
-            update_dense(layers, names, r_host, step, record)
-        trajectory.log(step, r_host)
+            update_dense(layers, names, r_host, step, record["dense_flips"])
+        if step % args.log_every == 0 or step == args.steps - 1:
+            trajectory["step"].append(step)
+            for n, rl in zip(names, r_host):
+                trajectory["r"][n].append(round(rl, 4))
         dense = torch.tensor([layers[n].dense for n in names], device=r.device) if settling else None
-        ctx = SimpleNamespace(r=r, rho_hat=rho_hat_of(r, mn, dense), rho=rho, alpha=alpha, b_grid=b_grid, gates=gates)
-        terms = cls.terms(ctx, plan, args)
+        rho_hat = rho_hat_of(r, mn, dense)
+        terms = loss_terms(plan, r, rho_hat, rho, alpha, args.guidance, b_grid, gates)
         if plan["task"]:
             terms["task"] = step_task_loss(model, layers, feed, gens, args, device)
         loss = sum(terms.values())
-        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": ctx.rho_hat.item(),
+        log = {"step": step, "stage": plan["stage"], "loss": loss.item(), "rho_hat": rho_hat.item(),
                "alpha": alpha, **{k: v.item() for k, v in terms.items()}}
-        cli.check_loss(log, terms, step, cls.term_flags)
+        check_loss(log, terms, step, cls.term_flags)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
@@ -161,7 +281,7 @@ def compensate(model, layers, feed, args, device):
     for step in tqdm(range(args.compensate), desc="compensate"):
         cosine(opt, args.compensate_lr, step, args.compensate)
         loss = step_task_loss(model, layers, feed, {}, args, device)
-        cli.check_loss({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
+        check_loss({"loss": loss.item(), "task": loss.item()}, {"task": loss}, step, {"task": "--compensate_lr"})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -172,45 +292,92 @@ def compensate(model, layers, feed, args, device):
 
 # ----------------------------------------------------------------------------- the stage
 
-def needs_model(args):
-    return args.method in methods.GATES or methods.ALLOCATORS[args.method][1] or args.compensate > 0
-
-
-def resolve_schedule(args):
-    """--steps and --compensate where not given: the learned method's own (Gate.steps, .compensate); no
-    compensation after a method that trains nothing, so --method uniform stays SVD-LLM's plain baseline."""
+def with_schedule(args):
+    """The flags with --steps and --compensate filled where not given: the learned method's own (Gate.steps,
+    .compensate); no compensation after a method that trains nothing, so --method uniform stays SVD-LLM's plain
+    baseline. A new namespace: ranks.json and the manifest record the steps run."""
     gate = methods.GATES.get(args.method)
-    if args.steps is None:
-        args.steps = (gate or base.Gate).steps
-    if args.compensate is None:
-        args.compensate = gate.compensate if gate else 0
+    steps = args.steps if args.steps is not None else (gate or Gate).steps
+    comp = args.compensate if args.compensate is not None else gate.compensate if gate else 0
+    return argparse.Namespace(**{**vars(args), "steps": steps, "compensate": comp})
 
 
-def allocate(shapes, rho, ctx, args):
+def hyperparameters(fn, args):
+    """A method's named hyperparameters: the keyword arguments of fn (a Gate's constructor, an allocator) that
+    have a flag of the same name, filled from it."""
+    return {k: getattr(args, k) for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and hasattr(args, k)}
+
+
+def load_inputs(args, whiten, decomp, needs_model):
+    """What a method reads: the closed-form ones only the spectra; STRS, the learned ones and any method run
+    with --compensate also the model (in its compute dtype), the calibration windows and the factors."""
+    rerun = f"python decompose.py --run_dir {args.run_dir}"
+    f = artifacts.Shards(args.run_dir, "decompose", rerun, decomp["shards"], shape=schema.factor_shape(decomp))
+    ids = artifacts.read_ids(args.run_dir, whiten)
+    inputs = {"sigmas": {name: f.get(f"{name}.sigma") for name in decomp["layers"]}, "tokens": ids.numel(),
+              "decompose_dir": f"{args.run_dir}/decompose"}  # tokens counted, not read off the manifest
+    if not needs_model:
+        return inputs
+    device = cli.pick_device(args.device)
+    model, _ = loading.load_model(whiten["model"], device, device_map=args.device_map)
+    artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
+    # bf16 on a GPU; on the CPU float32 for a half-precision model (cli.compute_dtype: half-precision matmuls are
+    # slow there), and float16 is never used for the factors: its range cannot hold V^T S^-1, see decompose.py
+    dtype = cli.DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else
+                                       cli.compute_dtype(model.dtype, device))
+    if dtype is not None and not args.device_map:  # a dispatched model is not cast (check_dtype_placement)
+        model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
+    if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
+        layer_walk.checkpoint_blocks(model)
+    if args.loss == "hidden_mse":
+        L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
+        if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
+            raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} "
+                            f"(or -{L + 1}..-1)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    artifacts.check_vocabulary(ids, model.get_input_embeddings().weight.shape[0], args.run_dir)
+    # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
+    return {**inputs, "model": model, "ids": ids, "factors": f, "device": device}
+
+
+def attach_gates(model, factors, shapes, rho, args, start=None):
+    """Every compressed linear masked, its gate (the method's, with its hyperparameters) starting at `start`
+    ({name: rank or "dense"}), by default the uniform allocation."""
+    cls = methods.GATES[args.method]
+    hyper = hyperparameters(cls, args)
+    k0 = start or base.uniform_ranks(shapes, rho)
+    return attach(model, factors, k0, lambda k_max, k, sigma: cls(k_max, k, sigma, **hyper))
+
+
+def allocate(shapes, rho, inputs, args):
     """(ranks, components or None, record): the allocation (learned or not), fixed, then compensated."""
-    steps = args.compensate
+    comp_steps = args.compensate
     if args.method in methods.GATES:
-        model = ctx["model"]  # --init energy: the gates start at that closed-form allocation, else their own init
-        start = methods.ALLOCATORS["energy"][0](shapes, rho, ctx, args)[0] if args.init == "energy" else None
-        layers = attach(model, ctx["factors"], shapes, rho, args, start=start)
-        feed = Feed(model, ctx["ids"], args, args.steps + steps)
-        record = train(model, layers, feed, rho, args, ctx["device"])
+        model, energy = inputs["model"], methods.ALLOCATORS["energy"][0]
+        # --init energy: the gates start at that closed-form allocation, else at the uniform one
+        start = energy(shapes, rho, inputs, **hyperparameters(energy, args))[0] if args.init == "energy" else None
+        layers = attach_gates(model, inputs["factors"], shapes, rho, args, start)
+        feed = Feed(model, inputs["ids"], args, args.steps + comp_steps)
+        record = train(model, layers, feed, rho, args, inputs["device"])
         curve = record["curve"]
         record["steps"], record["train_budget_gap"] = len(curve), round(curve[-1]["rho_hat"] - rho, 6)
-        record.update(base.select(layers, shapes, rho))  # ARA's finalisation: every layer fixed
+        record.update(fix_trained(layers, shapes, rho))  # ARA's finalisation: every layer fixed
         print(f"training ended at rho_hat {curve[-1]['rho_hat']:.4f} (target {rho:.4f}); "
               f"{len(record['dense_flips'])} dense flips; export scale {record['export_scale']}")
     else:
-        ranks, components, record = methods.ALLOCATORS[args.method][0](shapes, rho, ctx, args)
-        if steps == 0:
+        fn = methods.ALLOCATORS[args.method][0]
+        ranks, components, record = fn(shapes, rho, inputs, **hyperparameters(fn, args))
+        if comp_steps == 0:
             return ranks, components, record
-        model = ctx["model"]
-        layers = attach(model, ctx["factors"], shapes, rho, args, learn=False)
-        base.fix_ranks(layers, ranks)
-        feed = Feed(model, ctx["ids"], args, steps)
-    record["compensation_curve"] = compensate(model, layers, feed, args, ctx["device"])
-    ranks, components = base.export(layers)
-    record.update(feed.record, compensate=steps, calibration_seen=feed.seen())
+        model = inputs["model"]
+        layers = attach(model, inputs["factors"], ranks)
+        fix_prefix(layers, ranks)
+        feed = Feed(model, inputs["ids"], args, comp_steps)
+    record["compensation_curve"] = compensate(model, layers, feed, args, inputs["device"])
+    ranks, components = export(layers)
+    record.update(feed.record, compensate=comp_steps, calibration_seen=feed.seen())
     return ranks, components, record
 
 
@@ -222,13 +389,20 @@ def check_args(args):
         raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods.names())}")
     cli.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
                     alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), log_every=(1, None),
-                    seed=(0, 2**32 - 1), settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None))
-    methods.check_args(args)
-    check_feed_args(args)
+                    seed=(0, 2**32 - 1), settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None),
+                    teacher_cache_gb=(0, None))
+    loading.check_dtype_placement(args.dtype, args.device_map)
+    if args.method in methods.GATES:
+        cls = methods.GATES[args.method]
+        cls.check(**hyperparameters(cls, args))
+    else:
+        fn, _, _, check = methods.ALLOCATORS[args.method]
+        if check is not None:
+            check(**hyperparameters(fn, args))
 
 
 def main(args):
-    resolve_schedule(args)  # before the checks, so ranks.json and the manifest record the steps run
+    args = with_schedule(args)  # before the checks, so ranks.json and the manifest record the steps run
     check_args(args)
     chain = artifacts.read_chain(args.run_dir, "whiten", "decompose", reads={"whiten": ("calib_ids.safetensors",)})
     whiten, decomp = chain["whiten"], chain["decompose"]
@@ -241,8 +415,9 @@ def main(args):
     if args.keep == 1:  # the original model, whatever the method (no gate has anything to learn)
         ranks, components, record = {name: "dense" for name in shapes}, None, {}
     else:
-        ctx = load_context(args, args.run_dir, whiten, decomp, needs_model(args))
-        ranks, components, record = allocate(shapes, args.keep, ctx, args)
+        needs_model = args.method in methods.GATES or methods.ALLOCATORS[args.method][1] or args.compensate > 0
+        inputs = load_inputs(args, whiten, decomp, needs_model)
+        ranks, components, record = allocate(shapes, args.keep, inputs, args)
     rho = base.kept_fraction(ranks, shapes)
     if rho > args.keep + 1e-12:  # every allocator meets the budget; an overshoot is a bug, never a result
         raise RuntimeError(f"{args.method} kept {rho:.6f} > --keep {args.keep}: the allocator broke the budget")
@@ -262,6 +437,20 @@ def main(args):
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
         "seed": args.seed, "flags": vars(args), **cli.peak_gpu(cli.pick_device(args.device)),
         "wall_time_s": wall})
+
+
+def add_method_flags(parser):
+    """Every registered method's own flags. A flag several methods declare (a subclass
+    inherits its parent's) is added once, and only if they declare it alike: two meanings of one flag fail loudly."""
+    added = {}
+    every = [cls.flags for cls in methods.GATES.values()] + [a[2] for a in methods.ALLOCATORS.values()]
+    for flags in every:
+        for flag, keywords in flags.items():
+            if flag not in added:
+                parser.add_argument(flag, **keywords)
+            elif added[flag] != keywords:
+                raise TypeError(f"{flag} is declared by two methods with different keywords: rename one")
+            added[flag] = keywords
 
 
 def parser():
@@ -293,8 +482,18 @@ def parser():
                    "the learned method's own; 0 after one that trains nothing, or for the papers' plain methods)")
     p.add_argument("--compensate_lr", type=float, default=0.02, help="AdamW learning rate of the compensation stage")
     p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
-    add_feed_flags(p)  # --teacher_cache, --dtype, --checkpointing, --device_map
-    methods.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
+    p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
+                   help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
+                   "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
+    p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
+                   "half-precision matmuls are slow there); the gates always train in float32")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
+    p.add_argument("--device_map", choices=["auto"], default=None,
+                   help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
+    add_method_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
     p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

@@ -27,7 +27,7 @@ import torch
 
 from plumbing import artifacts, schema
 from plumbing import loading
-from plumbing.modeling_lowrank import LowRankLinear
+from plumbing.modeling_lowrank import lowrank_factors, lowrank_layer  # noqa: F401 (the math of the docstring)
 from plumbing.cli import UserError
 from methods import base
 from plumbing import cli
@@ -36,27 +36,8 @@ from plumbing.layers import find_linears, set_module, weight_matrix
 
 # ----------------------------------------------------------------------------- math
 
-def lowrank_factors(U, sigma, VtSinv, rank=None, index=None, scale=None):
-    """Top-`rank` components, or the components `index` (k,) with spectrum scales `scale` (k,).
-    U (m, k_max), sigma (>= k_max,), VtSinv (k_max, n) -> A (m, k), B (k, n), float64."""
-    if index is None:
-        index = torch.arange(rank)
-    s = sigma[index].double() * (1.0 if scale is None else scale.double())  # SoCo: sigma_i * s_i
-    root = s.sqrt()  # split Sigma^1/2 to both sides, so A and B have similar norms
-    return U[:, index].double() * root, root[:, None] * VtSinv[index].double()
-
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
-
-
-def lowrank_layer(mod, factors, name, rank, index=None, scale=None):
-    """The LowRankLinear that replaces `mod` (weight dtype and device, bias kept) from stored factors."""
-    A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
-                           rank=rank, index=index, scale=scale)
-    W = weight_matrix(mod)
-    bias = None if mod.bias is None else mod.bias.detach().clone()
-    return LowRankLinear(A.to(W), B.to(W), bias).to(W.device)
 
 
 def compress_model(model, ranks, factors, components=None):
@@ -88,7 +69,7 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
     artifacts.read_json(os.path.join(path, "config.json"), rerun,
-                        schema.fields(lowrank_ranks=schema.mapping(schema.integer(1), nonempty=False)))
+                        schema.LowRankConfig)
     try:
         model = LowRankForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception:  # truncated or corrupt file, tensors of the wrong shape or missing
@@ -164,7 +145,7 @@ def main(args):
         raise UserError(f"{args.run_dir}/allocation/ranks.json says components False, its manifest lists "
                         f"components.safetensors: re-run `{rerun}`")
     if allocation["components"]:
-        components = artifacts.read_tensors(  # as methods.base.export writes them: int64 indices, float32 scales
+        components = artifacts.read_tensors(  # as methods/base.py's export writes them: int64 indices, float32 scales
             comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float",
             dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)
         check_components(components, ranks, decomp["layers"], comp_path, rerun)

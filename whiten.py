@@ -24,7 +24,6 @@ Writes RUN_DIR/whiten/:
 """
 import sys
 import time
-import weakref
 
 import torch
 from safetensors.torch import save_file
@@ -41,32 +40,27 @@ MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one tok
 
 # ----------------------------------------------------------------------------- math
 
-def whitening_factor(G, method="cholesky", eps=1e-6, rcond=1e-10, inverse=True):
-    """G (n, n) float64 -> S, S_inv (n, n) float64 (None with inverse=False: whiten.py never needs it, a
-    triangular solve does its job downstream) and a dict describing any fix applied."""
+def whitening_factor(G, method="cholesky", eps=1e-6, rcond=1e-10):
+    """G (n, n) float64 -> S (n, n) float64 with S S^T = G, and a dict describing any fix applied. S^-1 is
+    never formed: decompose.py solves with S (cholesky) or reads it off S's columns (eigh, expand_factor)."""
     n = G.shape[0]
     scale = G.diagonal().mean().item()
     if not scale > 0:
         raise ValueError("Gram matrix is all zeros: this layer never received input")
-    def inv(S):  # S^-1 by one triangular solve, only when asked (an n x n float64 buffer)
-        return torch.linalg.solve_triangular(S, torch.eye(n, dtype=G.dtype, device=G.device), upper=False)
     if method == "cholesky":
         S, info = torch.linalg.cholesky_ex(G)
         if info.item() == 0:
-            return S, inv(S) if inverse else None, {}
+            return S, {}
         # SVD-LLM: G is singular / indefinite (dead channels, few tokens): shift its spectrum up
         lam_min = torch.linalg.eigvalsh(G)[0].item()
         jitter = -lam_min + eps * scale
         S = torch.linalg.cholesky(G + jitter * torch.eye(n, dtype=G.dtype, device=G.device))
-        return S, inv(S) if inverse else None, {"jitter": jitter, "lambda_min": lam_min}
+        return S, {"jitter": jitter, "lambda_min": lam_min}
     if method == "eigh":
         lam, Q = torch.linalg.eigh(G)  # G = Q diag(lam) Q^T
-        keep = lam > rcond * lam[-1]
-        root = lam.clamp(min=0).sqrt()
-        S = Q * root  # (n, n): S S^T = Q Lambda Q^T
-        S_inv = (Q * torch.where(keep, 1 / root.clamp(min=1e-300), torch.zeros_like(root))).T
-        dropped = int((~keep).sum())
-        return S, S_inv, ({"pinv_dropped_eigenvalues": dropped} if dropped else {})
+        dropped = int((lam <= rcond * lam[-1]).sum())  # pseudo-inverted as 0 by expand_factor
+        S = Q * lam.clamp(min=0).sqrt()  # (n, n): S S^T = Q Lambda Q^T
+        return S, ({"pinv_dropped_eigenvalues": dropped} if dropped else {})
     raise ValueError(f"unknown whitening method {method!r}")
 
 
@@ -132,19 +126,6 @@ def capture_block_inputs(model, blocks, ids, batch_size, device):
     return hidden, calls
 
 
-GRAMS = {"alive": 0, "peak": 0}  # Gram matrices alive at once (counted by weakref), recorded in the manifest
-
-
-def new_gram(n, device):
-    def freed():
-        GRAMS["alive"] -= 1
-    G = torch.zeros(n, n, dtype=torch.float64, device=device)
-    GRAMS["alive"] += 1
-    GRAMS["peak"] = max(GRAMS["peak"], GRAMS["alive"])
-    weakref.finalize(G, freed)
-    return G
-
-
 @torch.no_grad()
 def block_grams(block, linears, hidden, calls, T):
     """Run one decoder block over every calibration batch with hooks on its linears. Layers whose input is
@@ -162,7 +143,7 @@ def block_grams(block, linears, hidden, calls, T):
             if leader == name:
                 x = x.reshape(-1, x.shape[-1]).float()  # (B*T, n)
                 if name not in G:
-                    G[name] = new_gram(x.shape[1], x.device)
+                    G[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                 G[name] += (x.T @ x).double()  # one batch's X X^T in float32, the sum in float64 (docs/METHODS.md §1)
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
@@ -249,7 +230,7 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
             raise UserError(f"{leader} receives only zeros during calibration (its Gram matrix is zero), so it "
                             "cannot be whitened with any method: the calibration text does not exercise it")
         try:
-            S, _, fix = whitening_factor(Gg, method, inverse=False)
+            S, fix = whitening_factor(Gg, method)
         except (ValueError, torch.linalg.LinAlgError) as e:
             other = "eigh" if method == "cholesky" else "cholesky"
             raise UserError(f"whitening failed for {leader} ({e}); try --whitening {other} or more --nsamples") from None
@@ -298,10 +279,10 @@ def main(args):
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, "split": "calib", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
-        "shapes": layer_shapes(linears), "fixes": fixes, "gram_matrices_alive_peak": GRAMS["peak"],
+        "shapes": layer_shapes(linears), "fixes": fixes,
         **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})
     print(f"wrote {args.run_dir}/whiten in {time.time() - t0:.1f}s ({len(set(groups.values()))} input groups, "
-          f"{len(fixes)} numerical fixes, at most {GRAMS['peak']} Gram matrices alive at once)")
+          f"{len(fixes)} numerical fixes)")
 
 
 def parser():

@@ -24,7 +24,6 @@ sys.path.insert(0, ROOT)
 import learn_masks  # noqa: E402
 from plumbing import artifacts  # noqa: E402
 from plumbing import cli  # noqa: E402
-from plumbing import feed  # noqa: E402
 from plumbing.speed import peak_rss_bytes  # noqa: E402
 
 
@@ -58,16 +57,16 @@ def measure(args, checkpointing):
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     decomp = artifacts.read_manifest(args.run_dir, "decompose", "python decompose.py")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}
-    ctx = feed.load_context(ns, args.run_dir, whiten, decomp, needs_model=True)
-    device, model = ctx["device"], ctx["model"]
-    layers = learn_masks.attach(model, ctx["factors"], shapes, args.keep, ns)
-    x = feed.window_chunks(ctx["ids"], args.train_seqlen)[:args.batch_size].to(device)
+    inputs = learn_masks.load_inputs(ns, whiten, decomp, needs_model=True)
+    device, model = inputs["device"], inputs["model"]
+    layers = learn_masks.attach_gates(model, inputs["factors"], shapes, args.keep, ns)
+    x = learn_masks.window_chunks(inputs["ids"], args.train_seqlen)[:args.batch_size].to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def steps(n):  # the real training loop for n steps (its setup included, hence the difference below)
         run = argparse.Namespace(**{**vars(ns), "steps": n})
-        learn_masks.train(model, layers, feed.Feed(model, ctx["ids"], run, n), args.keep, run, device)
+        learn_masks.train(model, layers, learn_masks.Feed(model, inputs["ids"], run, n), args.keep, run, device)
     if args.memory_only:
         steps(1)
         floor = step = None

@@ -35,7 +35,7 @@ def run(make, calib, held, method, flags, keep, steps, compensate):
     else:
         model, layers, shapes, data, args = trained(method, (make, calib), keep, steps=steps, compensate=compensate,
                                                     **flags)
-        base.select(layers, shapes, keep)
+        base.fix_trained(layers, shapes, keep)
     uniform = base.uniform_ranks(shapes, keep)
     before = kl_to_teacher(model, layers, held)
     learn_masks.compensate(model, layers, data, args, torch.device("cpu"))

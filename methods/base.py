@@ -1,33 +1,33 @@
 """What every method builds on (docs/METHODS.md §2-§3): the budget arithmetic, and for the learned ones the
-masked low-rank layer, the Gate interface a method implements (one file per method beside this one), the
-budget and guidance terms of the loss, ARA's finalisation that fixes the selection, and the export of the
-fixed state. The loop that trains them is learn_masks.py's.
+masked low-rank layer, the Gate interface a method implements and registers (one file per method beside this
+one), ARA's guidance term, ARA's finalisation that fixes the selection, and the export of the fixed state. The
+loop that trains them is learn_masks.py's. torch only: decompose.py and truncate.py read the budget here
+without loading any method.
 
 Budget (§2), for shapes {layer: (m, n)} and ranks {layer: k or "dense"}:
   c(k) = min(k (m + n), m n)      k* = floor(m n / (m + n))      rho = sum_l c(k_l) / sum_l m_l n_l
+
 Masked layer (frozen factors of decompose.py, k_max stored components):
   y = U diag(mask * sigma) (V^T S^-1) x + b          U (m, k_max), V^T S^-1 (k_max, n)
   r_l = k_hat_l (m + n) / (m n)                      differentiable kept ratio of layer l
   r_l >= 1  ->  y = W x + b                          ARA's dense switch (§3.3)
   rho_hat = sum_l min(r_l, 1) m_l n_l / sum_l m_l n_l          the budget the loss sees (§3)
   L = L_task + alpha (rho_hat - rho)^2 + beta L_guid           ARA's loss, for every gate (§3.3)
-After training, `select` runs ARA's finalisation (§3.3) and FIXES every layer: dense, or a set of
-components with one scale each (the gate's test-time value: 1 for the hard masks and annealed
+After training, `fix_trained` runs ARA's finalisation (§3.3, `ara_ranks`) and FIXES every layer: dense, or a
+set of components with one scale each (the gate's test-time value: 1 for the hard masks and annealed
 hard-concrete, the test-time gate of hard-concrete at a fixed beta, SoCo's scores). The fixed layer computes
 exactly what truncate.py builds; the compensation stage (§3.8, learn_masks.compensate) trains those scales;
 `export` writes them.
 
-A new method is one file in methods/ with one Gate subclass, registered with plumbing.registry.register(name, cls): mask,
-k_hat (and optionally order, scales, terms, plan, flags, check_args, lr, steps, compensate). The loop, the
-finalisation and the export are shared.
+A new method is one file in methods/ with one Gate subclass, registered with methods.register(name, cls): mask,
+k_hat (and optionally order, scales, plan, extra_terms, flags, check, lr, steps, compensate); its constructor's
+keyword arguments are its hyperparameters. The loop, the finalisation and the export are shared.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from plumbing.layers import find_linears, layer_factors, set_module, weight_matrix
-from plumbing.registry import GATES
-
 
 
 # ----------------------------------------------------------------------------- the budget (docs/METHODS.md §2)
@@ -145,8 +145,8 @@ class Gate(nn.Module):
       order()    -> (k_max,)  component indices, most wanted first: the export keeps the first k
       scales()   -> (k_max,) or None (all 1): each component's test-time multiplier, the scale it is
                               exported with (and where the compensation stage starts)
-    Class-level hooks with defaults: lr, steps, compensate, flags, check_args, plan, terms. The constructor takes
-    (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum, args)."""
+    The constructor takes (k_max, k0 the uniform rank, sigma (k_max,) the layer's whitened spectrum) and the
+    method's hyperparameters as keyword arguments. Class-level defaults: lr, steps, compensate, flags."""
     lr = 0.1  # sized for ~200 CPU steps (the papers train thousands of steps at 1e-3: ARA, 2560)
     steps, compensate = 200, 100  # the schedule's defaults: a default run stays near ten minutes on 2 CPU cores
     skips_zeros = False  # True where a component whose drawn mask is exactly 0 gets no gradient from the
@@ -164,25 +164,21 @@ class Gate(nn.Module):
         """The count the finalisation scales to the budget: k_hat, unless the gate's test-time model differs."""
         return self.k_hat().item()
 
-    def at_step(self, step, args):
+    def at_step(self, step, steps):
         """Called on every gate at the top of each training step (e.g. a temperature schedule)."""
 
     @classmethod
-    def check_args(cls, args):
-        """Refuse flags this method cannot honour (one line, UserError)."""
+    def check(cls, **hyper):
+        """Refuse hyperparameters this method cannot honour (one line, UserError), before any work."""
 
-    @classmethod
-    def plan(cls, step, args):
+    def plan(self, step, steps):
         """What runs at `step`: one stage, the task and budget terms every step, cosine lr over it."""
-        return {"stage": 1, "task": True, "budget": True, "t": step, "T": args.steps}
+        return {"stage": 1, "task": True, "budget": True, "t": step, "T": steps}
 
-    @classmethod
-    def terms(cls, ctx, plan, args):
-        """The loss terms beside the task loss. ctx: r (L,) differentiable r_l, rho_hat, rho, alpha (this
-        step's budget weight), b_grid (L, 101) guidance grids, gates [L]. ARA's Eq.: alpha (rho_hat - rho)^2
-        + beta L_guid, for every mask type (--guidance 0: the papers' plain versions)."""
-        return {"budget": ctx.alpha * (ctx.rho_hat - ctx.rho) ** 2,
-                "guid": args.guidance * guidance_loss(ctx.r, ctx.b_grid)} if plan["budget"] else {}
+    @staticmethod
+    def extra_terms(gates, plan):
+        """Loss terms of this method beside ARA's (task, budget, guidance), e.g. SoCo's sparsity: {name: tensor}."""
+        return {}
 
 
 def uniform_logits(k_max, k0):
@@ -193,7 +189,7 @@ def uniform_logits(k_max, k0):
 
 class MaskedLinear(nn.Module):
     """The original layer plus frozen whitened factors and a gate; one module serves every method.
-    Two states: learning (the gate's mask, ARA's dense switch) and fixed (after `select`: dense, or the
+    Two states: learning (the gate's mask, ARA's dense switch) and fixed (after `fix`: dense, or the
     components `index` with learned scales softplus(theta), the exported layer exactly)."""
 
     def __init__(self, orig, U, sigma, VtSinv, gate, state):
@@ -208,7 +204,7 @@ class MaskedLinear(nn.Module):
         self.register_buffer("VtSinv", VtSinv)  # (k_max, n)
 
     @property
-    def fixed(self):
+    def is_fixed(self):
         return self.index is not None or (self.dense and self.gate is None)
 
     def ratio(self):
@@ -218,7 +214,7 @@ class MaskedLinear(nn.Module):
         """Dense (index None), or keep components index (k,) at scales (k,) (default 1) as theta = softplus^-1(s),
         so the compensation stage keeps every scale positive (§3.8)."""
         self.step_mask = self.step_index = None
-        if self.fixed:
+        if self.is_fixed:
             raise RuntimeError("a MaskedLinear is fixed once: its factors now hold only the kept components")
         if index is None:
             self.dense, self.gate = True, None  # nothing left to learn in this layer
@@ -251,61 +247,58 @@ class MaskedLinear(nn.Module):
                 i = self.step_index  # the components this step's mask keeps; the same loss and gradients
                 V, U, s = V[i], U[:, i], s[i]
         else:
-            raise RuntimeError("a learning MaskedLinear runs inside learn_masks.train; base.select fixes it")
+            raise RuntimeError("a learning MaskedLinear runs inside learn_masks.train; fix_trained fixes it")
         h = F.linear(x, V) * s.to(x.dtype)  # (..., components)
         return F.linear(h, U, None if bias is None else bias.to(h.dtype)).to(dtype)  # (..., m)
 
 
-# ----------------------------------------------------------------------------- attaching and drawing
+# ----------------------------------------------------------------------------- the registry
 
-def attach(model, factors, shapes, rho, args, learn=True, start=None):
-    """Swap every compressed linear for a MaskedLinear whose gate (learn=True) starts at `start` ({name: rank
-    or "dense"}, default uniform; "dense" keeps all k_max > k* components, so r_l >= 1). learn=False: no gate,
-    the caller fixes the layers (fix_ranks)."""
-    state = {"teacher": False}
-    k0 = start or uniform_ranks(shapes, rho)
+GATES = {}  # learned: name -> Gate subclass
+ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model, its flags, its check)
+
+
+def register(name, cls):
+    """The one call that adds a learned method: learn_masks.py --method NAME trains `cls` (a Gate subclass).
+    Its constructor's keyword arguments are its hyperparameters: each is filled from the flag of that name."""
+    if not (isinstance(cls, type) and issubclass(cls, Gate)):
+        raise TypeError(f"{cls!r} is not a methods.base.Gate subclass")
+    GATES[name] = cls
+
+
+def register_allocator(name, fn, needs_model=False, flags=None, check=None):
+    """Add a method that trains nothing: learn_masks.py --method NAME calls fn(shapes, rho, inputs, **hyper),
+    hyper being fn's keyword arguments that have a flag. flags: {"--flag": add_argument's keywords};
+    check(**hyper) refuses values it cannot honour (one line, UserError) before any work."""
+    ALLOCATORS[name] = (fn, needs_model, flags or {}, check)
+
+
+def names():
+    """Every --method: the allocations that train nothing, then the learned ones."""
+    return [*ALLOCATORS, *GATES]
+
+
+# ----------------------------------------------------------------------------- attaching
+
+def attach(model, factors, k0, make_gate=None):
+    """Swap every compressed linear for a MaskedLinear whose gate make_gate(k_max, k, sigma (k_max,)) starts at
+    k0 ({name: rank or "dense"}; "dense" keeps all k_max > k* components, so r_l >= 1). make_gate None: no gate,
+    the caller fixes the layers (fix_prefix)."""
+    state = {"teacher": False}  # one switch shared by every layer: on, the model is the original (the teacher)
     layers = {}
     for name, orig in find_linears(model).items():
         U, sigma, VtSinv = layer_factors(factors, name, weight_matrix(orig))  # (m, k_max), (min(m, n),), (k_max, n)
-        k = U.shape[1] if k0[name] == "dense" else k0[name]  # (uniform is never dense below rho = 1)
-        gate = GATES[args.method](U.shape[1], min(k, U.shape[1]), sigma[:U.shape[1]], args).to(U.device) if learn else None
+        k_max = U.shape[1]
+        k = k_max if k0[name] == "dense" else min(k0[name], k_max)
+        gate = make_gate(k_max, k, sigma[:k_max]).to(U.device) if make_gate else None
         layers[name] = MaskedLinear(orig, U, sigma, VtSinv, gate, state)
         set_module(model, name, layers[name])
     return layers
 
 
-def draw_masks(layers, gens, seed):
-    """Every learning layer's training mask for this step, drawn once, in forward order, before the forward:
-    an activation-checkpointed block is recomputed in backward with the same Gumbel / concrete noise.
-    gens: {device: generator}, one seeded stream per device the layers live on (--device_map)."""
-    for l in layers.values():
-        if l.dense or l.index is not None:  # dense, or fixed (its mask is its scales)
-            l.step_mask = l.step_index = None
-            continue
-        if l.U.device not in gens:  # a stream per device, seeded apart (cuda:1 must not repeat cuda:0's noise)
-            gens[l.U.device] = torch.Generator(l.U.device).manual_seed(seed + 1009 * (l.U.device.index or 0))
-        l.step_mask = l.gate.mask(gens[l.U.device])
-        # hard-concrete's zeros (Gate.skips_zeros): found once, so a checkpointed recomputation skips the same set
-        l.step_index = l.step_mask.detach().nonzero().squeeze(1) if l.gate.skips_zeros else None
-
-
-def clear_masks(layers):
-    for l in layers.values():
-        l.step_mask = l.step_index = None
-
-
-
 # ----------------------------------------------------------------------------- finalisation and export
 
-def update_dense(layers, names, r_host, step, record):
-    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
-    for n, rl in zip(names, r_host):
-        if (rl >= 1) != layers[n].dense:
-            layers[n].dense = rl >= 1
-            record["dense_flips"].append([step, n, "dense" if rl >= 1 else "low-rank"])
-
-
-def finalize(k_hat, shapes, rho, dense, caps=None):
+def ara_ranks(k_hat, shapes, rho, dense, caps=None):
     """ARA's finalisation (§3.3) of the trained counts k_hat_l. The layers training left `dense` stay dense unless
     they alone break the budget (the least-wanted give way); the others get round(c k_hat_l) in [1, min(k* - 1,
     caps_l)], one c meeting the budget, the rest by fill_budget against c k_hat_l. Returns (ranks, c)."""
@@ -328,21 +321,21 @@ def finalize(k_hat, shapes, rho, dense, caps=None):
     return fill_budget(ranks_at(lo), shapes, rho, want, top), lo
 
 
-def select(layers, shapes, rho):
+def fix_trained(layers, shapes, rho):
     """Finalise the trained gates and fix every layer: dense, or the first k of the gate's order() at its test-time
     scales (a scale-0 component is never kept: caps, Gate.export_count). Returns {"export_scale": c}."""
     with torch.no_grad():
         scales = {name: l.gate.scales() for name, l in layers.items()}
         caps = {name: layers[name].gate.k_max if s is None else int((s > 0).sum()) for name, s in scales.items()}
         k_hat = {name: l.gate.export_count() for name, l in layers.items()}
-        ranks, c = finalize(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense}, caps)
+        ranks, c = ara_ranks(k_hat, shapes, rho, {name for name, l in layers.items() if l.dense}, caps)
         for name, l in layers.items():  # dense (index None), or the first k of the order at their scales
             idx = None if ranks[name] == "dense" else l.gate.order()[:ranks[name]].sort().values
             l.fix(idx, None if idx is None or scales[name] is None else scales[name][idx])
     return {"export_scale": round(c, 4)}
 
 
-def fix_ranks(layers, ranks):
+def fix_prefix(layers, ranks):
     """Fix every layer at a given allocation (an allocation that trained nothing): the top-k prefix, scale 1."""
     for name, l in layers.items():
         k = ranks[name]

@@ -2,20 +2,20 @@
 SVD-LLM's uniform rank, the Lagrangian on whitened truncation energy, SVD-LLM V2's per-type ratios.
 The baselines every learned method must beat.
 
-Every allocator: (shapes {layer: (m, n)}, rho, ctx, args) -> (ranks {layer: k or "dense"}, components
-or None, record for ranks.json); ctx holds the spectra ("sigmas") and the calibration token count ("tokens").
+Every allocator: (shapes {layer: (m, n)}, rho, inputs, **its hyperparameters) -> (ranks {layer: k or "dense"},
+components or None, record for ranks.json); inputs holds the spectra ("sigmas") and the calibration token count
+("tokens").
 """
 import math
 
 import torch
 
-from methods import base
-from plumbing import cli
-from plumbing.registry import register_allocator
+from methods import base, register_allocator
+from plumbing.cli import check_range
 from plumbing.layers import layer_type
 
 
-def allocate_uniform(shapes, rho, ctx, args):
+def allocate_uniform(shapes, rho, inputs):
     return base.uniform_ranks(shapes, rho), None, {}
 
 
@@ -39,7 +39,7 @@ def lagrangian_ranks(tails, shapes, limit):
     return choose(10 ** hi)
 
 
-def allocate_energy(shapes, rho, ctx, args):
+def allocate_energy(shapes, rho, inputs, energy_norm="relative", energy_power=2.0):
     """Closed form on the whitened truncation energy, read from decompose/ only (docs/METHODS.md §3.6):
     e_l(k) = (tail_l(k) / N_l)^p, Lagrangian over ranks and "dense". --energy_norm sets N_l:
       relative  N_l = sum_i sigma_i^2: every layer's output energy counts 1 (default)
@@ -51,12 +51,12 @@ def allocate_energy(shapes, rho, ctx, args):
     layer's error is cheapest to remove and leaves some layers with large errors; p > 1 penalises large
     per-layer errors more than small ones (p -> inf equalises the relative error of every layer), the
     better model of errors that compound through the depth."""
-    tails = {name: base.tail_energy(ctx["sigmas"][name]) for name in shapes}
-    if args.energy_norm in ("relative", "type"):
+    tails = {name: base.tail_energy(inputs["sigmas"][name]) for name in shapes}
+    if energy_norm in ("relative", "type"):
         tails = {name: t / t[0] for name, t in tails.items()}
-    tails = {name: t ** args.energy_power for name, t in tails.items()}
-    record = {"energy_norm": args.energy_norm, "energy_power": args.energy_power}
-    if args.energy_norm != "type":
+    tails = {name: t ** energy_power for name, t in tails.items()}
+    record = {"energy_norm": energy_norm, "energy_power": energy_power}
+    if energy_norm != "type":
         ranks = lagrangian_ranks(tails, shapes, rho * sum(m * n for m, n in shapes.values()))
         return base.fill_budget(ranks, shapes, rho), None, record
     ranks = {}
@@ -86,7 +86,7 @@ def removed_ratios(s, total, shapes):
             left -= cap[name]
 
 
-def allocate_svdllm2(shapes, rho, ctx, args):
+def allocate_svdllm2(shapes, rho, inputs):
     """SVD-LLM V2's heterogeneous ratios (Wang et al. 2025, arXiv 2503.12340 §3.1, Algorithm 1).
     Per weight type g (every q_proj, every up_proj, ...; same shape within a group):
       L_min,i = ||W_i X - (W_i X)'||_F at the uniform ratio R   (theoretical truncation loss, Thm 3.1:
@@ -96,14 +96,15 @@ def allocate_svdllm2(shapes, rho, ctx, args):
                                                                  clamped, see removed_ratios)
     so a matrix with a larger loss is compressed less. The paper gives no rule for L_min <= 1 (log <= 0):
     such a group keeps the uniform ratio, and the run says so."""
-    T, out, uniform_groups = ctx["tokens"], {}, []
+    T, out, uniform_groups = inputs["tokens"], {}, []
     for kind in dict.fromkeys(map(layer_type, shapes)):
         group = [name for name in shapes if layer_type(name) == kind]
         L = {}
         for name in group:
             m, n = shapes[name]
             k = base.rank_at_fraction(rho, m, n)  # the uniform rank (docs/METHODS.md §2)
-            L[name] = math.sqrt(T * base.tail_energy(ctx["sigmas"][name])[min(k, len(ctx["sigmas"][name]))].item())
+            sigma = inputs["sigmas"][name]
+            L[name] = math.sqrt(T * base.tail_energy(sigma)[min(k, len(sigma))].item())
         if min(L.values()) <= 1:
             uniform_groups.append(kind)
             out.update({name: rho for name in group})
@@ -126,10 +127,10 @@ ENERGY_FLAGS = {
                            help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")}
 
 
-def check_energy_flags(args):
-    cli.check_flags(args, energy_power=((">", 0), None))
+def check_energy(energy_power=2.0, **_):
+    check_range("--energy_power", energy_power, lo=0, lo_open=True)
 
 
 register_allocator("uniform", allocate_uniform)
-register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS, check_args=check_energy_flags)
+register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS, check=check_energy)
 register_allocator("svdllm2", allocate_svdllm2)

@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from methods import register
 from methods.base import Gate, uniform_logits
-from plumbing.registry import register
 from plumbing.cli import UserError
 
 
@@ -35,10 +35,10 @@ class HardConcreteGate(Gate):
     gamma, zeta, beta = -0.1, 1.1, 2 / 3
     skips_zeros = True  # a gate clipped to 0 has zero gradient (the clip), so its component is not computed
 
-    def __init__(self, k_max, k0, sigma, args):
+    def __init__(self, k_max, k0, sigma, beta_end=0.05, init="uniform"):
         super().__init__()
-        self.beta_t, self.beta_end = self.beta, args.beta_end
-        if args.init == "paper":
+        self.beta_t, self.beta_end = self.beta, beta_end
+        if init == "paper":
             z = torch.linspace(6, 3, k_max)
         else:  # log a - shift = sigmoid's ramp: P(z != 0) = sigmoid(6 (1 - i / k0)), 1/2 at k0
             z = uniform_logits(k_max, k0) + self.shift()
@@ -49,17 +49,17 @@ class HardConcreteGate(Gate):
                                 "scale 1 (2/3 = Louizos' fixed beta, exported with its test-time gates as scales)")}
 
     @classmethod
-    def check_args(cls, args):
-        if not 0 < args.beta_end <= cls.beta:
-            raise UserError(f"--beta_end {args.beta_end}: hard-concrete's final temperature is in (0, 2/3] "
+    def check(cls, beta_end=0.05, **_):
+        if not 0 < beta_end <= cls.beta:
+            raise UserError(f"--beta_end {beta_end}: hard-concrete's final temperature is in (0, 2/3] "
                             "(2/3 = Louizos' fixed beta)")
 
-    def at_step(self, step, args):
+    def at_step(self, step, steps):
         # beta_t = beta (beta_end / beta)^(t / (T - 1)): geometric, 2/3 at the first step, beta_end at the last.
         # log a keeps its P(on): the shift moves with beta_t, so k_hat = sum P(z != 0) is continuous in t
         with torch.no_grad():
             before = self.shift()
-            self.beta_t = self.beta * (self.beta_end / self.beta) ** (step / max(args.steps - 1, 1))
+            self.beta_t = self.beta * (self.beta_end / self.beta) ** (step / max(steps - 1, 1))
             self.log_alpha += self.shift() - before
 
     def annealed(self):

@@ -10,9 +10,9 @@ It learns any subset of the components; the export keeps the k of largest z (met
 import torch
 import torch.nn as nn
 
+from methods import register
 from methods.base import Gate, uniform_logits
-from plumbing.registry import register
-from plumbing import cli
+from plumbing.cli import check_range
 
 
 class SigmoidGate(Gate):
@@ -23,13 +23,13 @@ class SigmoidGate(Gate):
                            "backward (LLRC code 0.4, paper 0.1); the forward mask is hard, P(keep) = sigmoid(z) at any tau")}
 
     @classmethod
-    def check_args(cls, args):
-        cli.check_flags(args, tau=((">", 0), None))
+    def check(cls, tau=0.4, **_):
+        check_range("--tau", tau, lo=0, lo_open=True)
 
-    def __init__(self, k_max, k0, sigma, args):
+    def __init__(self, k_max, k0, sigma, tau=0.4, init="uniform"):
         super().__init__()
-        z = torch.linspace(6, 3, k_max) if args.init == "paper" else uniform_logits(k_max, k0)
-        self.z, self.tau, self.k_max = nn.Parameter(z), args.tau, k_max
+        z = torch.linspace(6, 3, k_max) if init == "paper" else uniform_logits(k_max, k0)
+        self.z, self.tau, self.k_max = nn.Parameter(z), tau, k_max
 
     def mask(self, gen):
         u = torch.rand(self.z.shape, generator=gen, device=self.z.device).clamp(1e-6, 1 - 1e-6)

@@ -6,10 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from methods import register
 from methods.base import Gate, straight_through_min1
-from plumbing.registry import register
-from plumbing import cli
-from plumbing.cli import UserError
+from plumbing.cli import UserError, check_range
 
 
 class SocoGate(Gate):
@@ -25,7 +24,7 @@ class SocoGate(Gate):
     sparsity every step; (2) refine: task and sparsity on alternate steps (budget on both). SoCo's last
     stage (selection fixed, the kept scores trained on the task loss) is the shared --compensate stage."""
     lr = 0.05
-    steps, compensate = 200, 250  # longer coarse stages ran unstably on some seeds; the extra steps go to compensation
+    steps, compensate = 200, 250  # SoCo's third stage (kept scores trained, selection fixed) is the compensation
     term_flags = {**Gate.term_flags, "sparsity": "--sparsity"}
 
     flags = {"--soco_stages": dict(type=float, nargs=2, default=[0.5, 0.5], help="SoCo: fractions of --steps in its "
@@ -35,26 +34,28 @@ class SocoGate(Gate):
                                 "(too large, it, not the task, sets the allocation)")}
 
     @classmethod
-    def check_args(cls, args):
-        cli.check_flags(args, soco_stages=(0, 1), sparsity=(0, None))
-        if abs(sum(args.soco_stages) - 1) > 1e-6:
-            raise UserError(f"--soco_stages {' '.join(map(str, args.soco_stages))} sum to {sum(args.soco_stages):g}: "
+    def check(cls, soco_stages=(0.5, 0.5), sparsity=0.1, **_):
+        check_range("--soco_stages", soco_stages, lo=0, hi=1)
+        check_range("--sparsity", sparsity, lo=0)
+        if abs(sum(soco_stages) - 1) > 1e-6:
+            raise UserError(f"--soco_stages {' '.join(map(str, soco_stages))} sum to {sum(soco_stages):g}: "
                             "they are fractions of --steps and must sum to 1 (the third stage is --compensate)")
 
-    def __init__(self, k_max, k0, sigma, args):
+    def __init__(self, k_max, k0, sigma, sparsity=0.1, soco_stages=(0.5, 0.5), init="uniform"):
         super().__init__()
         s = torch.ones(k_max)
-        if args.init != "paper":
+        if init != "paper":
             s[k0:] = 0  # start exactly at the uniform model
         self.theta = nn.Parameter(s)
         self.register_buffer("sigma", sigma.float())  # selection sees sigma_i: s scales sigma (§3.4)
         self.k_max, self.relaxed = k_max, False  # relaxed: the coarse stage's forward (at_step)
+        self.sparsity, self.coarse = sparsity, soco_stages[0]  # the coarse stage's fraction of the steps
 
     def scores(self):
         return self.theta - (self.theta - self.theta.clamp(min=0)).detach()  # max(theta, 0), straight-through
 
-    def at_step(self, step, args):
-        self.relaxed = step < round(args.soco_stages[0] * args.steps)  # the coarse stage
+    def at_step(self, step, steps):
+        self.relaxed = step < round(self.coarse * steps)  # the coarse stage
 
     def mask(self, gen):
         # coarse stage, relaxed: every score runs at its value and counts min(s_i, 1), so a score on its way
@@ -68,7 +69,7 @@ class SocoGate(Gate):
         order = self.order()
         rank = torch.empty_like(order)
         rank[order] = torch.arange(self.k_max, device=s.device)
-        kept = (rank < torch.floor(self.k_hat().detach() + 0.5)).to(s.dtype)  # finalize's rounding; no host sync
+        kept = (rank < torch.floor(self.k_hat().detach() + 0.5)).to(s.dtype)  # ara_ranks' rounding; no host sync
         return s + (s * kept - s).detach()
 
     def k_hat(self):
@@ -80,20 +81,18 @@ class SocoGate(Gate):
     def scales(self):
         return self.scores().detach()
 
-    @classmethod
-    def plan(cls, step, args):
-        end1 = round(args.soco_stages[0] * args.steps)
+    def plan(self, step, steps):
+        end1 = round(self.coarse * steps)
         stage = 1 if step < end1 else 2
-        t, T = (step, max(end1, 1)) if stage == 1 else (step - end1, max(args.steps - end1, 1))
+        t, T = (step, max(end1, 1)) if stage == 1 else (step - end1, max(steps - end1, 1))
         return {"stage": stage, "t": t, "T": T, "budget": True,
                 "task": stage == 1 or t % 2 == 0, "sparsity": stage == 1 or t % 2 == 1}
 
-    @classmethod
-    def terms(cls, ctx, plan, args):
-        out = super().terms(ctx, plan, args)
-        if plan["sparsity"]:  # per-layer normalised L1 (on relu(theta): no pull below 0, where s is 0 already)
-            out["sparsity"] = args.sparsity * torch.stack([F.relu(g.theta).mean() for g in ctx.gates]).mean()
-        return out
+    @staticmethod
+    def extra_terms(gates, plan):
+        if not plan["sparsity"]:
+            return {}  # per-layer normalised L1 (on relu(theta): no pull below 0, where s is 0 already)
+        return {"sparsity": gates[0].sparsity * torch.stack([F.relu(g.theta).mean() for g in gates]).mean()}
 
 
 register("soco", SocoGate)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from methods import base
-from plumbing import artifacts, cli
-from plumbing.registry import register_allocator
+from methods import base, register_allocator
+from plumbing import artifacts
+from plumbing.cli import check_range
 from plumbing.layers import find_linears, set_module
-import truncate
+from plumbing.modeling_lowrank import lowrank_layer
 
 
 @torch.no_grad()
@@ -42,21 +42,21 @@ def strs_search(ppl_table, shapes, rho, qs):
 
 
 @torch.no_grad()
-def allocate_strs(shapes, rho, ctx, args):
+def allocate_strs(shapes, rho, inputs, strs_samples=None, strs_seqlen=None):
     """Compress one layer at a time at each q and measure calibration perplexity: #layers x #q passes."""
-    gpu = ctx["device"].type == "cuda"
+    gpu = inputs["device"].type == "cuda"
     # ASVD measures each pass on 32 x 2048 tokens; a CPU affords far fewer (x 9 x #layers passes)
-    samples = args.strs_samples or (32 if gpu else 2)  # CPU: 2 scored better than 4 on dev, in half the time
-    seqlen = args.strs_seqlen or (ctx["ids"].shape[1] if gpu else 128)
-    model, factors = ctx["model"], ctx["factors"]
+    samples = strs_samples or (32 if gpu else 2)
+    seqlen = strs_seqlen or (inputs["ids"].shape[1] if gpu else 128)
+    model, factors = inputs["model"], inputs["factors"]
     qs = [round(0.1 * i, 1) for i in range(1, 10)]
-    ids = ctx["ids"][:samples, :seqlen].to(ctx["device"])
+    ids = inputs["ids"][:samples, :seqlen].to(inputs["device"])
     print(f"STRS: {len(ids)} x {ids.shape[1]} calibration tokens per perplexity pass")
     # the sensitivity table does not depend on the budget: cache it next to decompose/'s factors, keyed
     # on everything it depends on: the exact calibration tokens, the dtype and the device type of the
     # passes (an unreadable cache is rebuilt, never fatal)
-    key = f"{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}_{str(model.dtype)[6:]}_{ctx['device'].type}"
-    cache = f"{args.run_dir}/decompose/strs_{key}.json"
+    key = f"{len(ids)}x{ids.shape[1]}_{artifacts.tensor_hash(ids.cpu())}_{str(model.dtype)[6:]}_{inputs['device'].type}"
+    cache = f"{inputs['decompose_dir']}/strs_{key}.json"
     try:
         with open(cache) as f:
             saved = json.load(f)
@@ -67,7 +67,7 @@ def allocate_strs(shapes, rho, ctx, args):
             orig = linears[name]
             for q in qs:
                 k = max(1, int(q * shapes[name][0] * shapes[name][1] // sum(shapes[name])))
-                set_module(model, name, truncate.lowrank_layer(orig, factors, name, k))
+                set_module(model, name, lowrank_layer(orig, factors, name, k))
                 table[(name, q)] = calib_ppl(model, ids)
             set_module(model, name, orig)
         saved = {"wall_time_s": round(time.time() - t0, 1), "table": [[n, q, p] for (n, q), p in table.items()]}
@@ -84,8 +84,10 @@ FLAGS = {"--strs_samples": dict(type=int, default=None, help="STRS: calibration 
                                "--seqlen on a GPU, 128 on a CPU)")}
 
 
-def check_args(args):
-    cli.check_flags(args, strs_samples=(1, None), strs_seqlen=(2, None))
+def check(strs_samples=None, strs_seqlen=None, **_):
+    for flag, value, lo in (("--strs_samples", strs_samples, 1), ("--strs_seqlen", strs_seqlen, 2)):
+        if value is not None:
+            check_range(flag, value, lo=lo)
 
 
-register_allocator("strs", allocate_strs, needs_model=True, flags=FLAGS, check_args=check_args)
+register_allocator("strs", allocate_strs, needs_model=True, flags=FLAGS, check=check)

@@ -10,22 +10,16 @@ import contextlib
 import hashlib
 import json
 import os
+import reprlib
 import shutil
-import signal
 import sys
 
+import pydantic
 import torch
 
 from plumbing import schema
 from plumbing.layers import find_linears, layer_shapes
 from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
-
-
-def crash_point(name):
-    """Test hook: RANKALLOC_CRASH=name makes the process SIGKILL itself here, where a kill is most
-    harmful (inside a folder swap or a JSON write), so the crash tests do not depend on timing."""
-    if os.environ.get("RANKALLOC_CRASH") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_hash(path):
@@ -76,9 +70,9 @@ def versions():
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def read_json(path, rerun, spec=None):
-    """A JSON artifact that satisfies its schema `spec` (plumbing/schema.py), or one line naming the file,
-    the field and the command that remakes it."""
+def read_json(path, rerun, spec=schema.Model):
+    """A JSON artifact that satisfies its schema `spec` (a model of plumbing/schema.py; by default any
+    object), or one line naming the file, the field and the command that remakes it."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `{rerun}` first")
     try:
@@ -86,22 +80,44 @@ def read_json(path, rerun, spec=None):
             obj = json.load(f)
     except (ValueError, OSError):
         raise UserError(f"{path} is damaged or incomplete: re-run `{rerun}`") from None
-    return check(spec or schema.fields(), obj, path, rerun)
+    return check(spec, obj, path, rerun)
+
+
+def say(e, whole="the file"):
+    """What a schema violation says: a schema.Bad's own text, or pydantic's first error as `FIELD is VALUE: what
+    is wrong`, FIELD its place in the `whole` ('layers'['q_proj']['m'])."""
+    if not isinstance(e, pydantic.ValidationError):
+        return str(e)
+    error = e.errors(include_url=False)[0]
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    field = lambda loc: repr(loc[0]) + "".join(f"[{k!r}]" for k in loc[1:]) if loc else whole
+    if kind == "missing":
+        return f"{field(loc[:-1])} has no {loc[-1]!r}"
+    if kind == "value_error":  # a rule of schema.py, in its words: a model validator's (no loc) names the fields
+        why = str(error["ctx"]["error"])
+        if not loc:
+            return why
+    else:  # model_type's own message names the model's class, which the user never sees
+        why = "Input should be a valid dictionary" if kind == "model_type" else error["msg"]
+    return f"{field(loc)} is {reprlib.repr(value)}: {why}"  # reprlib: a long value shortened
 
 
 @contextlib.contextmanager
 def one_line(rerun, prefix=""):
-    """A schema violation (schema.Bad) inside the block becomes the stage's one error line and the command to re-run."""
+    """A schema violation (schema.Bad, pydantic's ValidationError) inside the block becomes the stage's one error
+    line (say) and the command to re-run."""
     try:
         yield
-    except schema.Bad as e:
-        raise UserError(f"{prefix}{e}: re-run `{rerun}`") from None
+    except (schema.Bad, pydantic.ValidationError) as e:
+        raise UserError(f"{prefix}{say(e)}: re-run `{rerun}`") from None
 
 
-def check(spec, obj, path, rerun, where=""):
-    """obj against a schema spec: a violation is one line naming the file and the field."""
+def check(spec, obj, path, rerun):
+    """obj against a model of plumbing/schema.py: a violation is one line naming the file and the field. Returns
+    obj itself, its informational keys included."""
     with one_line(rerun, f"{path} is damaged: "):
-        return spec(obj, where)
+        spec.model_validate(obj)
+    return obj
 
 
 class TensorFile:
@@ -209,7 +225,6 @@ def write_json(path, obj):
     try:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-        crash_point("json")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -223,11 +238,10 @@ def read_manifest(run_dir, stage, hint, reads=None):
     hash an earlier stage's files it does not open (a 7B model's whiten/ is large)."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
-    manifest = read_json(path, rerun, schema.fields(stage=schema.string(), format_version=schema.integer()))
+    manifest = read_json(path, rerun, schema.Header)
     if manifest["stage"] != stage or manifest["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{rerun}`")
     check(schema.MANIFEST[stage], manifest, path, rerun)
-    check(lambda m, _: schema.cross_check(stage, m), manifest, path, rerun)
     for name, entry in manifest["files"].items():
         file = os.path.join(run_dir, stage, name)
         if os.path.basename(name) != name or name in (".", ".."):
@@ -247,8 +261,9 @@ def check_parent(manifest, parent, run_dir, rerun):
         raise UserError(f"{run_dir}/{manifest['stage']} was made from a different {parent['stage']}/ run "
                         f"(other model or settings): re-run `{rerun} --run_dir {run_dir}`")
     if (manifest["stage"], parent["stage"]) == ("decompose", "whiten"):
-        check(lambda m, _: schema.check_layers_match(m, parent), manifest, f"{run_dir}/decompose/manifest.json",
-              f"{rerun} --run_dir {run_dir}")
+        with one_line(f"{rerun} --run_dir {run_dir}", f"{run_dir}/decompose/manifest.json is damaged: "):
+            schema.same_shapes({name: [v["m"], v["n"]] for name, v in manifest["layers"].items()}, parent["shapes"],
+                               "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
 
 
 RERUN = {"whiten": "python whiten.py", "decompose": "python decompose.py", "allocation": "python learn_masks.py",
@@ -285,13 +300,10 @@ def commit_stage(run_dir, stage, tmp, manifest):
     manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest,
                 "files": files}
     write_json(os.path.join(tmp, "manifest.json"), manifest)
-    crash_point("commit:before")
     final, old = os.path.join(run_dir, stage), os.path.join(run_dir, f".{stage}.old{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)
-    crash_point("commit:aside")
     os.replace(tmp, final)
-    crash_point("commit:in")
     shutil.rmtree(old, ignore_errors=True)
     return final

@@ -5,7 +5,6 @@ stored in float32 (bfloat16 for a bf16 model) and cast to the layer's dtype when
 """
 import argparse
 import errno
-import fcntl
 import glob
 import math
 import os
@@ -15,6 +14,7 @@ import shutil
 import sys
 import time
 
+import filelock
 import numpy as np
 import torch
 
@@ -52,26 +52,31 @@ def remove(path):
 
 
 def run_dir_lock(run_dir, stage):
-    """One process per run dir: an exclusive flock on RUN_DIR/.lock, held until the process exits (the kernel
-    drops it when a process dies, so a killed stage leaves no stale lock). The file names its holder, for
-    the line the next process prints. Temporary folders left by killed processes are removed once it is held."""
+    """One process per run dir: the lock on RUN_DIR/.lock (filelock, a flock: the kernel drops it when a process
+    dies, so a killed stage leaves no stale lock), held until released. RUN_DIR/.lock.holder names the holder for
+    the line the next process prints (beside the lock file, whose contents are the lock library's). Temporary
+    folders left by killed processes are removed once it is held. Returns the held lock."""
     check_run_dir(run_dir)
-    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock, holder = filelock.FileLock(os.path.join(run_dir, ".lock"), timeout=0), os.path.join(run_dir, ".lock.holder")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise UserError(f"--run_dir {run_dir}: cannot lock it ({e.strerror}): use a local folder") from None
-        raise UserError(f"--run_dir {run_dir} is in use by {holder}: wait for it to finish, or pass another "
-                        "--run_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})".encode())
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            with open(holder, encoding="utf-8", errors="replace") as f:
+                who = f.read(300).strip()
+        except OSError:
+            who = ""
+        raise UserError(f"--run_dir {run_dir} is in use by {who or 'another process'}: wait for it to finish, or "
+                        "pass another --run_dir") from None
+    except (OSError, NotImplementedError) as e:  # NotImplementedError: no flock there, in filelock before 4
+        raise UserError(f"--run_dir {run_dir}: cannot lock it ({getattr(e, 'strerror', None) or e}): use a local "
+                        "folder") from None
+    with open(holder, "w", encoding="utf-8") as f:
+        f.write(f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})")
     leftovers = [os.path.join(run_dir, pattern) for pattern in (".*.tmp*", ".*.old*", "*.tmp[0-9]*", "*/*.tmp[0-9]*")]
     for left in [path for pattern in leftovers for path in glob.glob(pattern)]:
         remove(left)  # a killed process's
-    return fd
+    return lock
 
 
 def run_main(main, args):
@@ -79,9 +84,9 @@ def run_main(main, args):
     failed write (full disk, quota, permissions) is one line and exit 1; either way the stage's temporary
     files are removed and every earlier complete artifact is left in place."""
     stage = os.path.basename(sys.argv[0]) or "a stage"
-    fd = None
+    lock = None
     try:
-        fd = run_dir_lock(args.run_dir, stage)
+        lock = run_dir_lock(args.run_dir, stage)
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,8 +102,8 @@ def run_main(main, args):
         for path in TEMPORARY:
             remove(path)
         TEMPORARY.clear()
-        if fd is not None:
-            os.close(fd)  # releases the lock
+        if lock is not None:
+            lock.release()
 
 
 def set_seed(seed):
@@ -195,3 +200,13 @@ def check_seqlen(config, seqlen, flag="--seqlen"):
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_range(flag, value, lo=None, hi=None, lo_open=False):
+    """One flag's value (or each of a list's) finite and in [lo, hi] ((lo, hi] with lo_open), else one line."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        low = lo is not None and (v <= lo if lo_open else v < lo)
+        if not math.isfinite(v) or low or (hi is not None and v > hi):
+            need = " and ".join(x for x in (lo is not None and f"{'>' if lo_open else '>='} {lo}",
+                                            hi is not None and f"<= {hi}") if x)
+            raise UserError(f"{flag} {v} is out of range: it must be a finite number {need}")

@@ -57,3 +57,15 @@ def layer_factors(factors, name, W):
     like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
     U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
     return U, factors[f"{name}.sigma"].to(W.device), VtSinv
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing per decoder block: only each block's input is kept for backward, and the
+    block is recomputed there (non-reentrant, so gradients reach the gates through the drawn masks)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in decoder_blocks(model):
+        def forward(*args, _f=block.forward, **kwargs):
+            if not torch.is_grad_enabled():  # the teacher pass: nothing to save
+                return _f(*args, **kwargs)
+            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        block.forward = forward

@@ -30,6 +30,26 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.B), self.A, self.bias)
 
 
+def lowrank_factors(U, sigma, VtSinv, rank=None, index=None, scale=None):
+    """Top-`rank` components, or the components `index` (k,) with spectrum scales `scale` (k,).
+    U (m, k_max), sigma (>= k_max,), VtSinv (k_max, n) -> A (m, k), B (k, n), float64."""
+    if index is None:
+        index = torch.arange(rank)
+    s = sigma[index].double() * (1.0 if scale is None else scale.double())  # SoCo: sigma_i * s_i
+    root = s.sqrt()  # split Sigma^1/2 to both sides, so A and B have similar norms
+    return U[:, index].double() * root, root[:, None] * VtSinv[index].double()
+
+
+def lowrank_layer(mod, factors, name, rank, index=None, scale=None):
+    """The LowRankLinear that replaces `mod` (its weight's dtype and device, bias kept) from stored factors
+    {name.U, name.sigma, name.VtSinv}."""
+    A, B = lowrank_factors(factors[f"{name}.U"], factors[f"{name}.sigma"], factors[f"{name}.VtSinv"],
+                           rank=rank, index=index, scale=scale)
+    W = mod.weight
+    bias = None if mod.bias is None else mod.bias.detach().clone()
+    return LowRankLinear(A.to(W), B.to(W), bias).to(W.device)
+
+
 def out_in(mod):
     """(m, n) = (out, in) of nn.Linear, or of GPT-2's Conv1D (weight stored as (in, out))."""
     m, n = mod.weight.shape

@@ -15,7 +15,6 @@ import json
 import os
 import re
 
-from methods import base
 from plumbing.layers import layer_type
 
 
@@ -26,7 +25,7 @@ def grid(ranks, shapes):
     for name, rank in ranks.items():
         block = int(re.search(r"\.(\d+)\.", name).group(1))
         m, n = shapes[name]
-        cells[(block, layer_type(name))] = (base.layer_cost(rank, m, n) / (m * n), rank == "dense")
+        cells[(block, layer_type(name))] = (1.0 if rank == "dense" else min(rank * (m + n) / (m * n), 1.0), rank == "dense")  # c(k) / (m n)
     blocks = sorted({b for b, _ in cells})
     kinds = list(dict.fromkeys(k for _, k in cells))
     return blocks, kinds, [[cells.get((b, k), (float("nan"), False)) for k in kinds] for b in blocks]
@@ -79,20 +78,6 @@ def trajectory(alloc, out):
     ax.legend(fontsize=7, ncol=4)
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-class Trajectory:
-    """Every layer's r_l every `every` training steps and at the last: ranks.json's "trajectory", drawn by trajectory()."""
-
-    def __init__(self, names, every, steps):
-        self.names, self.every, self.last = names, every, steps - 1
-        self.record = {"every": every, "step": [], "r": {n: [] for n in names}}
-
-    def log(self, step, r):
-        if step % self.every == 0 or step == self.last:
-            self.record["step"].append(step)
-            for n, rl in zip(self.names, r):
-                self.record["r"][n].append(round(rl, 4))
 
 
 def write_allocation_plots(alloc, folder):

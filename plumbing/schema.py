@@ -1,115 +1,18 @@
-"""One schema per artifact and input file (docs/METHODS.md §5): for every JSON field its type and range,
-for every tensor the shape, dtype and value range that follow from the OTHER fields (a packed triangle or
-a full matrix by `whitening`, k_max from the factors, the vocabulary for the ids), and the cross-field
-rules (k* from m and n, every shard a listed file, every group led by a layer of the same input width).
-artifacts.py's readers are the only callers: a violation is one line naming the file, the field and the
-command that remakes it, never a KeyError or a reshape traceback further on.
-
-A spec is a function check(value, where) that raises Bad(where + what is wrong) or returns the value.
+"""One pydantic model per artifact and input file (docs/METHODS.md §5): each JSON field's type and range (strict:
+"3" is not 3, true is not 1, NaN and inf are refused; keys a model does not name are informational), the rules
+between fields as model validators, and for every tensor the shape, dtype and value range that follow from the
+fields. artifacts.py turns the first violation into one line naming the file, the field and the command that
+remakes it, never a KeyError or a reshape traceback further on.
 """
 import math
-import os
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class Bad(ValueError):
-    """A value that breaks its schema: the message names the field (its path inside the file)."""
-
-
-def _at(where, key):
-    return f"{where}[{key!r}]" if where else repr(key)
-
-
-def integer(lo=None, hi=None):
-    def check(v, where):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise Bad(f"{where} is {v!r}, not an integer")
-        if lo is not None and v < lo or hi is not None and v > hi:
-            raise Bad(f"{where} is {v}, outside {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
-        return v
-    return check
-
-
-def number(lo=None, hi=None, lo_open=False):
-    """A finite int or float in [lo, hi] ((lo, hi] with lo_open); JSON's NaN and Infinity are refused."""
-    def check(v, where):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise Bad(f"{where} is {v!r}, not a finite number")
-        if lo is not None and (v < lo or lo_open and v == lo) or hi is not None and v > hi:
-            raise Bad(f"{where} is {v}, outside {'(' if lo_open else '['}{lo}, {hi}]")
-        return v
-    return check
-
-
-def string(choices=None, nonempty=True, filename=False, hexdigits=None):
-    def check(v, where):
-        if not isinstance(v, str):
-            raise Bad(f"{where} is {v!r}, not a string")
-        if choices is not None and v not in choices:
-            raise Bad(f"{where} is {v!r}, not one of {', '.join(map(repr, choices))}")
-        if nonempty and not v:
-            raise Bad(f"{where} is empty")
-        if filename and (os.path.basename(v) != v or v in (".", "..")):
-            raise Bad(f"{where} is {v!r}, not a file name in the stage's folder")
-        if hexdigits and (len(v) != hexdigits or any(c not in "0123456789abcdef" for c in v)):
-            raise Bad(f"{where} is {v!r}, not {hexdigits} hex digits")
-        return v
-    return check
-
-
-def boolean():
-    def check(v, where):
-        if not isinstance(v, bool):
-            raise Bad(f"{where} is {v!r}, not true/false")
-        return v
-    return check
-
-
-def either(*specs, what):
-    def check(v, where):
-        for spec in specs:
-            try:
-                return spec(v, where)
-            except Bad:
-                pass
-        raise Bad(f"{where} is {v!r}, not {what}")
-    return check
-
-
-def pair(spec):
-    """A list of two values, each checked by spec (a layer's [m, n])."""
-    def check(v, where):
-        if not isinstance(v, list) or len(v) != 2:
-            raise Bad(f"{where} is {v!r}, not a list of two")
-        return [spec(x, f"{where}[{i}]") for i, x in enumerate(v)]
-    return check
-
-
-def mapping(value, nonempty=True):
-    """An object {name: value}, every value checked by `value`."""
-    def check(v, where):
-        if not isinstance(v, dict):
-            raise Bad(f"{where} is {type(v).__name__}, not an object")
-        if nonempty and not v:
-            raise Bad(f"{where} is empty")
-        for k, x in v.items():
-            value(x, _at(where, k))
-        return v
-    return check
-
-
-def fields(**spec):
-    """An object holding at least these keys, each checked (keys not named are free: informational)."""
-    def check(v, where):
-        if not isinstance(v, dict):
-            raise Bad(f"{where or 'the file'} is {type(v).__name__}, not a JSON object")
-        for k, s in spec.items():
-            if k not in v:
-                raise Bad(f"{where or 'the file'} has no {k!r}")
-            s(v[k], _at(where, k))
-        return v
-    return check
+    """A rule between fields or files broken, the message naming the field (a ValueError: pydantic's own kind)."""
 
 
 def same_keys(a, b, what_a, what_b):
@@ -121,58 +24,142 @@ def same_keys(a, b, what_a, what_b):
         raise Bad(f"{what_a} has no {missing[0]!r}, which {what_b} has")
 
 
+def rank(v):
+    if v != "dense" and (type(v) is not int or v < 1):  # type(): a bool is no rank
+        raise ValueError('not "dense" or an integer rank >= 1')
+    return v
+
+
+T = TypeVar("T")
+Named = Annotated[dict[str, T], Field(min_length=1)]  # a non-empty object {name: T}
+Text = Annotated[str, Field(min_length=1)]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Hash = Annotated[str, Field(pattern="^[0-9a-f]{16}$")]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 # ----------------------------------------------------------------------------- the artifacts
 
-FILES = mapping(fields(bytes=integer(0), sha256=string(hexdigits=16)))
-COMMON = dict(format_version=integer(), inputs=mapping(string(hexdigits=16), nonempty=False), files=FILES)
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-MANIFEST = {
-    "whiten": fields(**COMMON, model=string(), config_hash=string(hexdigits=16), weights_hash=string(hexdigits=16),
-                     dtype=string(DTYPES), nsamples=integer(1), seqlen=integer(2),
-                     whitening=string(("cholesky", "eigh")), groups=mapping(string()),
-                     shards=mapping(string(filename=True)), shapes=mapping(pair(integer(1)))),
-    "decompose": fields(**COMMON, model=string(), factor_dtype=string(("float32", "bfloat16")), kmax_mult=number(1),
-                        layers=mapping(fields(m=integer(1), n=integer(1), k_star=integer(0), k_max=integer(0))),
-                        shards=mapping(string(filename=True))),
-    "allocation": fields(**COMMON, method=string(), keep=number(0, 1, lo_open=True), seed=integer(0)),
-    "compressed": fields(**COMMON, model=string(), params_original=integer(1), params_compressed=integer(1),
-                         kept_fraction_linear=number(0, 1, lo_open=True)),
-}
-
-RANK = either(string(("dense",)), integer(1), what='"dense" or an integer rank >= 1')
-RANKS = fields(layers=mapping(RANK), components=boolean(), method=string(), keep=number(0, 1, lo_open=True))
+class Entry(Model):
+    bytes: Count
+    sha256: Hash
 
 
-def cross_check(stage, m):
-    """The rules between one manifest's own fields."""
-    from methods.base import k_star  # at call time: the methods package imports plumbing
-    files = m["files"]
-    for key in ("shards",):
-        for name, f in m.get(key, {}).items():
-            if f not in files:
-                raise Bad(f"{_at(key, name)} is {f!r}, a file the manifest does not list")
-    if stage == "whiten":
-        same_keys(m["groups"], m["shapes"], "'groups'", "'shapes'")
-        for name, leader in m["groups"].items():
-            if leader not in m["shapes"] or m["groups"][leader] != leader:
-                raise Bad(f"{_at('groups', name)} is {leader!r}, not a layer that leads its own group")
-            if m["shapes"][leader][1] != m["shapes"][name][1]:
-                raise Bad(f"{_at('groups', name)}: {leader!r} has another input width, so no shared whitening")
-        same_keys(m["shards"], set(m["groups"].values()), "'shards'", "the group leaders of 'groups'")
-        if "calib_ids.safetensors" not in files:
+class Header(Model):
+    stage: Text
+    format_version: int
+
+
+class Manifest(Header):
+    inputs: dict[str, Hash]
+    files: Named[Entry]
+
+
+class Sharded(Manifest):
+    """A stage folder of safetensors shards, each a file its manifest lists (read_manifest checks that every
+    listed name is a file in the stage's folder)."""
+    shards: Named[Text]
+
+    @model_validator(mode="after")
+    def shards_listed(self):
+        for name, f in self.shards.items():
+            if f not in self.files:
+                raise Bad(f"'shards'[{name!r}] is {f!r}, a file the manifest does not list")
+        return self
+
+
+class Whiten(Sharded):
+    model: Text
+    config_hash: Hash
+    weights_hash: Hash
+    dtype: Literal["float32", "bfloat16", "float16", "float64"]
+    nsamples: Positive
+    seqlen: Annotated[int, Field(ge=2)]
+    whitening: Literal["cholesky", "eigh"]
+    groups: Named[Text]
+    shapes: Named[Annotated[list[Positive], Field(min_length=2, max_length=2)]]
+
+    @model_validator(mode="after")
+    def groups_led_by_their_width(self):
+        """Every group led by a layer of the same input width (they share one whitening), one shard per group."""
+        same_keys(self.groups, self.shapes, "'groups'", "'shapes'")
+        for name, leader in self.groups.items():
+            if self.groups.get(leader) != leader:
+                raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
+            if self.shapes[leader][1] != self.shapes[name][1]:
+                raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
+        same_keys(self.shards, set(self.groups.values()), "'shards'", "the group leaders of 'groups'")
+        if "calib_ids.safetensors" not in self.files:
             raise Bad("'files' has no 'calib_ids.safetensors'")
-    if stage == "decompose":
-        for name, v in m["layers"].items():
-            if v["k_star"] != k_star(v["m"], v["n"]):
-                raise Bad(f"{_at('layers', name)}: k_star {v['k_star']} is not floor(m n / (m + n)) = "
-                          f"{k_star(v['m'], v['n'])}")
-            if not v["k_star"] <= v["k_max"] <= min(v["m"], v["n"]):
-                raise Bad(f"{_at('layers', name)}: k_max {v['k_max']} is outside k_star..min(m, n) = "
-                          f"{v['k_star']}..{min(v['m'], v['n'])}")
-        same_keys(m["shards"], m["layers"], "'shards'", "'layers'")
-    if stage == "compressed" and m["params_compressed"] > m["params_original"]:
-        raise Bad(f"'params_compressed' {m['params_compressed']} exceeds 'params_original' {m['params_original']}")
+        return self
+
+
+class Layer(Model):
+    m: Positive
+    n: Positive
+    k_star: Count
+    k_max: Count
+
+
+class Decompose(Sharded):
+    model: Text
+    factor_dtype: Literal["float32", "bfloat16"]
+    kmax_mult: Annotated[float, Field(ge=1)]
+    layers: Named[Layer]
+
+    @model_validator(mode="after")
+    def ranks_follow_shapes(self):
+        """k* = floor(m n / (m + n)) <= k_max <= min(m, n) in every layer, one shard per layer."""
+        for name, v in self.layers.items():
+            k_star = v.m * v.n // (v.m + v.n)  # methods/budget.k_star: plumbing does not import methods
+            if v.k_star != k_star:
+                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = {k_star}")
+            if not v.k_star <= v.k_max <= min(v.m, v.n):
+                raise Bad(f"'layers'[{name!r}]: k_max {v.k_max} is outside k_star..min(m, n) = "
+                          f"{v.k_star}..{min(v.m, v.n)}")
+        same_keys(self.shards, self.layers, "'shards'", "'layers'")
+        return self
+
+
+class Allocation(Manifest):
+    method: Text
+    keep: Fraction
+    seed: Count
+
+
+class Compressed(Manifest):
+    model: Text
+    params_original: Positive
+    params_compressed: Positive
+    kept_fraction_linear: Fraction
+
+    @model_validator(mode="after")
+    def not_larger(self):
+        if self.params_compressed > self.params_original:
+            raise Bad(f"'params_compressed' {self.params_compressed} exceeds 'params_original' "
+                      f"{self.params_original}")
+        return self
+
+
+MANIFEST = {"whiten": Whiten, "decompose": Decompose, "allocation": Allocation, "compressed": Compressed}
+
+
+class RANKS(Model):
+    """allocation/ranks.json: a rank per layer and the allocation's label."""
+    layers: Named[Annotated[Any, AfterValidator(rank)]]
+    components: bool
+    method: Text
+    keep: Fraction
+
+
+class LowRankConfig(Model):
+    """What compressed/config.json adds to the original config."""
+    lowrank_ranks: dict[str, Positive]
 
 
 def same_shapes(a, b, what_a, what_b):
@@ -183,12 +170,6 @@ def same_shapes(a, b, what_a, what_b):
             raise Bad(f"{what_a} gives {name} {list(shape)}, {what_b} {list(b[name])}")
 
 
-def check_layers_match(decomp, whiten):
-    """decompose/'s layers are whiten/'s, with the same (m, n)."""
-    same_shapes({name: [v["m"], v["n"]] for name, v in decomp["layers"].items()}, whiten["shapes"],
-                "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
-
-
 # ----------------------------------------------------------------------------- the tensors
 
 def whiten_shape(whiten):
@@ -197,12 +178,10 @@ def whiten_shape(whiten):
     factor's is), or (n, n) under eigh; float32."""
     def rule(name):
         leader, _, what = name.rpartition(".")
-        if what != "S" or whiten["groups"].get(leader) != leader:
-            return None
-        n = whiten["shapes"][leader][1]
-        if whiten["whitening"] == "cholesky":
-            return (n * (n + 1) // 2,), "cholesky", torch.float32
-        return (n, n), None, torch.float32
+        if what == "S" and whiten["groups"].get(leader) == leader:
+            n = whiten["shapes"][leader][1]
+            packed = whiten["whitening"] == "cholesky"
+            return ((n * (n + 1) // 2,), "cholesky", torch.float32) if packed else ((n, n), None, torch.float32)
     return rule
 
 
@@ -235,12 +214,14 @@ def check_values(t, rule, what):
 
 # ----------------------------------------------------------------------------- local input files
 
-def task_row(item, i):
-    """A local zero-shot task's line i: {"context": str, "choices": [str, str, ...], "label": int index}."""
-    fields(context=string(nonempty=False), choices=lambda v, w: v, label=integer(0))(item, f"line {i}")
-    choices = item["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise Bad(f"line {i}: 'choices' is {choices!r}, not a list of at least two strings")
-    if item["label"] >= len(choices):
-        raise Bad(f"line {i}: 'label' {item['label']} is not an index into its {len(choices)} choices")
-    return {"context": item["context"], "choices": choices, "label": item["label"]}
+class TaskRow(Model):
+    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}."""
+    context: str
+    choices: Annotated[list[str], Field(min_length=2)]
+    label: Count
+
+    @model_validator(mode="after")
+    def label_in_choices(self):
+        if self.label >= len(self.choices):
+            raise Bad(f"'label' {self.label} is not an index into its {len(self.choices)} choices")
+        return self

@@ -9,9 +9,8 @@ import time
 
 import torch
 
-from plumbing import loading
-from truncate import count_params, load_compressed
-from plumbing import cli
+from plumbing import cli, loading
+from plumbing.modeling_lowrank import LowRankForCausalLM
 
 
 @torch.no_grad()
@@ -43,14 +42,14 @@ def speed_child(which, run_dir, model_spec, device_name, cfg):
     if which == "original":
         model, _ = loading.load_model(model_spec, device)
     else:
-        model, _ = load_compressed(f"{run_dir}/compressed", device)
+        model = LowRankForCausalLM.from_pretrained(f"{run_dir}/compressed", dtype="auto").to(device).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)  # bf16 on GPU
         torch.cuda.reset_peak_memory_stats()
     elif os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset the RSS high-water mark, so loading the model is not counted
-    out = {"params": count_params(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    out = {"params": sum(p.numel() for p in model.parameters()), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
     for b in cfg["batches"]:
         out[f"batch{b}"] = throughput(model, device, b, cfg["seqlen"], cfg["new_tokens"], model.config.vocab_size)
     if device.type == "cuda":
@@ -69,9 +68,10 @@ def disk_bytes(folder):
                if f.endswith((".safetensors", ".bin")))
 
 
-def speed_report(run_dir, model_spec, device, args):
+def speed_report(run_dir, model_spec, device, batch, seqlen, new_tokens):
+    """Both models' speed, memory and disk size, each in a fresh process: batch 1 and `batch`."""
     import multiprocessing as mp
-    cfg = {"batches": [1, args.speed_batch], "seqlen": args.speed_seqlen, "new_tokens": args.speed_new_tokens}
+    cfg = {"batches": [1, batch], "seqlen": seqlen, "new_tokens": new_tokens}
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)", **cfg}
     with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:

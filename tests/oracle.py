@@ -43,3 +43,14 @@ def accumulate_gram(model, linears, groups, ids, batch_size, device):
         h.remove()
     T = ids.numel()
     return {k: v / T for k, v in G.items()}
+
+
+def whitening_factor(G, method="cholesky"):
+    """whiten.whitening_factor's S and fix, plus S^-1 (the stages never form it): a triangular solve for
+    cholesky, the pseudo-inverse off S's orthogonal columns for eigh (whiten.expand_factor, in float64)."""
+    import whiten
+    S, fix = whiten.whitening_factor(G, method)
+    if method == "cholesky":
+        eye = torch.eye(len(S), dtype=S.dtype, device=S.device)
+        return S, torch.linalg.solve_triangular(S, eye, upper=False), fix
+    return S, whiten.expand_factor(S, len(S), "eigh")[1], fix

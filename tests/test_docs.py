@@ -124,7 +124,6 @@ def test_readme_add_your_own_method_block_runs_and_is_sigmoid(run_dir, tmp_path)
 
     import learn_masks
     import methods
-    from plumbing import registry
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = re.search(r"## Add your own method.*?```python\n(.*?)```", readme, flags=re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
@@ -141,5 +140,5 @@ def test_readme_add_your_own_method_block_runs_and_is_sigmoid(run_dir, tmp_path)
             assert alloc["method"] == method and abs(alloc["kept_fraction_linear"] - 0.6) <= 0.01
             layers[method] = alloc["layers"]
     finally:
-        del methods.GATES["mysigmoid"], registry.FLAGS["mysigmoid"]
+        del methods.GATES["mysigmoid"]
     assert layers["mysigmoid"] == layers["sigmoid"]

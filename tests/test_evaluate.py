@@ -81,7 +81,7 @@ def test_throughput_is_tokens_over_seconds_on_a_fake_clock(monkeypatch):
 def test_bad_tasks(run_dir, text_file, tmp_path):
     bad_file = tmp_path / "bad.jsonl"
     bad_file.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n{"context": "a", "label": 0}\n')
-    for tasks, expect in (("no_such_task_xyz", "unknown task"), (f"local:{bad_file}", "line 2 has no 'choices'"),
+    for tasks, expect in (("no_such_task_xyz", "unknown task"), (f"local:{bad_file}", "line 2: the row has no 'choices'"),
                           (f"local:{tmp_path}/none.jsonl", "does not exist")):
         code, err = run_inprocess("evaluate.py", "--data", text_file, *EVAL, "--tasks", tasks, "--run_dir", run_dir)
         assert code == 2 and expect in err.strip().splitlines()[-1], err[-800:]

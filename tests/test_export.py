@@ -20,7 +20,6 @@ from methods import ara
 from methods import base
 from methods import hardconcrete
 from methods import soco
-from plumbing import feed, registry
 from plumbing.layers import set_module
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
@@ -54,7 +53,7 @@ def test_the_fixed_masked_model_is_the_truncated_model(method, compensate, train
     factors, shapes = factorize(model, ids)
     args = learn_args(method, steps=20, batch_size=4, train_seqlen=32, compensate=compensate)
     layers, record, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
-    assert all(l.fixed for l in layers.values())  # the state the export reads
+    assert all(l.is_fixed for l in layers.values())  # the state the export reads
     with torch.no_grad():
         fixed_out = model(ids[:4]).logits
     truncated = truncated_logits(model, layers, ranks, factors, components, ids[:4])
@@ -84,14 +83,14 @@ def test_annealed_hardconcrete_ends_on_hard_gates_and_exports_them(trained_tiny)
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("hardconcrete", steps=20, batch_size=4, train_seqlen=32, beta_end=0.05)
-    probe = learn_masks.attach(make(), factors, shapes, 0.6, args)
+    probe = learn_masks.attach_gates(make(), factors, shapes, 0.6, args)
     g = next(iter(probe.values())).gate
 
     def fractional():  # the share of sampled gates strictly between 0 and 1
         z = torch.stack([g.mask(torch.Generator().manual_seed(i)) for i in range(50)])
         return ((z > 0.01) & (z < 0.99)).float().mean().item()
     before, frac_before = g.k_hat().item(), fractional()
-    g.at_step(19, args)  # the last step's temperature
+    g.at_step(19, args.steps)  # the last step's temperature
     assert abs(g.beta_t - 0.05) < 1e-9 and abs(g.k_hat().item() - before) < 1e-3 * before
     assert fractional() < min(0.03, frac_before / 5), frac_before  # nearly binary, unlike at 2/3
     layers, _, ranks, components = learn(model, factors, shapes, 0.6, args, ids)
@@ -112,8 +111,8 @@ def test_the_settle_phase_follows_the_budget_down_for_hardconcrete(trained_tiny)
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("hardconcrete", steps=30, batch_size=4, train_seqlen=32, settle=1.0, guidance=0.0)
-    layers = learn_masks.attach(model, factors, shapes, 0.9, args)  # the gates start at 90% kept's uniform ranks
-    record = learn_masks.train(model, layers, feed.Feed(model, ids, args, args.steps), 0.6, args, torch.device("cpu"))
+    layers = learn_masks.attach_gates(model, factors, shapes, 0.9, args)  # the gates start at 90% kept's uniform ranks
+    record = learn_masks.train(model, layers, learn_masks.Feed(model, ids, args, args.steps), 0.6, args, torch.device("cpu"))
     start, end = record["curve"][0]["rho_hat"], record["curve"][-1]["rho_hat"]
     assert start > 0.85 and (start - end) >= 0.5 * (start - 0.6), (start, end)
 
@@ -139,7 +138,7 @@ def test_a_dense_flag_frozen_in_training_is_exported_dense():
     shapes = {"a": (40, 40), "b": (40, 40)}
     a.dense, b.dense = True, False  # a was frozen dense in the settle phase, then its gate drifted
     assert a.ratio().item() < 0.99
-    base.select({"a": a, "b": b}, shapes, (1600 + 10 * 80) / 3200)
+    base.fix_trained({"a": a, "b": b}, shapes, (1600 + 10 * 80) / 3200)
     ranks, _ = base.export({"a": a, "b": b})
     assert ranks == {"a": "dense", "b": 10}
 
@@ -150,7 +149,7 @@ def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("ara", steps=30, batch_size=4, train_seqlen=32, settle=0.5)
-    layers = learn_masks.attach(model, factors, shapes, 0.85, args)
+    layers = learn_masks.attach_gates(model, factors, shapes, 0.85, args)
     first = next(iter(layers.values()))
     with torch.no_grad():  # one layer starts well past r = 1 (pi on c = 1): dense when settling begins
         first.gate.p.zero_()[0] = 12.0
@@ -165,7 +164,7 @@ def test_frozen_dense_gates_do_not_move_in_the_settle_phase(trained_tiny):
         return wrapped
     learn_masks.schedule, orig = spy(learn_masks.schedule), learn_masks.schedule
     try:
-        learn_masks.train(model, layers, feed.Feed(model, ids, args, args.steps), 0.85, args, torch.device("cpu"))
+        learn_masks.train(model, layers, learn_masks.Feed(model, ids, args, args.steps), 0.85, args, torch.device("cpu"))
     finally:
         learn_masks.schedule = orig
     assert snap, "no layer was dense when the settle phase began: the test needs one"
@@ -180,9 +179,9 @@ def test_a_layer_trained_low_rank_is_exported_low_rank():
     a model it was never trained as)."""
     shapes = {"a": (40, 40), "b": (40, 40)}  # k* = 20
     k_hat = {"a": 19.6, "b": 4.0}
-    ranks, c = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
+    ranks, c = base.ara_ranks(k_hat, shapes, (1600 + 5 * 80) / 3200, set())
     assert ranks == {"a": 19, "b": 6}, (ranks, c)  # a at its top (k* - 1); the rest of the budget (6 x 80) to b
-    ranks, c = base.finalize(k_hat, shapes, (1600 + 5 * 80) / 3200, {"a"})
+    ranks, c = base.ara_ranks(k_hat, shapes, (1600 + 5 * 80) / 3200, {"a"})
     assert ranks == {"a": "dense", "b": 5}, (ranks, c)
 
 
@@ -199,16 +198,16 @@ def test_the_budget_reaches_a_low_rank_layer_pushed_past_one_in_the_settle_phase
 
 
 def test_the_dense_switch_turns_a_layer_dense_and_back():
-    """ARA's switch in the explore phase (base.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
+    """ARA's switch in the explore phase (learn_masks.update_dense): r_l >= 1 runs W x + b, r_l < 1 the factors
     again, and each flip is recorded."""
     layer = fake_layer(ara.AraGate)  # r = 0.5
     record = {"dense_flips": []}
-    base.update_dense({"l": layer}, ["l"], [1.2], 3, record)
+    learn_masks.update_dense({"l": layer}, ["l"], [1.2], 3, record["dense_flips"])
     assert layer.dense and record["dense_flips"] == [[3, "l", "dense"]]
     x = torch.randn(2, 40)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.orig(x))  # dense: the original layer, exactly
-    base.update_dense({"l": layer}, ["l"], [0.7], 4, record)
+    learn_masks.update_dense({"l": layer}, ["l"], [0.7], 4, record["dense_flips"])
     assert not layer.dense and record["dense_flips"][-1] == [4, "l", "low-rank"]
 
 
@@ -250,9 +249,9 @@ def test_compensation_keeps_the_ranks_and_lowers_the_kl(trained_tiny):
         factors, shapes = factorize(model, ids)
         ranks = base.uniform_ranks(shapes, 0.6)
         args = learn_args("uniform", compensate=steps, batch_size=4, train_seqlen=32, steps=1)
-        layers = learn_masks.attach(model, factors, shapes, 0.6, args, learn=False)
-        base.fix_ranks(layers, ranks)
-        learn_masks.compensate(model, layers, feed.Feed(model, ids, args, steps), args, torch.device("cpu"))
+        layers = base.attach(model, factors, ranks)
+        base.fix_prefix(layers, ranks)
+        learn_masks.compensate(model, layers, learn_masks.Feed(model, ids, args, steps), args, torch.device("cpu"))
         out[steps] = (base.export(layers)[0], kl_to_teacher(model, layers, ids))
     assert out[40][0] == out[0][0] == ranks  # the allocation is untouched, so the budget holds exactly
     assert out[40][1] < 0.9 * out[0][1], out
@@ -265,10 +264,10 @@ class ToyGate(base.Gate):
     lr = 0.2
     flags = {"--toy_start": dict(type=float, default=None, help="toy: the kept fraction every gate starts at")}
 
-    def __init__(self, k_max, k0, sigma, args):
+    def __init__(self, k_max, k0, sigma, toy_start=None):
         super().__init__()
         self.k_max = k_max
-        k0 = k0 if args.toy_start is None else round(args.toy_start * k_max)
+        k0 = k0 if toy_start is None else round(toy_start * k_max)
         self.a = torch.nn.Parameter(torch.tensor(math.log(k0 / (k_max - k0))))
 
     def mask(self, gen):
@@ -297,7 +296,7 @@ def test_a_flag_two_methods_declare_differently_fails_loudly():
             learn_masks.parser()
     finally:
         for name in ("toy", "toy_child", "toy_rival"):
-            methods.GATES.pop(name, None), registry.FLAGS.pop(name, None)
+            methods.GATES.pop(name, None)
 
 
 def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
@@ -312,7 +311,7 @@ def test_a_new_method_is_one_registered_gate(run_dir, tmp_path):
                                                 "3", "--train_seqlen", "32", "--toy_start", "0.5", "--run_dir", str(d)])
         learn_masks.main(args)
     finally:
-        del methods.GATES["toy"], registry.FLAGS["toy"]
+        del methods.GATES["toy"]
     alloc = json.load(open(d / "allocation" / "ranks.json"))
     assert alloc["method"] == "toy" and len(alloc["curve"]) == 6 and len(alloc["compensation_curve"]) == 3
     assert alloc["flags"]["toy_start"] == 0.5  # its own flag, declared as data, parsed and recorded

@@ -2,8 +2,8 @@
 cli.run_main in this process (conftest.run_inprocess: what a user's command runs, without the interpreter
 start): non-zero exit, the last stderr line starts with "error:" and names the problem, no traceback, and no
 artifact a later stage would accept (every stage folder's manifest is as before, none is added). Then
-SIGKILLs injected where a kill does the most harm (inside the folder swap, inside JSON writes, inside
-a cache write): the next stage either works on a complete earlier artifact or fails with one line."""
+SIGKILLs injected where a kill does the most harm (tests/crash.py: inside the folder swap, inside JSON writes,
+inside a cache write): the next stage either works on a complete earlier artifact or fails with one line."""
 import json
 import os
 import shutil
@@ -228,9 +228,9 @@ CASES = [
     ("learn factors corrupt", lambda d, f: corrupt_same_size(f"{d}/decompose/block_000.safetensors"),
      "learn_masks.py", ["--method", "energy"], "block_000.safetensors is damaged or was edited"),
     ("learn decompose manifest not json", lambda d, f: open(f"{d}/decompose/manifest.json", "w").write("[]"),
-     "learn_masks.py", [], "decompose/manifest.json is damaged: the file is list, not a JSON object"),
+     "learn_masks.py", [], "decompose/manifest.json is damaged: the file is []: Input should be a valid dictionary"),
     ("truncate rank 0", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(0)),
-     "truncate.py", [], "is 0, not \"dense\" or an integer rank >= 1"),
+     "truncate.py", [], "'] is 0: not \"dense\" or an integer rank >= 1"),
     ("truncate rank too big", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(10 ** 6)),
      "truncate.py", [], "the rank 1000000"),
     ("truncate ranks not json", lambda d, f: edit_json(d, "allocation", "ranks.json", "{not json"),
@@ -300,21 +300,21 @@ CASES += [
     ("json: whiten manifest without groups", lambda d, f: edit_json(d, "whiten", "manifest.json",
      lambda o: o.pop("groups")), "decompose.py", [], "the file has no 'groups'"),
     ("json: whiten groups a list", lambda d, f: edit_json(d, "whiten", "manifest.json",
-     lambda o: o.update(groups=[])), "decompose.py", [], "'groups' is list, not an object"),
+     lambda o: o.update(groups=[])), "decompose.py", [], "'groups' is []: Input should be a valid dictionary"),
     ("json: whiten shard path escapes", lambda d, f: edit_json(d, "whiten", "manifest.json",
-     lambda o: o["shards"].update({k: "../x" for k in o["shards"]})), "decompose.py", [], "is '../x', not a file name in the stage's folder"),
+     lambda o: o["shards"].update({k: "../x" for k in o["shards"]})), "decompose.py", [], "is '../x', a file the manifest does not list"),
     ("json: decompose layer without k_max", lambda d, f: edit_json(d, "decompose", "manifest.json",
      lambda o: next(iter(o["layers"].values())).pop("k_max")), "learn_masks.py", [], "has no 'k_max'"),
     ("json: decompose m a string", lambda d, f: edit_json(d, "decompose", "manifest.json",
-     lambda o: next(iter(o["layers"].values())).update(m="64")), "truncate.py", [], "['m'] is '64', not an integer"),
+     lambda o: next(iter(o["layers"].values())).update(m="64")), "truncate.py", [], "['m'] is '64': Input should be a valid integer"),
     ("json: manifest file entry a number", lambda d, f: edit_json(d, "allocation", "manifest.json",
-     lambda o: o["files"].update({"ranks.json": 5})), "truncate.py", [], "'files'['ranks.json'] is int, not a JSON object"),
+     lambda o: o["files"].update({"ranks.json": 5})), "truncate.py", [], "'files'['ranks.json'] is 5: Input should be a valid dictionary"),
     ("json: ranks layers a list", lambda d, f: edit_json(d, "allocation", "ranks.json", lambda o: o.update(layers=[])),
-     "truncate.py", [], "'layers' is list, not an object"),
+     "truncate.py", [], "'layers' is []: Input should be a valid dictionary"),
     ("json: ranks components a string", lambda d, f: edit_json(d, "allocation", "ranks.json",
-     lambda o: o.update(components="yes")), "truncate.py", [], "'components' is 'yes', not true/false"),
+     lambda o: o.update(components="yes")), "truncate.py", [], "'components' is 'yes': Input should be a valid boolean"),
     ("json: rank true", lambda d, f: edit_json(d, "allocation", "ranks.json", set_rank(True)), "truncate.py", [],
-     "is True, not \"dense\" or an integer rank >= 1"),
+     "is True: not \"dense\" or an integer rank >= 1"),
     ("json: allocation ranks without method", lambda d, f: edit_json(d, "allocation", "ranks.json",
      lambda o: o.pop("method") and None), "evaluate.py", [], "the file has no 'method'"),
     # indices and scales: range
@@ -452,7 +452,7 @@ def test_a_kill_leaves_nothing_a_later_stage_accepts(crash, full_run, tiny_dir, 
     expand = {"W": ["--model", tiny_dir, "--data", text_file, "--nsamples", 4, "--seqlen", 64],
               "E": ["--data", text_file, *EVAL]}
     flat = lambda a: [x for y in ([a] if isinstance(a, str) else a) for x in expand.get(y, [y])]
-    proc = run_stage(script, *flat(args), "--run_dir", d, check=False, env={"RANKALLOC_CRASH": point})
+    proc = run_stage("tests/crash.py", point, script, *flat(args), "--run_dir", d, check=False)
     assert proc.returncode == -9, f"{script} was not killed at {point}: {proc.stderr[-500:]}"
     nxt = run_stage(after, *flat(after_args), "--run_dir", d, check=False)
     if nxt.returncode != 0:
@@ -464,7 +464,7 @@ def test_a_kill_leaves_nothing_a_later_stage_accepts(crash, full_run, tiny_dir, 
 # disks, budgets, caches
 
 HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from plumbing import cli; "
-        "cli.run_dir_lock({d!r}, 'holder.py'); print('held', flush=True); time.sleep(60)")
+        "held = cli.run_dir_lock({d!r}, 'holder.py'); print('held', flush=True); time.sleep(60)")
 
 
 def test_a_second_process_on_one_run_dir_is_refused_and_a_dead_holder_is_not(full_run, tmp_path):

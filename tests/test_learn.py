@@ -10,11 +10,10 @@ from conftest import run_inprocess, stage, tiny_model
 from decompose import whitened_svd
 from truncate import compress_model
 from oracle import accumulate_gram, share_groups
-from whiten import whitening_factor
+from oracle import whitening_factor
 import learn_masks
 from methods import ara
 from methods import base
-from plumbing import feed
 from plumbing.layers import find_linears, set_module, weight_matrix
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
@@ -41,11 +40,11 @@ def factorize(model, ids, kmax_mult=1.2):
 
 
 def learn(model, factors, shapes, rho, args, ids):
-    """learn_masks.allocate in memory: attach, train, select (fixed layers), compensate, export."""
-    layers = learn_masks.attach(model, factors, shapes, rho, args)
-    data = feed.Feed(model, ids, args, args.steps + args.compensate)
+    """learn_masks.allocate in memory: attach, train, fix (ARA's finalisation), compensate, export."""
+    layers = learn_masks.attach_gates(model, factors, shapes, rho, args)
+    data = learn_masks.Feed(model, ids, args, args.steps + args.compensate)
     record = learn_masks.train(model, layers, data, rho, args, torch.device("cpu"))
-    record.update(base.select(layers, shapes, rho))
+    record.update(base.fix_trained(layers, shapes, rho))
     record["compensation_curve"] = learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
     ranks, components = base.export(layers)
     return layers, record, ranks, components
@@ -92,9 +91,10 @@ def test_each_method_runs_its_own_schedule_unless_told():
     for flags, want in [(["--method", "soco"], (200, 250)), (["--method", "ara"], (200, 100)),
                         (["--method", "uniform"], (200, 0)), (["--method", "uniform", "--compensate", "40"], (200, 40)),
                         (["--method", "soco", "--steps", "7", "--compensate", "0"], (7, 0))]:
-        args = learn_masks.parser().parse_args(flags)
-        learn_masks.resolve_schedule(args)
+        parsed = learn_masks.parser().parse_args(flags)
+        args = learn_masks.with_schedule(parsed)
         assert (args.steps, args.compensate) == want, flags
+        assert parsed.steps is None or parsed.steps == args.steps  # a new namespace: the parsed flags unchanged
 
 
 def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
@@ -111,7 +111,7 @@ def test_guidance_is_zero_at_dense_and_pushes_a_flat_spectrum_up():
 def test_guidance_alone_makes_a_flat_layer_dense():
     torch.manual_seed(0)
     m = n = 32
-    gate = ara.AraGate(int(1.2 * base.k_star(m, n)), 8, torch.ones(n), learn_args("ara"))
+    gate = ara.AraGate(int(1.2 * base.k_star(m, n)), 8, torch.ones(n))
     layer = base.MaskedLinear(torch.nn.Linear(n, m), torch.randn(m, gate.k_max), torch.ones(n),
                                  torch.randn(gate.k_max, n), gate, {})
     b = base.guidance_grid(layer.sigma_full, m, n)[None]

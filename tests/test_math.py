@@ -2,7 +2,7 @@
 import torch
 
 from decompose import whitened_svd
-from whiten import whitening_factor
+from oracle import whitening_factor
 from methods import base
 
 

@@ -7,7 +7,7 @@ from conftest import tiny_model
 from decompose import whitened_svd
 from truncate import compress_model, lowrank_factors
 from oracle import accumulate_gram, share_groups
-from whiten import whitening_factor
+from oracle import whitening_factor
 from plumbing.layers import find_linears, set_module, weight_matrix
 from plumbing.modeling_lowrank import LowRankLinear
 

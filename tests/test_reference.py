@@ -207,11 +207,12 @@ def test_k_hat_is_the_expected_number_kept(method, beta_end):
     beta_t), ARA's count off by the rounding."""
     torch.manual_seed(0)
     args = gate_args(beta_end=beta_end, steps=50)
-    gate = methods.GATES[method](40, 20, torch.linspace(2, 0.1, 40), args)
+    hyper = {"beta_end": beta_end} if method == "hardconcrete" else {}
+    gate = methods.GATES[method](40, 20, torch.linspace(2, 0.1, 40), **hyper)
     with torch.no_grad():
         for p in gate.parameters():
             p.add_(torch.randn_like(p) * 2)
-    gate.at_step(49, args)  # hard-concrete: beta_t = beta_end (a no-op for the others and at 2/3)
+    gate.at_step(49, args.steps)  # hard-concrete: beta_t = beta_end (a no-op for the others and at 2/3)
     gen = torch.Generator().manual_seed(1)
     counts = torch.stack([(gate.mask(gen).detach() > 0).float().sum() for _ in range(4000)])
     k_hat = float(gate.k_hat())
@@ -226,7 +227,7 @@ def test_ara_init_expected_rho_is_the_uniform_rank(k0):
     """ARA's two-level init: E[rho] = sum_j pi_j c_j = k0 / k_max exactly (the paper's uniform start), by
     the closed form sum over the simplex; below the eps floor's own mean (eps / 2 = 0.025 of k_max: k0 = 1
     of 64) it is that floor. Catches a j0 off by one, the eps floor left out of the mean."""
-    gate = ara.AraGate(64, k0, torch.ones(64), gate_args())
+    gate = ara.AraGate(64, k0, torch.ones(64))
     pi = torch.softmax(gate.p.detach().double(), 0)
     c = 1 - torch.arange(101, dtype=torch.float64) / 100
     assert abs(float((pi * c).sum()) - max(k0 / 64, 0.05 * 0.5)) < 1e-6
@@ -294,11 +295,13 @@ def test_budget_and_sparsity_terms_by_hand():
     r, mn = torch.tensor([0.5, 1.25]), torch.tensor([1000.0, 3000.0])
     rho_hat = base.rho_hat_of(r, mn)
     assert abs(rho_hat.item() - (0.5 * 1000 + 1.0 * 3000) / 4000) < 1e-7
-    gates = [SimpleNamespace(theta=torch.tensor([1.5, -0.5, 0.25])), SimpleNamespace(theta=torch.tensor([0.5, 0.0]))]
-    ctx = SimpleNamespace(r=r, rho_hat=rho_hat, rho=0.6, alpha=40.0, b_grid=torch.zeros(2, 101), gates=gates)
-    args = argparse.Namespace(guidance=0.0, sparsity=3.0)
     from methods.soco import SocoGate
-    terms = SocoGate.terms(ctx, {"budget": True, "sparsity": True}, args)
+    gates = [SocoGate(3, 3, torch.ones(3), sparsity=3.0), SocoGate(2, 2, torch.ones(2), sparsity=3.0)]
+    with torch.no_grad():
+        gates[0].theta.copy_(torch.tensor([1.5, -0.5, 0.25]))
+        gates[1].theta.copy_(torch.tensor([0.5, 0.0]))
+    terms = learn_masks.loss_terms({"budget": True, "sparsity": True}, r, rho_hat, 0.6, 40.0, 0.0,
+                                   torch.zeros(2, 101), gates)
     assert abs(terms["budget"].item() - 40.0 * (0.875 - 0.6) ** 2) < 1e-5
     assert abs(terms["sparsity"].item() - 3.0 * ((1.5 + 0 + 0.25) / 3 + (0.5 + 0.0) / 2) / 2) < 1e-6
     assert terms["guid"].item() == 0.0
@@ -433,7 +436,7 @@ def test_svdllm2_two_weight_types_by_hand():
     scale = {k: (1e-4 if "down_proj" in k else 1.0) for k in decay}  # down_proj: L_min <= 1
     sig = {k: [scale[k] * decay[k] ** i for i in range(16)] for k in decay}
     _, _, rec = closed_form.allocate_svdllm2(
-        shapes, R, {"sigmas": {k: torch.tensor(v, dtype=torch.float64) for k, v in sig.items()}, "tokens": T}, None)
+        shapes, R, {"sigmas": {k: torch.tensor(v, dtype=torch.float64) for k, v in sig.items()}, "tokens": T})
     for kind in ("self_attn.q_proj", "mlp.up_proj"):
         names = [k for k in decay if k.endswith(kind)]
         L = {}
@@ -457,9 +460,9 @@ def test_finalisation_gives_way_the_least_wanted_dense_layer_by_hand():
     Catches the wrong layer popped (sorted the other way), every dense layer dropped, no give-way at all."""
     shapes = {"a": (40, 40), "b": (40, 40), "c": (40, 40)}
     k_hat = {"a": 19.0, "b": 18.0, "c": 4.0}
-    ranks, c = base.finalize(k_hat, shapes, 3279 / 4800, {"a", "b"})
+    ranks, c = base.ara_ranks(k_hat, shapes, 3279 / 4800, {"a", "b"})
     assert ranks == {"a": "dense", "b": 16, "c": 4} and 0.9 < c < 0.917
-    ranks, _ = base.finalize(k_hat, shapes, 3280 / 4800, {"a", "b"})
+    ranks, _ = base.ara_ranks(k_hat, shapes, 3280 / 4800, {"a", "b"})
     assert ranks == {"a": "dense", "b": "dense", "c": 1}
 
 
@@ -470,7 +473,8 @@ def test_eigh_whitening_is_a_pseudo_inverse_with_the_whitened_loss_of_svd_llm():
     sigma^2 at every k. Catches 1 / lambda for 1 / sqrt(lambda), the dropped rows left at 1 / sqrt(eps),
     S^-1 transposed, the round trip keeping a rounding-level eigenvalue."""
     from decompose import whitened_svd
-    from whiten import compact_factor, expand_factor, whitening_factor
+    from oracle import whitening_factor
+    from whiten import compact_factor, expand_factor
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(16, 8, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)[:, None]
     W = torch.randn(12, 16, generator=gen, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""What lets the stages run at the papers' scale (issue: 7B-class models): block-by-block whitening
+"""What lets the stages run at the papers' scale: block-by-block whitening
 gives the whole-model numbers with one block's Grams alive, the compact artifacts round-trip, and the
 compressed folder loads without random initialisation, with this repository or with plain transformers."""
 import json
@@ -9,14 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_stage, stage, tiny_model, tiny_tokenizer
-from oracle import accumulate_gram, share_groups
+from conftest import ROOT, run_inprocess, run_stage, stage, tiny_model, tiny_tokenizer
+from oracle import accumulate_gram, share_groups, whitening_factor
 import learn_masks
 from methods import base
-from plumbing import feed
-from plumbing.layers import decoder_blocks, find_linears
-from whiten import (block_grams, block_names, capture_block_inputs, compact_factor, expand_factor,
-                    whitening_factor)
+from plumbing.layers import checkpoint_blocks, decoder_blocks, find_linears
+from whiten import block_grams, block_names, capture_block_inputs, compact_factor, expand_factor
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])
@@ -43,16 +41,30 @@ def test_block_by_block_grams_equal_whole_model(arch):
         assert torch.isfinite(model(ids[:1]).logits).all()
 
 
-def test_only_one_blocks_grams_are_alive(tiny_dir, text_file, tmp_path):
-    """Counted (weakrefs on every Gram tensor), not timed: the peak equals the groups of one block."""
-    run_stage("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 4, "--seqlen", 32,
-              "--run_dir", tmp_path)
+def test_only_one_blocks_grams_are_alive(tiny_dir, text_file, tmp_path, monkeypatch):
+    """Counted (weakrefs on every Gram tensor block_grams returns), not timed: the peak equals the groups of one
+    block, so a stage that kept an earlier block's Grams would fail."""
+    import weakref
+    import whiten
+    count, real = {"alive": 0, "peak": 0}, whiten.block_grams
+
+    def counted(*a, **kw):
+        groups, G = real(*a, **kw)
+        for g in G.values():
+            count["alive"] += 1
+            weakref.finalize(g, lambda: count.__setitem__("alive", count["alive"] - 1))
+        count["peak"] = max(count["peak"], count["alive"])
+        return groups, G
+    monkeypatch.setattr(whiten, "block_grams", counted)
+    code, err = run_inprocess("whiten.py", "--model", tiny_dir, "--data", text_file, "--nsamples", 4, "--seqlen", 32,
+                              "--run_dir", tmp_path)
+    assert code == 0, err
     man = json.load(open(tmp_path / "whiten" / "manifest.json"))
     per_block = {}
     for leader, shard in man["shards"].items():
         per_block[shard] = per_block.get(shard, 0) + 1
     assert len(per_block) == 2  # two decoder blocks, one shard each
-    assert man["gram_matrices_alive_peak"] == max(per_block.values()) == 4  # qkv, o, gate/up, down
+    assert count["peak"] == max(per_block.values()) == 4  # qkv, o, gate/up, down
     assert sorted(f for f in man["files"] if f.startswith("block_")) == sorted(per_block)
 
 
@@ -150,9 +162,9 @@ def test_checkpointing_keeps_the_gradients_and_noise():
     for checkpointing in (False, True):
         model = tiny_model("llama")
         factors, shapes = factorize(model, ids)
-        layers = learn_masks.attach(model, factors, shapes, 0.6, learn_args("sigmoid"))
+        layers = learn_masks.attach_gates(model, factors, shapes, 0.6, learn_args("sigmoid"))
         if checkpointing:
-            feed.checkpoint_blocks(model)
+            checkpoint_blocks(model)
         learn_masks.draw_masks(layers, {}, 0)
         model(ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
         grads.append(torch.cat([l.gate.z.grad for l in layers.values()]))
@@ -222,17 +234,19 @@ def test_teacher_cache_is_exact_and_skips_revisits():
         model = tiny_model("llama")
         factors, shapes = factorize(model, ids)
         args = learn_args("ara", steps=12, batch_size=4, train_seqlen=32, teacher_cache=mode)
-        layers = learn_masks.attach(model, factors, shapes, 0.6, args)
-        data = feed.Feed(model, ids, args, args.steps)
+        layers = learn_masks.attach_gates(model, factors, shapes, 0.6, args)
+        data = learn_masks.Feed(model, ids, args, args.steps)
         record = learn_masks.train(model, layers, data, 0.6, args, torch.device("cpu"))
-        base.select(layers, shapes, 0.6)
+        base.fix_trained(layers, shapes, 0.6)
         out[mode] = ({**record, **data.record}, base.export(layers)[0])
     assert out["off"][0]["teacher_forwards"] == 12 and out["on"][0]["teacher_forwards"] == 4
     assert [c["loss"] for c in out["on"][0]["curve"]] == [c["loss"] for c in out["off"][0]["curve"]]
     assert out["on"][1] == out["off"][1]
-    auto = learn_args("ara", steps=12, batch_size=4, train_seqlen=32)
-    assert feed.use_teacher_cache(auto, 16, 320) and not feed.use_teacher_cache(auto, 64, 320)  # revisits?
-    assert not feed.use_teacher_cache(learn_args("ara", loss="ce", teacher_cache="on"), 16, 320)
+    fits = dict(steps=12, batch=4, seqlen=32, vocab=320, itemsize=4, gb=16.0)
+    assert learn_masks.use_teacher_cache("auto", "kl", n_chunks=16, **fits)  # 48 chunk visits of 16 chunks
+    assert not learn_masks.use_teacher_cache("auto", "kl", n_chunks=64, **fits)  # no chunk revisited
+    assert not learn_masks.use_teacher_cache("auto", "kl", n_chunks=16, **{**fits, "gb": 1e-6})  # does not fit
+    assert not learn_masks.use_teacher_cache("on", "ce", n_chunks=16, **fits)  # no teacher to cache
 
 
 def test_scale_random_model_fits_a_tokenizer_larger_than_its_shape(tiny_dir, tmp_path, monkeypatch):
@@ -302,8 +316,8 @@ def test_a_bf16_checkpoint_runs_the_stages_in_float32_on_the_cpu(tmp_path, text_
     decomp = json.load(open(f"{d}/decompose/manifest.json"))
     assert whiten["dtype"] == "bfloat16" and decomp["factor_dtype"] == "bfloat16"
     args = argparse.Namespace(**{**vars(learn_masks.parser().parse_args([])), "method": "ara", "run_dir": d})
-    ctx = feed.load_context(args, d, whiten, decomp, needs_model=True)
-    assert ctx["model"].dtype == torch.float32
+    inputs = learn_masks.load_inputs(args, whiten, decomp, needs_model=True)
+    assert inputs["model"].dtype == torch.float32
     stage("learn_masks.py", "--keep", 0.6, "--run_dir", d)
     stage("truncate.py", "--run_dir", d)
     assert json.load(open(f"{d}/compressed/config.json"))["dtype"] == "bfloat16"

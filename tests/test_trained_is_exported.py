@@ -9,7 +9,6 @@ import torch
 import learn_masks
 from conftest import stage
 from methods import base
-from plumbing import feed
 from test_export import kl_to_teacher
 from test_learn import factorize, learn_args
 
@@ -25,8 +24,8 @@ def trained(method, trained_tiny, keep=KEEP, **flags):
     factors, shapes = factorize(model, ids)
     args = learn_args(method, **{"steps": STEPS, "batch_size": 4, "train_seqlen": 32, "beta_end": 0.05,
                                  "compensate": COMPENSATE, **flags})
-    layers = learn_masks.attach(model, factors, shapes, keep, args)
-    data = feed.Feed(model, ids, args, args.steps + args.compensate)
+    layers = learn_masks.attach_gates(model, factors, shapes, keep, args)
+    data = learn_masks.Feed(model, ids, args, args.steps + args.compensate)
     learn_masks.train(model, layers, data, keep, args, torch.device("cpu"))
     return model, layers, shapes, data, args
 
@@ -49,7 +48,7 @@ def test_a_deterministic_mask_is_exported_as_trained(method, trained_tiny, heldo
         learn_masks.draw_masks(layers, {}, 0)
         logits_trained = model(heldout_ids).logits
         learn_masks.clear_masks(layers)
-    c = base.select(layers, shapes, KEEP)["export_scale"]
+    c = base.fix_trained(layers, shapes, KEEP)["export_scale"]
     assert abs(c - 1) < 0.02, c  # the settle phase ends on the budget
     assert {n for n, l in layers.items() if l.dense} == set(layers) - set(masks)  # dense as trained
     moved = []
@@ -86,7 +85,7 @@ def test_a_sampled_mask_is_exported_as_its_most_probable_mask(method, trained_ti
             g = l.gate
             P[n] = torch.sigmoid(g.z) if method == "sigmoid" else torch.sigmoid(g.log_alpha - g.shift())
         k_hat = {n: layers[n].gate.k_hat().item() for n in P}
-    c = base.select(layers, shapes, KEEP)["export_scale"]
+    c = base.fix_trained(layers, shapes, KEEP)["export_scale"]
     for n, p in P.items():
         kept = set(layers[n].index.tolist())
         probable = set((p > 0.5).nonzero().squeeze(1).tolist())
@@ -112,12 +111,12 @@ def test_the_files_on_disk_give_the_trained_model(method, compensate, trained_ru
     for part in ("whiten", "decompose"):
         shutil.copytree(f"{trained_run_dir}/{part}", d / part)
     seen = {}
-    real = learn_masks.load_context
+    real = learn_masks.load_inputs
 
-    def spy(*a, **kw):  # the context learn_masks.main trains in: its model ends fixed and compensated
+    def spy(*a, **kw):  # the inputs learn_masks.main trains on: its model ends fixed and compensated
         seen.update(real(*a, **kw))
         return seen
-    monkeypatch.setattr(learn_masks, "load_context", spy)
+    monkeypatch.setattr(learn_masks, "load_inputs", spy)
     stage("learn_masks.py", "--method", method, "--keep", KEEP, "--steps", 30, "--compensate", compensate,
           "--train_seqlen", 32, "--batch_size", 4, "--run_dir", d)
     stage("truncate.py", "--run_dir", d)
@@ -138,9 +137,10 @@ def uniform_fixed(trained_tiny, keep=KEEP, compensate=COMPENSATE):
     model = make()
     factors, shapes = factorize(model, ids)
     args = learn_args("sigmoid", compensate=compensate)
-    layers = learn_masks.attach(model, factors, shapes, keep, args, learn=False)
-    base.fix_ranks(layers, base.uniform_ranks(shapes, keep))
-    return model, layers, shapes, feed.Feed(model, ids, args, compensate), args
+    ranks = base.uniform_ranks(shapes, keep)
+    layers = base.attach(model, factors, ranks)
+    base.fix_prefix(layers, ranks)
+    return model, layers, shapes, learn_masks.Feed(model, ids, args, compensate), args
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_learning_helps(method, trained_tiny, heldout_ids, uniform_kl):
     uniform + the same COMPENSATE steps, at 60% kept: KL(original || exported) on held-out windows must be
     lower. Catches a learner whose gradients push the wrong way, or whose export loses what it learned."""
     model, layers, shapes, data, args = trained(method, trained_tiny)
-    base.select(layers, shapes, KEEP)
+    base.fix_trained(layers, shapes, KEEP)
     learn_masks.compensate(model, layers, data, args, torch.device("cpu"))
     kl = kl_to_teacher(model, layers, heldout_ids)
     assert kl < uniform_kl, (method, kl, uniform_kl)
