@@ -26,13 +26,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from plumbing import artifacts, schema
+from plumbing import artifacts
 from plumbing import loading
 from plumbing.cli import UserError
 from whiten import expand_factor
 from methods import base
 from plumbing import cli
-from plumbing.layers import find_linears, weight_matrix
+from plumbing.loading import find_linears, weight_matrix
 
 
 # ----------------------------------------------------------------------------- math
@@ -56,11 +56,10 @@ def factor_dtype(model_dtype):
 
 
 def main(args):
-    cli.check_flags(args, kmax_mult=(1, None))  # < 1 would store fewer than k* components
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
     device = cli.pick_device(args.device)
     t0 = time.time()
-    model, _ = loading.load_model(whiten["model"], "cpu")
+    model = loading.load_model(whiten["model"], "cpu")
     artifacts.check_model(model, whiten)
     linears = find_linears(model)
     groups, store = whiten["groups"], factor_dtype(model.dtype)
@@ -68,7 +67,7 @@ def main(args):
     for name in linears:
         members.setdefault(groups[name], []).append(name)
     S_file = artifacts.Shards(args.run_dir, "whiten", f"python whiten.py --run_dir {args.run_dir}", whiten["shards"],
-                             shape=schema.whiten_shape(whiten))
+                             shape=artifacts.whiten_shape(whiten))
     out = artifacts.stage_dir(args.run_dir, "decompose")
     info, shards, tensors, fractions = {}, {}, {}, (0.9, 0.8, 0.6)
     order = list(dict.fromkeys(groups[n] for n in linears))  # leaders in forward order: shards block by block
@@ -109,7 +108,7 @@ def main(args):
 def parser():
     """The flags (a function, so the tests can parse and run a stage in-process)."""
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--kmax_mult", type=float, default=1.2,
+    p.add_argument("--kmax_mult", type=cli.number(float, 1), default=1.2,  # < 1: fewer than k* components
                    help="store k_max = min(rank, floor(kmax_mult * k*)) components (ARA: 1.2); large = full rank")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

@@ -11,7 +11,8 @@ error, never a dropped window (docs/METHODS.md §4). Also parameter counts and k
 (of the compressed linears and of the whole model, printed as kept AND removed). --speed: plumbing/speed.py.
 
 Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, kept_fraction_linear,
-kept_fraction_model, eval settings, wall time of every stage.
+kept_fraction_model, eval settings, wall time of every stage; RUN_DIR/heatmap.png, the allocation scored
+(plumbing/plots.py; a learned run's r_l over training: python -m plumbing.plots --trajectory RUN_DIR/allocation/ranks.json).
 
   python evaluate.py --run_dir runs/default
   python evaluate.py --run_dir runs/llama2 --protocol paper     # online: WikiText-2, as the papers report
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import artifacts, cli, loading, schema
+from plumbing import artifacts, cli, loading, plots
 from plumbing.cli import UserError
-from plumbing.layers import decoder_blocks, is_linear
+from plumbing.loading import decoder_blocks, is_linear
 from plumbing.speed import print_speed, speed_report
 from plumbing.tasks import prepare_tasks, zero_shot
 from truncate import count_params, load_compressed
@@ -151,7 +152,7 @@ def label(alloc, run_dir):
     """The method and the budget asked for, as learn_masks.py recorded them in its manifest and its ranks.json
     (both read and cross-checked: a row's label is never taken from one edited file)."""
     rerun = f"python learn_masks.py --run_dir {run_dir}"
-    ranks = artifacts.read_json(f"{run_dir}/allocation/ranks.json", rerun, schema.RANKS)
+    ranks = artifacts.read_json(f"{run_dir}/allocation/ranks.json", rerun, artifacts.RANKS)
     for key in ("method", "keep"):
         if ranks[key] != alloc[key]:
             raise UserError(f"{run_dir}/allocation: ranks.json and manifest.json disagree on {key!r} ({ranks[key]!r} "
@@ -167,15 +168,14 @@ def check_chain(run_dir):
 
 def main(args):
     resolve_protocol(args)
-    cli.check_flags(args, seqlen=(2, None), max_windows=(0, None), batch_size=(1, None), task_items=(1, None),
-                       speed_batch=(1, None), speed_seqlen=(17, None), speed_new_tokens=(1, None))
     loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]
     ranks = label(chain["allocation"], args.run_dir)
     device = cli.pick_device(args.device)
     dtype, placement = cli.DTYPES[args.dtype], {"device_map": args.device_map} if args.device_map else {}
-    model, tok = loading.load_model(whiten["model"], device, **placement)
+    model = loading.load_model(whiten["model"], device, **placement)
+    tok = loading.load_tokenizer(whiten["model"], model)
     artifacts.check_model(model, whiten)  # in the model's own dtype (whiten/ fingerprinted that), then cast
     if dtype is None and not args.device_map:
         dtype = cli.compute_dtype(model.dtype, device)  # auto: the model's own, on the CPU float32 for bf16 / fp16
@@ -215,6 +215,11 @@ def main(args):
     if speed:
         metrics["speed"] = speed
     artifacts.write_json(os.path.join(args.run_dir, "metrics.json"), metrics)
+    shapes = {name: (v["m"], v["n"]) for name, v in chain["decompose"]["layers"].items()}
+    with artifacts.one_line(f"python learn_masks.py --run_dir {args.run_dir}", f"{args.run_dir}/allocation/ranks.json: "):
+        artifacts.same_keys(ranks["layers"], shapes, "'layers'", "decompose/manifest.json")
+    plots.write_allocation_plots({**{k: ranks[k] for k in ("method", "keep", "layers")}, "shapes": shapes,  # read,
+                                  "kept_fraction_linear": metrics["kept_fraction_linear"]}, args.run_dir)  # checked
     print(f"\nperplexity, {protocol_line(ev)}")
     print(f"| model | params | kept (linears) | kept (model) | ppl |\n|---|---|---|---|---|\n"
           f"| original | {original['params']:,} | 100% | 100% | {original['ppl']:.2f} |\n"
@@ -239,23 +244,23 @@ def parser():
     p.add_argument("--data", default=None, help="'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path (default: the protocol's)")
     p.add_argument("--split", choices=["dev", "test"], default="test",
                    help="dev: the documents defaults are chosen on; test: the reported numbers (docs/METHODS.md §4)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per evaluation window (default: the protocol's)")
-    p.add_argument("--max_windows", type=int, default=None,
+    p.add_argument("--seqlen", type=cli.LENGTH, default=None, help="tokens per evaluation window (default: the protocol's)")
+    p.add_argument("--max_windows", type=cli.number(int, 0), default=None,
                    help="evaluate at most this many windows, 0 = all (default: the protocol's)")
     p.add_argument("--dtype", choices=list(cli.DTYPES), default=None,
                    help="dtype both models are evaluated in (default: the protocol's; auto = the model's own, but float32 "
                    "on the CPU for a bf16 / fp16 model: its matmuls are far faster there)")
     p.add_argument("--device_map", choices=["auto"], default=None,
                    help="auto: accelerate spreads each model over every visible GPU (models past one GPU; no CPU offload)")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=cli.COUNT, default=4, help="windows per forward pass")
     p.add_argument("--tasks", default="", help="comma-separated zero-shot tasks through lm-eval: harness names "
                    "(online), local_continuation (built from the held-out text; NOT a standard benchmark), "
                    "local:PATH.jsonl (lines {context, choices, label})")
-    p.add_argument("--task_items", type=int, default=100, help="items of local_continuation")
+    p.add_argument("--task_items", type=cli.COUNT, default=100, help="items of local_continuation")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s, peak memory, disk size")
-    p.add_argument("--speed_batch", type=int, default=8, help="the larger batch of the speed test (batch 1 always)")
-    p.add_argument("--speed_seqlen", type=int, default=256, help="prompt tokens of the prefill test")
-    p.add_argument("--speed_new_tokens", type=int, default=32, help="generated tokens of the decode test")
+    p.add_argument("--speed_batch", type=cli.COUNT, default=8, help="the larger batch of the speed test (batch 1 always)")
+    p.add_argument("--speed_seqlen", type=cli.number(int, 17), default=256, help="prompt tokens of the prefill test")
+    p.add_argument("--speed_new_tokens", type=cli.COUNT, default=32, help="generated tokens of the decode test")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
     return p

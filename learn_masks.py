@@ -33,7 +33,6 @@ Writes RUN_DIR/allocation/:
   components.safetensors    where a layer keeps other than its top-k prefix or scales other than 1 (a
                             learned subset, hard-concrete's test-time gates at a fixed beta, SoCo's scores, compensated
                             scales): {layer}.index (k,), {layer}.scale (k,)
-  heatmap.png, trajectory.png   the allocation and each layer's r_l over training (plumbing/plots.py)
   manifest.json             decompose/ hash, method, seed, flags
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
@@ -55,7 +54,7 @@ import methods
 from methods import closed_form, strs, sigmoid, hardconcrete, ara, soco  # noqa: F401  (each registers itself)
 from methods import base
 from methods.base import Gate, attach, export, fix_prefix, fix_trained, guidance_grid, guidance_loss, rho_hat_of
-from plumbing import artifacts, cli, layers as layer_walk, loading, plots, schema
+from plumbing import artifacts, cli, loading
 from plumbing.cli import UserError
 
 
@@ -313,14 +312,14 @@ def load_inputs(args, whiten, decomp, needs_model):
     """What a method reads: the closed-form ones only the spectra; STRS, the learned ones and any method run
     with --compensate also the model (in its compute dtype), the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {args.run_dir}"
-    f = artifacts.Shards(args.run_dir, "decompose", rerun, decomp["shards"], shape=schema.factor_shape(decomp))
+    f = artifacts.Shards(args.run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shape(decomp))
     ids = artifacts.read_ids(args.run_dir, whiten)
     inputs = {"sigmas": {name: f.get(f"{name}.sigma") for name in decomp["layers"]}, "tokens": ids.numel(),
               "decompose_dir": f"{args.run_dir}/decompose"}  # tokens counted, not read off the manifest
     if not needs_model:
         return inputs
     device = cli.pick_device(args.device)
-    model, _ = loading.load_model(whiten["model"], device, device_map=args.device_map)
+    model = loading.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
     # bf16 on a GPU; on the CPU float32 for a half-precision model (cli.compute_dtype: half-precision matmuls are
     # slow there), and float16 is never used for the factors: its range cannot hold V^T S^-1, see decompose.py
@@ -329,7 +328,7 @@ def load_inputs(args, whiten, decomp, needs_model):
     if dtype is not None and not args.device_map:  # a dispatched model is not cast (check_dtype_placement)
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
-        layer_walk.checkpoint_blocks(model)
+        loading.checkpoint_blocks(model)
     if args.loss == "hidden_mse":
         L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
         if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
@@ -382,15 +381,9 @@ def allocate(shapes, rho, inputs, args):
 
 
 def check_args(args):
-    """Every flag in range before any work (one line and exit 2 otherwise)."""
-    if not 0 < args.keep <= 1:
-        raise UserError(f"--keep {args.keep} is outside (0, 1]: it is the KEPT fraction, e.g. 0.8 = 20% removed")
+    """What the flags' types cannot check alone, before any work (one line and exit 2 otherwise)."""
     if args.method not in methods.names():
         raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods.names())}")
-    cli.check_flags(args, steps=(1, None), batch_size=(1, None), train_seqlen=(2, None), lr=((">", 0), None),
-                    alpha=(0, None), alpha_growth=((">", 0), None), guidance=(0, None), log_every=(1, None),
-                    seed=(0, 2**32 - 1), settle=(0, 1), compensate=(0, None), compensate_lr=((">", 0), None),
-                    teacher_cache_gb=(0, None))
     loading.check_dtype_placement(args.dtype, args.device_map)
     if args.method in methods.GATES:
         cls = methods.GATES[args.method]
@@ -432,7 +425,6 @@ def main(args):
                   "shapes": shapes, "components": bool(components), "flags": vars(args), "wall_time_s": wall,
                   **record}
     artifacts.write_json(f"{out}/ranks.json", allocation)
-    plots.write_allocation_plots(allocation, out)
     artifacts.commit_stage(args.run_dir, "allocation", out, {
         "inputs": {"decompose": decomp["hash"]}, "method": args.method, "keep": args.keep,
         "seed": args.seed, "flags": vars(args), **cli.peak_gpu(cli.pick_device(args.device)),
@@ -457,35 +449,36 @@ def parser():
     """The flags (a function, so a registered method's test can parse them in-process)."""
     p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="uniform", help="|".join(methods.names()) + " (or one registered with methods.register)")
-    p.add_argument("--keep", type=float, default=0.8, help="KEPT fraction of the compressed linears, in (0, 1]")
+    p.add_argument("--keep", type=cli.number(float, 0, 1, lo_open=True), default=0.8,
+                   help="KEPT fraction of the compressed linears, in (0, 1]: 0.8 = 20%% removed")
     p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
                    help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
     p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps, cosine-decayed lr (default per method: Gate.steps)")
-    p.add_argument("--batch_size", type=int, default=2, help="calibration chunks per step")
-    p.add_argument("--train_seqlen", type=int, default=128,
+    p.add_argument("--steps", type=cli.COUNT, default=None, help="optimiser steps, cosine-decayed lr (default per method: Gate.steps)")
+    p.add_argument("--batch_size", type=cli.COUNT, default=2, help="calibration chunks per step")
+    p.add_argument("--train_seqlen", type=cli.LENGTH, default=128,
                    help="tokens per training chunk; the steps walk seeded epochs over every window's chunks")
     lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in methods.GATES.items())
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
-    p.add_argument("--alpha", type=float, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
-    p.add_argument("--settle", type=float, default=0.5,
+    p.add_argument("--lr", type=cli.POSITIVE, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
+    p.add_argument("--alpha", type=cli.NONNEGATIVE, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
+    p.add_argument("--settle", type=cli.number(float, 0, 1), default=0.5,
                    help="last fraction of the steps: dense layers fixed, alpha grows (0 = ARA's single phase)")
-    p.add_argument("--alpha_growth", type=float, default=100.0,
+    p.add_argument("--alpha_growth", type=cli.POSITIVE, default=100.0,
                    help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
-    p.add_argument("--guidance", type=float, default=50.0,
+    p.add_argument("--guidance", type=cli.NONNEGATIVE, default=50.0,
                    help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
     p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
                    help="gates start at the uniform allocation, energy's, or the paper's (LLRC's logits 6 -> 3, "
                    "SoCo's scores 1: every layer dense)")
-    p.add_argument("--compensate", type=int, default=None,
+    p.add_argument("--compensate", type=cli.number(int, 0), default=None,
                    help="steps training only the kept components' scales after the allocation is final (default: "
                    "the learned method's own; 0 after one that trains nothing, or for the papers' plain methods)")
-    p.add_argument("--compensate_lr", type=float, default=0.02, help="AdamW learning rate of the compensation stage")
-    p.add_argument("--log_every", type=int, default=10, help="record every layer's r_l every N steps in ranks.json")
+    p.add_argument("--compensate_lr", type=cli.POSITIVE, default=0.02, help="AdamW learning rate of the compensation stage")
+    p.add_argument("--log_every", type=cli.COUNT, default=10, help="record every layer's r_l every N steps in ranks.json")
     p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
                    help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
                    "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
-    p.add_argument("--teacher_cache_gb", type=float, default=16.0, help="CPU memory the teacher cache may use (auto)")
+    p.add_argument("--teacher_cache_gb", type=cli.NONNEGATIVE, default=16.0, help="CPU memory the teacher cache may use (auto)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
                    "half-precision matmuls are slow there); the gates always train in float32")
@@ -494,7 +487,7 @@ def parser():
     p.add_argument("--device_map", choices=["auto"], default=None,
                    help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
     add_method_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
-    p.add_argument("--seed", type=int, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
     return p

@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from plumbing import artifacts, schema
+from plumbing import artifacts
 from plumbing import loading
 from plumbing.modeling_lowrank import lowrank_factors, lowrank_layer  # noqa: F401 (the math of the docstring)
 from plumbing.cli import UserError
 from methods import base
 from plumbing import cli
-from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.loading import find_linears, set_module, weight_matrix
 
 
 # ----------------------------------------------------------------------------- math
@@ -69,7 +69,7 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
     artifacts.read_json(os.path.join(path, "config.json"), rerun,
-                        schema.LowRankConfig)
+                        artifacts.LowRankConfig)
     try:
         model = LowRankForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception:  # truncated or corrupt file, tensors of the wrong shape or missing
@@ -112,7 +112,7 @@ def check_ranks(ranks, layers, rerun):
     """Every compressed layer, and no other, has "dense" or an integer rank in 1..k_max; ranks >= k* become
     "dense"."""
     with artifacts.one_line(rerun):
-        schema.same_keys(ranks, layers, "allocation/ranks.json 'layers'", "decompose/manifest.json 'layers'")
+        artifacts.same_keys(ranks, layers, "allocation/ranks.json 'layers'", "decompose/manifest.json 'layers'")
     for name, v in layers.items():
         r = ranks.get(name)
         if r == "dense":
@@ -132,9 +132,10 @@ def main(args):
     whiten, decomp, alloc = chain["whiten"], chain["decompose"], chain["allocation"]
     rerun = f"python learn_masks.py --run_dir {args.run_dir}"
     t0 = time.time()
-    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, schema.RANKS)
+    allocation = artifacts.read_json(f"{args.run_dir}/allocation/ranks.json", rerun, artifacts.RANKS)
     ranks = check_ranks(allocation["layers"], decomp["layers"], rerun)
-    model, tok = loading.load_model(whiten["model"], "cpu")
+    model = loading.load_model(whiten["model"], "cpu")
+    tok = loading.load_tokenizer(whiten["model"], model)
     artifacts.check_model(model, whiten)
     n_before = count_params(model)
     comp_path = f"{args.run_dir}/allocation/components.safetensors"
@@ -150,7 +151,7 @@ def main(args):
             dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)
         check_components(components, ranks, decomp["layers"], comp_path, rerun)
     factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
-                               decomp["shards"], shape=schema.factor_shape(decomp))  # one layer at a time
+                               decomp["shards"], shape=artifacts.factor_shape(decomp))  # one layer at a time
     compress_model(model, ranks, factors, components)
     check_finite(model, f"python decompose.py --run_dir {args.run_dir}")
     shapes = {name: (v["m"], v["n"]) for name, v in decomp["layers"].items()}

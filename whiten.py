@@ -33,7 +33,7 @@ from plumbing import artifacts
 from plumbing import loading
 from plumbing.cli import UserError
 from plumbing import cli
-from plumbing.layers import decoder_blocks, find_linears, layer_shapes, weight_matrix
+from plumbing.loading import decoder_blocks, find_linears, layer_shapes, weight_matrix
 
 MIN_DISTINCT_TOKENS = 16  # below this a calibration text is degenerate (one token repeated, say)
 
@@ -246,13 +246,12 @@ def whiten_block(b, block, names, linears, hidden, calls, T, method, device):
 
 
 def main(args):
-    cli.check_flags(args, nsamples=(1, None), seqlen=(2, None), batch_size=(1, None),
-                       seed=(0, 2**32 - 1))
     cli.check_run_dir(args.run_dir)
     cli.set_seed(args.seed)
     device = cli.pick_device(args.device)
     t0 = time.time()
-    model, tok = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
+    model = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
+    tok = loading.load_tokenizer(args.model, model)
     cli.check_seqlen(model.config, args.seqlen)
     linears = find_linears(model)
     blocks = decoder_blocks(model)
@@ -291,12 +290,12 @@ def parser():
     p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M from pip), a local folder or a hub id")
     p.add_argument("--data", default="embedded",
                    help="'embedded' (gensim's Wikipedia), 'wikitext2', 'c4' (hub) or a .txt/.jsonl path")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=3, help="seed of the window sampler (SVD-LLM uses 3)")
+    p.add_argument("--nsamples", type=cli.COUNT, default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.LENGTH, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=cli.SEED, default=3, help="seed of the window sampler (SVD-LLM uses 3)")
     p.add_argument("--whitening", choices=["cholesky", "eigh"], default="cholesky",
                    help="cholesky (SVD-LLM) with recorded jitter, or eigh (SVD-LLM V2) with pseudo-inverse")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=cli.COUNT, default=4, help="windows per forward pass")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
     return p

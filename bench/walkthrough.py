@@ -31,7 +31,7 @@ from methods import base  # noqa: E402
 from plumbing import artifacts  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing import loading  # noqa: E402
-from plumbing.layers import find_linears, weight_matrix  # noqa: E402
+from plumbing.loading import find_linears, weight_matrix  # noqa: E402
 from truncate import lowrank_factors  # noqa: E402
 from whiten import StopForward, expand_factor  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(args):
         raise cli.UserError(f"--layer {name} is not a compressed layer of {rd}; e.g. {next(iter(decomp['layers']))}")
     info = decomp["layers"][name]
     m, n = info["m"], info["n"]
-    model, _ = loading.load_model(whiten["model"], "cpu")
+    model = loading.load_model(whiten["model"], "cpu")
     W = weight_matrix(find_linears(model)[name]).detach().double()  # (m, n)
     ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"],
                                  kind=lambda k: "int")["ids"]

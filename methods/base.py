@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.layers import find_linears, layer_factors, set_module, weight_matrix
+from plumbing.loading import find_linears, layer_factors, set_module, weight_matrix
 
 
 # ----------------------------------------------------------------------------- the budget (docs/METHODS.md §2)

@@ -11,8 +11,8 @@ import math
 import torch
 
 from methods import base, register_allocator
-from plumbing.cli import check_range
-from plumbing.layers import layer_type
+from plumbing.cli import POSITIVE
+from plumbing.loading import layer_type
 
 
 def allocate_uniform(shapes, rho, inputs):
@@ -123,14 +123,10 @@ def allocate_svdllm2(shapes, rho, inputs):
 ENERGY_FLAGS = {
     "--energy_norm": dict(choices=["relative", "raw", "type"], default="relative",
                           help="energy: how layers' whitened truncation energies compare (see allocate_energy)"),
-    "--energy_power": dict(type=float, default=2.0,
+    "--energy_power": dict(type=POSITIVE, default=2.0,
                            help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")}
 
 
-def check_energy(energy_power=2.0, **_):
-    check_range("--energy_power", energy_power, lo=0, lo_open=True)
-
-
 register_allocator("uniform", allocate_uniform)
-register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS, check=check_energy)
+register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS)
 register_allocator("svdllm2", allocate_svdllm2)

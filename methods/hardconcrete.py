@@ -8,19 +8,25 @@
 gamma = -0.1, zeta = 1.1; beta anneals from Louizos' 2/3 to --beta_end.
 """
 import math
+from argparse import ArgumentTypeError
 
 import torch
 import torch.nn as nn
 
 from methods import register
 from methods.base import Gate, uniform_logits
-from plumbing.cli import UserError
 
 
-def fraction(text):
-    """A number or a fraction such as 2/3 (Louizos' beta, which no decimal reaches exactly)."""
+def temperature(text):
+    """--beta_end: a number or a fraction such as 2/3 (Louizos' beta, which no decimal reaches exactly) in (0, 2/3]."""
     num, _, den = text.partition("/")
-    return float(num) / float(den) if den else float(num)
+    try:
+        beta = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ArgumentTypeError(f"{text!r} is not a number or a fraction such as 2/3") from None
+    if not 0 < beta <= HardConcreteGate.beta:  # NaN fails this too
+        raise ArgumentTypeError(f"{text} is outside (0, 2/3]: hard-concrete's final temperature (2/3 = Louizos' fixed beta)")
+    return beta
 
 
 class HardConcreteGate(Gate):
@@ -44,15 +50,9 @@ class HardConcreteGate(Gate):
             z = uniform_logits(k_max, k0) + self.shift()
         self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
-    flags = {"--beta_end": dict(type=fraction, default=0.05, help="hard-concrete: temperature at the last step, "
+    flags = {"--beta_end": dict(type=temperature, default=0.05, help="hard-concrete: temperature at the last step, "
                                 "annealed geometrically from 2/3: the gates end nearly 0/1 and export as a hard top-k at "
                                 "scale 1 (2/3 = Louizos' fixed beta, exported with its test-time gates as scales)")}
-
-    @classmethod
-    def check(cls, beta_end=0.05, **_):
-        if not 0 < beta_end <= cls.beta:
-            raise UserError(f"--beta_end {beta_end}: hard-concrete's final temperature is in (0, 2/3] "
-                            "(2/3 = Louizos' fixed beta)")
 
     def at_step(self, step, steps):
         # beta_t = beta (beta_end / beta)^(t / (T - 1)): geometric, 2/3 at the first step, beta_end at the last.

@@ -12,19 +12,15 @@ import torch.nn as nn
 
 from methods import register
 from methods.base import Gate, uniform_logits
-from plumbing.cli import check_range
+from plumbing.cli import POSITIVE
 
 
 class SigmoidGate(Gate):
     """LLRC / ARS Gumbel-sigmoid mask with straight-through estimator (§3.1). The forward mask is hard
     (1[g > .5]), so P(keep) = sigmoid(z) at any tau: tau only sets the slope of the backward surrogate."""
 
-    flags = {"--tau": dict(type=float, default=0.4, help="sigmoid: temperature of the straight-through surrogate's "
+    flags = {"--tau": dict(type=POSITIVE, default=0.4, help="sigmoid: temperature of the straight-through surrogate's "
                            "backward (LLRC code 0.4, paper 0.1); the forward mask is hard, P(keep) = sigmoid(z) at any tau")}
-
-    @classmethod
-    def check(cls, tau=0.4, **_):
-        check_range("--tau", tau, lo=0, lo_open=True)
 
     def __init__(self, k_max, k0, sigma, tau=0.4, init="uniform"):
         super().__init__()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from methods import register
 from methods.base import Gate, straight_through_min1
-from plumbing.cli import UserError, check_range
+from plumbing.cli import NONNEGATIVE, UserError, number
 
 
 class SocoGate(Gate):
@@ -27,16 +27,14 @@ class SocoGate(Gate):
     steps, compensate = 200, 250  # SoCo's third stage (kept scores trained, selection fixed) is the compensation
     term_flags = {**Gate.term_flags, "sparsity": "--sparsity"}
 
-    flags = {"--soco_stages": dict(type=float, nargs=2, default=[0.5, 0.5], help="SoCo: fractions of --steps in its "
+    flags = {"--soco_stages": dict(type=number(float, 0, 1), nargs=2, default=[0.5, 0.5], help="SoCo: fractions of --steps in its "
                                    "coarse and refine stages (its third, the kept scores trained with the selection "
                                    "fixed, is --compensate)"),
-             "--sparsity": dict(type=float, default=0.1, help="SoCo: weight of the per-layer L1 term on the scores "
+             "--sparsity": dict(type=NONNEGATIVE, default=0.1, help="SoCo: weight of the per-layer L1 term on the scores "
                                 "(too large, it, not the task, sets the allocation)")}
 
     @classmethod
     def check(cls, soco_stages=(0.5, 0.5), sparsity=0.1, **_):
-        check_range("--soco_stages", soco_stages, lo=0, hi=1)
-        check_range("--sparsity", sparsity, lo=0)
         if abs(sum(soco_stages) - 1) > 1e-6:
             raise UserError(f"--soco_stages {' '.join(map(str, soco_stages))} sum to {sum(soco_stages):g}: "
                             "they are fractions of --steps and must sum to 1 (the third stage is --compensate)")

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from methods import base, register_allocator
 from plumbing import artifacts
-from plumbing.cli import check_range
-from plumbing.layers import find_linears, set_module
+from plumbing.cli import COUNT, LENGTH
+from plumbing.loading import find_linears, set_module
 from plumbing.modeling_lowrank import lowrank_layer
 
 
@@ -78,16 +78,10 @@ def allocate_strs(shapes, rho, inputs, strs_samples=None, strs_seqlen=None):
                          "sensitivity": {f"{n}@{q}": p for (n, q), p in table.items()}}
 
 
-FLAGS = {"--strs_samples": dict(type=int, default=None, help="STRS: calibration windows per perplexity pass "
+FLAGS = {"--strs_samples": dict(type=COUNT, default=None, help="STRS: calibration windows per perplexity pass "
                                 "(default: 32 on a GPU as ASVD, 2 on a CPU)"),
-         "--strs_seqlen": dict(type=int, default=None, help="STRS: tokens per window (default: the calibration "
+         "--strs_seqlen": dict(type=LENGTH, default=None, help="STRS: tokens per window (default: the calibration "
                                "--seqlen on a GPU, 128 on a CPU)")}
 
 
-def check(strs_samples=None, strs_seqlen=None, **_):
-    for flag, value, lo in (("--strs_samples", strs_samples, 1), ("--strs_seqlen", strs_seqlen, 2)):
-        if value is not None:
-            check_range(flag, value, lo=lo)
-
-
-register_allocator("strs", allocate_strs, needs_model=True, flags=FLAGS, check=check)
+register_allocator("strs", allocate_strs, needs_model=True, flags=FLAGS)

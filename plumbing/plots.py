@@ -1,4 +1,4 @@
-"""Pictures of an allocation, drawn by learn_masks.py next to ranks.json and by hand for comparisons:
+"""Pictures of an allocation, drawn by evaluate.py next to metrics.json and by hand for comparisons:
   heatmap     decoder block (rows) x layer type (columns), colour = kept fraction c(k) / (m n) of
               that layer, dense layers marked "D"; several ranks.json files give panels side by side
   trajectory  every layer's r_l over the training steps (learned methods), one colour per layer
@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from plumbing.layers import layer_type
+from plumbing.loading import layer_type
 
 
 

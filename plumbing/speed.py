@@ -40,7 +40,7 @@ def speed_child(which, run_dir, model_spec, device_name, cfg):
     import resource
     device = torch.device(device_name)
     if which == "original":
-        model, _ = loading.load_model(model_spec, device)
+        model = loading.load_model(model_spec, device)
     else:
         model = LowRankForCausalLM.from_pretrained(f"{run_dir}/compressed", dtype="auto").to(device).eval()
     if device.type == "cuda":

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from plumbing import artifacts, loading, schema
+from plumbing import artifacts, loading
 from plumbing.cli import UserError
 
 
@@ -29,7 +29,7 @@ def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_ch
 
 
 def read_task_file(path):
-    """The items of a local task, each line checked by schema.TaskRow (blank lines skipped): {"context": str,
+    """The items of a local task, each line checked by artifacts.TaskRow (blank lines skipped): {"context": str,
     "choices": [str, str, ...], "label": int index into choices}; anything else is one line naming the row."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
@@ -42,7 +42,7 @@ def read_task_file(path):
         except ValueError:
             raise UserError(f"{path}: line {i} is not JSON; each line must be {form}") from None
         try:
-            items.append(schema.TaskRow.model_validate(row).model_dump())  # the three keys, the others dropped
+            items.append(artifacts.TaskRow.model_validate(row).model_dump())  # the three keys, the others dropped
         except ValueError as e:  # pydantic's ValidationError is one
             raise UserError(f"{path}: line {i}: {artifacts.say(e, 'the row')}; each line must be {form}") from None
     if not items:

@@ -3,7 +3,7 @@ every layer's Gram matrix at once from one pass over the calibration windows, an
 layers that read the same tensor, found by identity of the input tensor."""
 import torch
 from tqdm import tqdm
-from plumbing.layers import weight_matrix
+from plumbing.loading import weight_matrix
 
 
 

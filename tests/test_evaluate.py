@@ -104,13 +104,15 @@ def test_strs_meets_budget_and_reloads(run_dir):
     assert abs(json.load(open(f"{run_dir}/compressed/manifest.json"))["kept_fraction_linear"] - 0.6) <= 0.01
 
 
-def test_heatmap_png(run_dir, tmp_path):
+def test_heatmap_png(run_dir, text_file, tmp_path):
     from plumbing import plots
     stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
+    stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
     alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
     blocks, kinds, cells = plots.grid(alloc["layers"], alloc["shapes"])
     assert len(blocks) * len(kinds) == len(alloc["layers"]) == sum(len(r) for r in cells)
-    assert open(f"{run_dir}/allocation/heatmap.png", "rb").read()[:4] == b"\x89PNG"  # drawn by learn_masks.py
+    assert open(f"{run_dir}/heatmap.png", "rb").read()[:4] == b"\x89PNG"  # drawn by evaluate.py
     subprocess.run([sys.executable, "-m", "plumbing.plots", f"{run_dir}/allocation/ranks.json",
                     f"{run_dir}/allocation/ranks.json", "-o", str(tmp_path / "cmp.png")], cwd=ROOT, check=True)
     data = (tmp_path / "cmp.png").read_bytes()

@@ -20,7 +20,7 @@ from methods import ara
 from methods import base
 from methods import hardconcrete
 from methods import soco
-from plumbing.layers import set_module
+from plumbing.loading import set_module
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 

@@ -14,7 +14,7 @@ from oracle import whitening_factor
 import learn_masks
 from methods import ara
 from methods import base
-from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.loading import find_linears, set_module, weight_matrix
 
 LEARNED = ["sigmoid", "hardconcrete", "ara", "soco"]
 QUICK = ("--steps", 30, "--batch_size", 2, "--train_seqlen", 48)
@@ -166,7 +166,7 @@ def test_learned_allocation_protects_a_sensitive_layer(method, flags, trained_ti
 def test_bad_learning_inputs(run_dir):
     stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     before = open(f"{run_dir}/allocation/ranks.json").read()
-    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "--alpha nan is out of range"),
+    for args, expect in ((("--method", "sigmoid", "--alpha", "nan", "--steps", 2), "--alpha: nan is out of range"),
                          (("--method", "magic"), "unknown --method"),
                          (("--method", "ara", "--keep", 0.0001), "rank 1 in every layer")):
         code, err = run_inprocess("learn_masks.py", *args, "--run_dir", run_dir)

@@ -8,7 +8,7 @@ from decompose import whitened_svd
 from truncate import compress_model, lowrank_factors
 from oracle import accumulate_gram, share_groups
 from oracle import whitening_factor
-from plumbing.layers import find_linears, set_module, weight_matrix
+from plumbing.loading import find_linears, set_module, weight_matrix
 from plumbing.modeling_lowrank import LowRankLinear
 
 

@@ -19,7 +19,7 @@ import methods
 from methods import ara
 from methods import base
 from methods import closed_form
-from plumbing.layers import find_linears, weight_matrix
+from plumbing.loading import find_linears, weight_matrix
 
 
 # ----------------------------------------------------------------------------- whitening and factors on disk

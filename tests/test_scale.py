@@ -13,7 +13,7 @@ from conftest import ROOT, run_inprocess, run_stage, stage, tiny_model, tiny_tok
 from oracle import accumulate_gram, share_groups, whitening_factor
 import learn_masks
 from methods import base
-from plumbing.layers import checkpoint_blocks, decoder_blocks, find_linears
+from plumbing.loading import checkpoint_blocks, decoder_blocks, find_linears
 from whiten import block_grams, block_names, capture_block_inputs, compact_factor, expand_factor
 
 
