@@ -20,9 +20,10 @@ The learned methods, in the order this file runs them:
              L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
              explore (first 1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and
                  rho_hat's clamp min(r_l, 1) is straight-through, so the budget reaches dense layers too (§3.7);
-             settle (last --settle): the dense flags are frozen, dense layers count as constants, and alpha_t
-                 grows geometrically to alpha * --alpha_growth (the cosine lr restarts), so the low-rank
-                 layers close the gap under the task loss and training ends on its budget (§3.3).
+             settle (last --settle): a dense layer stays dense and counts as a constant (a low-rank layer pushed
+                 to r_l >= 1 becomes one), and alpha_t grows geometrically to alpha * --alpha_growth (the cosine
+                 lr restarts), so the low-rank layers close the gap under the task loss and training ends on
+                 its budget, every layer in the state it is exported in (§3.3).
   fix        ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
   compensate (§3.8, --compensate N, after ANY method) trains only those scales on the task loss
   export     the fixed layers' ranks, kept subsets and scales: the model truncate.py builds
@@ -193,10 +194,12 @@ def cosine(opt, base_lr, t, T):
         group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * t / T))
 
 
-def update_dense(layers, names, r_host, step, flips):
-    """ARA's dense switch, outside the settle phase: a layer runs W while r_l >= 1; each flip is recorded."""
+def update_dense(layers, names, r_host, step, flips, settling=False):
+    """ARA's dense switch: a layer runs W while r_l >= 1; each flip is recorded. Settling, the switch goes one way:
+    a dense layer stays dense, and a low-rank layer pushed to r_l >= 1 becomes dense (the budget then counts it
+    as dense), so no layer trains with more components than the export can keep (k* - 1, docs/METHODS.md §2)."""
     for n, rl in zip(names, r_host):
-        if (rl >= 1) != layers[n].dense:
+        if (rl >= 1) != layers[n].dense and not (settling and layers[n].dense):
             layers[n].dense = rl >= 1
             flips.append([step, n, "dense" if rl >= 1 else "low-rank"])
 
@@ -240,8 +243,7 @@ def train(model, layers, feed, rho, args, device):
         cosine(opt, base_lr, t, T)
         r = torch.stack([layers[n].ratio().to(device) for n in names])  # (L,) differentiable r_l
         r_host = r.tolist()  # one host sync per step
-        if not settling:
-            update_dense(layers, names, r_host, step, record["dense_flips"])
+        update_dense(layers, names, r_host, step, record["dense_flips"], settling)
         if step % args.log_every == 0 or step == args.steps - 1:
             trajectory["step"].append(step)
             for n, rl in zip(names, r_host):

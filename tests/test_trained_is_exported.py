@@ -32,15 +32,16 @@ def trained(method, trained_tiny, keep=KEEP, **flags):
 
 # ----------------------------------------------------------------------------- (a) the state training ended in
 
+@pytest.mark.parametrize("keep", [0.6, 0.8])
 @pytest.mark.parametrize("method", ["ara", "soco"])
-def test_a_deterministic_mask_is_exported_as_trained(method, trained_tiny, heldout_ids):
+def test_a_deterministic_mask_is_exported_as_trained(method, keep, trained_tiny, heldout_ids):
     """ARA's prefix and SoCo's scored set are deterministic: each low-rank layer's exported multipliers (its
     scale at each kept component, 0 elsewhere) are its mask at the end of training, except in a layer whose
     rank the finalisation's c moved by rounding (|k - c k_hat| <= 1/2, plus one from the leftover), where they
     differ at exactly the components between the two sizes in the gate's order. Layers trained dense are
     exported dense. Where no rank moved, the logits agree to 1e-4. Catches a count the forward does not run
     (SoCo counting min(s, 1) of components it runs at full), an export in another order, scales dropped."""
-    model, layers, shapes, _, _ = trained(method, trained_tiny)
+    model, layers, shapes, _, _ = trained(method, trained_tiny, keep)
     with torch.no_grad():
         masks = {n: l.gate.mask(None).detach().clone() for n, l in layers.items() if not l.dense}
         k_hat = {n: layers[n].gate.k_hat().item() for n in masks}
@@ -48,7 +49,7 @@ def test_a_deterministic_mask_is_exported_as_trained(method, trained_tiny, heldo
         learn_masks.draw_masks(layers, {}, 0)
         logits_trained = model(heldout_ids).logits
         learn_masks.clear_masks(layers)
-    c = base.fix_trained(layers, shapes, KEEP)["export_scale"]
+    c = base.fix_trained(layers, shapes, keep)["export_scale"]
     assert abs(c - 1) < 0.02, c  # the settle phase ends on the budget
     assert {n for n, l in layers.items() if l.dense} == set(layers) - set(masks)  # dense as trained
     moved = []
@@ -69,14 +70,15 @@ def test_a_deterministic_mask_is_exported_as_trained(method, trained_tiny, heldo
         assert ((logits_fixed - logits_trained).norm() / logits_trained.norm()).item() <= 1e-4
 
 
+@pytest.mark.parametrize("keep", [0.6, 0.8])
 @pytest.mark.parametrize("method", ["sigmoid", "hardconcrete"])
-def test_a_sampled_mask_is_exported_as_its_most_probable_mask(method, trained_tiny):
+def test_a_sampled_mask_is_exported_as_its_most_probable_mask(method, keep, trained_tiny):
     """Sigmoid and (annealed) hard-concrete sample their masks: the export keeps, per layer, the components of
     largest logit (P(keep) = sigmoid(z), resp. sigmoid(log a - beta log(-gamma / zeta))), so the exported set
     and the most probable mask {i: P_i > 1/2} are nested, and their sizes and the trained count k_hat agree
     to a component (c rounds, the leftover adds one). Catches an export ordered by anything else, a count
     that is not the expected kept number, gates left far from 0 / 1 at the end of training."""
-    model, layers, shapes, _, _ = trained(method, trained_tiny)
+    model, layers, shapes, _, _ = trained(method, trained_tiny, keep)
     with torch.no_grad():
         P = {}
         for n, l in layers.items():
@@ -85,7 +87,7 @@ def test_a_sampled_mask_is_exported_as_its_most_probable_mask(method, trained_ti
             g = l.gate
             P[n] = torch.sigmoid(g.z) if method == "sigmoid" else torch.sigmoid(g.log_alpha - g.shift())
         k_hat = {n: layers[n].gate.k_hat().item() for n in P}
-    c = base.fix_trained(layers, shapes, KEEP)["export_scale"]
+    c = base.fix_trained(layers, shapes, keep)["export_scale"]
     for n, p in P.items():
         kept = set(layers[n].index.tolist())
         probable = set((p > 0.5).nonzero().squeeze(1).tolist())
