@@ -183,13 +183,22 @@ def main(args):
         model.to(dtype)
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     cli.check_seqlen(model.config, args.seqlen)
-    stream = loading.token_stream(tok, loading.load_documents(args.data, args.split))
+    docs, where = loading.load_documents(args.data, args.split)
+    stream = loading.token_stream(tok, docs)
     windows = eval_windows(stream, args.seqlen, args.max_windows)
     ev = {"protocol": args.protocol, "data": args.data, "split": args.split,
           "split_rule": split_rule(args.data, args.split), "seqlen": args.seqlen, "windows": len(windows),
           "all_windows": len(windows) == len(stream) // args.seqlen, "tokens": windows.numel(), "dtype": dtype_name,
+          "documents": where["documents"], "data_sha256": where["data_sha256"],
+          "calibration_text": where["data_sha256"] == whiten["data_sha256"],
           "device": str(device) if not args.device_map else f"device_map={args.device_map}"}
     print(f"evaluating: {protocol_line(ev)}")
+    if not ev["calibration_text"]:  # by content, not by the name typed
+        print(f"note: {args.data!r} is not the text whiten.py calibrated on ({whiten['data']!r}): its {args.split} "
+              "documents are held out from nothing this run trained on, but are not that text's")
+    elif isinstance(where["documents"], list) and set(where["documents"]) & set(whiten["documents"]):
+        raise UserError(f"the {args.split} documents overlap the calibration documents of whiten/: re-run "
+                        f"`python whiten.py --run_dir {args.run_dir}`")
     tasks, manager, task_keys = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None, [])
     t0 = time.time()
     original = original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten)

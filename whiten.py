@@ -255,7 +255,8 @@ def main(args):
     cli.check_seqlen(model.config, args.seqlen)
     linears = find_linears(model)
     blocks = decoder_blocks(model)
-    stream = loading.token_stream(tok, loading.load_documents(args.data, "calib"))
+    docs, where = loading.load_documents(args.data, "calib")
+    stream = loading.token_stream(tok, docs)
     ids = sample_windows(stream, args.nsamples, args.seqlen, args.seed)
     distinct = check_calibration(ids, max(weight_matrix(m).shape[1] for m in linears.values()))
     print(f"{len(linears)} linear layers in {len(blocks)} decoder blocks; {ids.numel()} calibration tokens "
@@ -276,7 +277,7 @@ def main(args):
     artifacts.commit_stage(args.run_dir, "whiten", out, {
         "inputs": {}, "model": args.model, "config_hash": artifacts.config_hash(model),
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
-        "data": args.data, "split": "calib", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "data": args.data, **where, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
         "shapes": layer_shapes(linears), "fixes": fixes,
         **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})

@@ -101,7 +101,10 @@ def main(args):
         if "compensate" not in m and os.path.isfile(path[:-5] + ".ranks"):  # a row saved before the column
             ranks = json.load(open(path[:-5] + ".ranks"))
             m.update(compensate=ranks.get("compensate", 0), steps=len(ranks.get("curve", [])) or m["steps"])
-        if m["eval"].get("split", "test") == args.split:  # a table never mixes dev and test numbers
+        if "split" not in m["eval"]:  # made before the splits: its text is unknown, never counted as either
+            sys.exit(f"{path} has no eval.split (scored before the calibration / dev / test splits): delete it or "
+                     "re-run that row")
+        if m["eval"]["split"] == args.split:  # a table never mixes dev and test numbers
             rows.append(m)
     rows.sort(key=lambda m: (-m["keep"], m["method"], m["flags"], m["seed"]))
     whiten = json.load(open(os.path.join(args.run_dir, "whiten", "manifest.json")))

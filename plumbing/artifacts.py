@@ -100,6 +100,9 @@ class Whiten(Sharded):
     whitening: Literal["cholesky", "eigh"]
     groups: Named[Text]
     shapes: Named[Annotated[list[Positive], Field(min_length=2, max_length=2)]]
+    split: Literal["calib"]
+    data_sha256: Hash  # the calibration text's content, so evaluate.py knows whether it scores the same text
+    documents: list[Count] | Text  # the calibration documents' indices (a hub set: its split's name)
 
     @model_validator(mode="after")
     def groups_led_by_their_width(self):

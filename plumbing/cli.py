@@ -19,7 +19,7 @@ import filelock
 import numpy as np
 import torch
 
-FORMAT_VERSION = 4  # bumped whenever an artifact's layout changes: older run dirs are refused, not misread
+FORMAT_VERSION = 5  # bumped whenever an artifact's layout changes: older run dirs are refused, not misread
 
 TEMPORARY = []  # temporary folders and files of this process, removed by run_main when the stage fails
 

@@ -188,12 +188,19 @@ def split_of(i):
     return "test" if i % 5 == 4 else "dev" if i % 5 == 3 else "calib"
 
 
+def text_hash(docs):
+    return hashlib.sha256("\n\n".join(docs).encode()).hexdigest()[:16]
+
+
 def load_documents(spec, split):
-    """Documents of `split`: 'calib' (whiten.py and every stage that trains), 'dev' (choosing defaults),
-    'test' (the reported numbers). The hub sets use their own splits (HUB_SPLITS)."""
+    """(documents of `split`, where they came from): 'calib' (whiten.py and every stage that trains), 'dev'
+    (choosing defaults), 'test' (the reported numbers). where = {split, data_sha256 (the whole text's content),
+    documents (the split's indices among the text's documents, computed by split_of), of (how many)}; the hub
+    sets use their own splits (HUB_SPLITS) and name them instead of indices."""
     assert split in SPLITS, split
     if spec in ("wikitext2", "c4"):
-        return _hub_documents(spec, split)
+        docs = _hub_documents(spec, split)
+        return docs, {"split": split, "data_sha256": text_hash(docs), "documents": HUB_SPLITS[spec][split]}
     if spec == "embedded":
         docs = _embedded_articles()
     elif os.path.isfile(spec) and spec.endswith(".txt"):
@@ -206,7 +213,13 @@ def load_documents(spec, split):
         raise UserError(f"data file {spec!r} must end in .txt or .jsonl (one {{'text': ...}} per line)")
     else:
         raise UserError(f"unknown data {spec!r}: use 'embedded', 'wikitext2', 'c4' or a .txt/.jsonl path")
-    return [d for i, d in enumerate(docs) if split_of(i) == split]
+    if len(docs) < 5:  # every 5th document is test and the one before it dev: fewer leave a split empty
+        raise UserError(f"data {spec!r} holds {len(docs)} document(s), too few to split into calibration, dev and "
+                        "test (docs/METHODS.md §4): pass at least 5, separated by blank lines (.txt) or one per "
+                        "line (.jsonl)")
+    index = [i for i in range(len(docs)) if split_of(i) == split]
+    return [docs[i] for i in index], {"split": split, "data_sha256": text_hash(docs), "documents": index,
+                                      "of": len(docs)}
 
 
 def read_text(path):

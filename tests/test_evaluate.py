@@ -141,10 +141,47 @@ def test_the_three_splits_are_disjoint_and_each_stage_reads_its_own(run_dir, tex
     import evaluate
     from plumbing import loading
     docs = [d for d in loading.read_text(text_file).split("\n\n") if d.strip()]
-    parts = {split: loading.load_documents(text_file, split) for split in loading.SPLITS}
+    parts = {split: loading.load_documents(text_file, split)[0] for split in loading.SPLITS}
     for split, rest in (("calib", (0, 1, 2)), ("dev", (3,)), ("test", (4,))):
         assert parts[split] == [d for i, d in enumerate(docs) if i % 5 in rest], split
     assert sum(map(len, parts.values())) == len(docs)
     assert json.load(open(f"{run_dir}/whiten/manifest.json"))["split"] == "calib"
     assert evaluate.parser().parse_args([]).split == "test"
     assert evaluate.parser().parse_args(["--split", "dev"]).split == "dev"
+
+
+def test_the_splits_are_wired_through_the_stages(run_dir, text_file, tmp_path):
+    """Through the command lines: whiten/ records the calibration documents it read, evaluate.py --split dev and
+    --split test record the documents they scored, each by the i % 5 rule computed here by hand, disjoint, and
+    the tokens scored are those documents' tokens; a text with other content is named as not the calibration
+    text. Catches a split recorded as a constant, evaluation on the wrong split, the text compared by name."""
+    from conftest import tiny_tokenizer
+    docs = [d for d in open(text_file, encoding="utf-8").read().split("\n\n") if d.strip()]
+    by_hand = {s: [i for i in range(len(docs)) if i % 5 in r] for s, r in (("calib", (0, 1, 2)), ("dev", (3,)),
+                                                                           ("test", (4,)))}
+    assert json.load(open(f"{run_dir}/whiten/manifest.json"))["documents"] == by_hand["calib"]
+    stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
+    stage("truncate.py", "--run_dir", run_dir)
+    tok = tiny_tokenizer()
+    for split in ("dev", "test"):
+        stage("evaluate.py", "--data", text_file, "--split", split, "--seqlen", 32, "--max_windows", 0, "--run_dir", run_dir)
+        ev = json.load(open(f"{run_dir}/metrics.json"))["eval"]
+        assert ev["split"] == split and ev["documents"] == by_hand[split] and ev["calibration_text"]
+        n = len(tok("\n\n".join(docs[i] for i in by_hand[split])).input_ids)
+        assert ev["tokens"] == n // 32 * 32  # every window of exactly those documents
+    other = tmp_path / "other.txt"
+    other.write_text(open(text_file, encoding="utf-8").read().replace("the", "a"), encoding="utf-8")
+    code, err = run_inprocess("evaluate.py", "--data", other, "--seqlen", 32, "--max_windows", 2, "--run_dir", run_dir)
+    assert code == 0, err
+    assert not json.load(open(f"{run_dir}/metrics.json"))["eval"]["calibration_text"]  # by content, not by name
+
+
+def test_text_too_small_to_split_is_refused(tiny_dir, tmp_path):
+    """A .txt with no blank line is one document: nothing would be left for dev and test, so whiten.py refuses it
+    in one line instead of evaluate.py failing later on an empty split."""
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(["some words of text"] * 400), encoding="utf-8")
+    code, err = run_inprocess("whiten.py", "--model", tiny_dir, "--data", one, "--nsamples", 2, "--seqlen", 32,
+                              "--run_dir", tmp_path / "run")
+    assert code == 2 and "1 document(s), too few to split" in err.strip().splitlines()[-1], err[-500:]
+    assert not (tmp_path / "run" / "whiten").exists()
