@@ -83,7 +83,8 @@ def main(args):
             tensors[f"{name}.sigma"] = sigma.cpu().contiguous()
             tensors[f"{name}.VtSinv"] = VtSinv[:k_max].to(store).cpu().contiguous()
             tail = base.tail_energy(sigma)  # relative whitened error sqrt(sum_{i>k} sigma_i^2 / sum_i sigma_i^2)
-            errs = {str(r): round(math.sqrt(tail[base.rank_at_fraction(r, m, n)] / tail[0]), 4) for r in fractions}
+            errs = {str(r): round(math.sqrt(tail[base.rank_at_fraction(r, m, n)] / tail[0]), 4) if tail[0] > 0 else 0.0
+                    for r in fractions}  # an all-zero W loses nothing at any rank
             info[name] = {"m": m, "n": n, "k_star": base.k_star(m, n), "k_max": k_max, "rel_err": errs}
             tqdm.write(f"{name:45s} {m:5d}x{n:<5d} k*={base.k_star(m, n):5d} k_max={k_max:5d} rel. err at "
                        + " ".join(f"{float(r):.0%}:{e:.3f}" for r, e in errs.items()))

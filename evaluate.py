@@ -122,7 +122,8 @@ def original_metrics(model, tok, windows, tasks, manager, task_keys, args, devic
     """The original model's numbers, cached in RUN_DIR keyed on the CONTENTS they depend on: the
     weights, the exact evaluation tokens, each task's items. An unreadable cache is rebuilt."""
     dtype = str(next(model.parameters()).dtype)
-    key = "|".join(map(str, ["census", whiten["weights_hash"], artifacts.tensor_hash(windows), device.type, dtype,
+    key = "|".join(map(str, ["census", whiten["weights_hash"], whiten["config_hash"], artifacts.tensor_hash(windows),
+                             device.type, dtype,
                              *task_keys]))
     path = os.path.join(args.run_dir, "original_eval.json")
     try:

@@ -22,6 +22,7 @@ Writes RUN_DIR/whiten/:
 
   python whiten.py --model embedded --data embedded --nsamples 64 --seqlen 512
 """
+import os
 import sys
 import time
 
@@ -251,6 +252,7 @@ def main(args):
     device = cli.pick_device(args.device)
     t0 = time.time()
     model = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
+    loading.check_contents(args.model, model)
     tok = loading.load_tokenizer(args.model, model)
     cli.check_seqlen(model.config, args.seqlen)
     linears = find_linears(model)
@@ -275,7 +277,8 @@ def main(args):
         del tensors
     save_file({"ids": ids}, f"{out}/calib_ids.safetensors")
     artifacts.commit_stage(args.run_dir, "whiten", out, {
-        "inputs": {}, "model": args.model, "config_hash": artifacts.config_hash(model),
+        "inputs": {}, "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,  # resolved:
+        "config_hash": artifacts.config_hash(model),  # later stages read the folder from any working directory
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
         "data": args.data, **where, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,

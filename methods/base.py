@@ -91,10 +91,22 @@ def rank_or_dense(r, m, n):
     return "dense" if r >= 1 else max(k_star(m, n) - 1, 1)
 
 
+def svdllm_ranks(shapes, rho):
+    """SVD-LLM's allocation, its authors' rounding: k_l = int(m n rho / (m + n)) per layer (their
+    num_s_after_trunc), at least 1; a rank that reaches k* (rho near 1) is k* - 1 below rho = 1 and dense at it,
+    where dense is the cheaper exact layer (docs/METHODS.md §2)."""
+    ranks = {}
+    for name, (m, n) in shapes.items():
+        k = int(m * n * rho / (m + n))
+        ranks[name] = max(k, 1) if k < k_star(m, n) else "dense" if rho >= 1 else max(k_star(m, n) - 1, 1)
+    return ranks
+
+
 def uniform_ranks(shapes, rho):
-    """SVD-LLM's allocation k_l = floor(rho m n / (m + n)) (docs/METHODS.md §2), at most the budget."""
+    """SVD-LLM's allocation with the budget its rounding leaves handed out by the largest remainder (fill_budget):
+    where the learned gates start, and --method uniform --uniform_fill (docs/METHODS.md §2)."""
     want = {name: rho * m * n / (m + n) for name, (m, n) in shapes.items()}
-    return fill_budget({name: rank_or_dense(rho, m, n) for name, (m, n) in shapes.items()}, shapes, rho, want)
+    return fill_budget(svdllm_ranks(shapes, rho), shapes, rho, want)
 
 
 def kept_removed(rho):

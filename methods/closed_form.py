@@ -15,8 +15,10 @@ from plumbing.cli import POSITIVE
 from plumbing.loading import layer_type
 
 
-def allocate_uniform(shapes, rho, inputs):
-    return base.uniform_ranks(shapes, rho), None, {}
+def allocate_uniform(shapes, rho, inputs, uniform_fill=False):
+    """SVD-LLM's k_l = int(m n rho / (m + n)), as its authors round it; --uniform_fill also hands out the budget
+    the rounding leaves, one component at a time (largest remainder, docs/METHODS.md §2)."""
+    return (base.uniform_ranks if uniform_fill else base.svdllm_ranks)(shapes, rho), None, {"uniform_fill": uniform_fill}
 
 
 def lagrangian_ranks(tails, shapes, limit):
@@ -127,6 +129,7 @@ ENERGY_FLAGS = {
                            help="energy: exponent p on each layer's normalised truncation energy (see allocate_energy)")}
 
 
-register_allocator("uniform", allocate_uniform)
+register_allocator("uniform", allocate_uniform, flags={"--uniform_fill": dict(action="store_true", help=(
+    "uniform: also hand out the budget left by rounding (largest remainder); SVD-LLM's own rule does not"))})
 register_allocator("energy", allocate_energy, flags=ENERGY_FLAGS)
 register_allocator("svdllm2", allocate_svdllm2)

@@ -46,8 +46,8 @@ class HardConcreteGate(Gate):
         self.beta_t, self.beta_end = self.beta, beta_end
         if init == "paper":
             z = torch.linspace(6, 3, k_max)
-        else:  # log a - shift = sigmoid's ramp: P(z != 0) = sigmoid(6 (1 - i / k0)), 1/2 at k0
-            z = uniform_logits(k_max, k0) + self.shift()
+        else:  # sigmoid's ramp about the count's threshold: P(z != 0) = sigmoid(6 (1 - i / k0)) (annealed), or the
+            z = uniform_logits(k_max, k0) + self.threshold()  # first k0 gates live at test time (a fixed beta)
         self.log_alpha, self.k_max = nn.Parameter(z), k_max
 
     flags = {"--beta_end": dict(type=temperature, default=0.05, help="hard-concrete: temperature at the last step, "
@@ -73,9 +73,19 @@ class HardConcreteGate(Gate):
         s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta_t)
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)  # exact zeros and ones occur
 
+    def threshold(self):
+        """Where k_hat counts a gate as half (annealed: P(z != 0) = 1/2) or as live (a fixed beta: the test-time
+        gate clip(sigmoid(log a) (zeta - gamma) + gamma, 0, 1) > 0 iff log a > log(-gamma / zeta))."""
+        return self.shift() if self.annealed() else math.log(-self.gamma / self.zeta)
+
     def k_hat(self):
-        # the L0 norm the budget is trained on: sum_i P(z_i != 0) (Louizos et al. Eq. 12)
-        return torch.sigmoid(self.log_alpha - self.shift()).sum()
+        # annealed: the L0 norm the budget is trained on, sum_i P(z_i != 0) (Louizos et al. Eq. 12). At a fixed beta
+        # the export runs the test-time gates (Eq. 13), so the budget sees their count, the live gates, with the
+        # gradient of its sigmoid relaxation (straight-through)
+        if self.annealed():
+            return torch.sigmoid(self.log_alpha - self.shift()).sum()
+        soft = torch.sigmoid((self.log_alpha - self.threshold()) / self.beta)
+        return (self.log_alpha > self.threshold()).float().sum() + (soft - soft.detach()).sum()
 
     def order(self):
         return self.log_alpha.detach().argsort(descending=True)  # any subset, like sigmoid

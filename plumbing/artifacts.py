@@ -451,7 +451,7 @@ def write_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=1, allow_nan=False)  # strict JSON: a NaN is a bug, never a value
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

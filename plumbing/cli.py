@@ -92,6 +92,10 @@ def run_main(main, args):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, and nothing a later stage accepts
+        print(f"error: {stage} interrupted; its temporary files are removed, earlier artifacts untouched",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         why = os_error(e)
         if why is None:

@@ -92,6 +92,20 @@ def test_guidance_grid_equals_decompose_relative_errors(run_dir):
 
 # ----------------------------------------------------------------------------- export what was trained
 
+def test_hardconcrete_at_a_fixed_beta_counts_what_it_exports():
+    """At Louizos' fixed beta the exported layer runs the test-time gates (Eq. 13), so the budget's count is the
+    number of gates whose test-time value is above 0, by hand here: sigmoid(log a) 1.2 - 0.1 > 0, i.e. log a >
+    log(1/11) = -2.398; and it still carries a gradient. Catches sum_i P(z_i != 0) (Eq. 12), which counts a dead
+    gate at log a = -3 as 0.20 and a live one at -2 as 0.40."""
+    gate = hardconcrete.HardConcreteGate(12, 6, torch.ones(12), beta_end=2 / 3)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([3.0, 1.0, 0.0, -1.0, -2.0, -2.3, -2.5, -3.0, -4.0, -6.0, 2.0, -2.39]))
+    k_hat = gate.k_hat()
+    assert k_hat.item() == 8 == int((gate.scales() > 0).sum())  # 3, 1, 0, -1, -2, -2.3, 2, -2.39
+    k_hat.backward()
+    assert gate.log_alpha.grad.abs().sum() > 0
+
+
 def test_hardconcrete_at_a_fixed_beta_never_keeps_or_counts_a_dead_gate():
     """Louizos' fixed beta 2/3: a gate at log a = -3.0 has test-time gate (Eq. 13) clip(sigmoid(-3) 1.2 - 0.1,
     0, 1) = 0, though P(z != 0) = 0.20 (Eq. 12). a: 16 live gates at -1.0 (test-time 0.22), 8 dead; b: 10 live

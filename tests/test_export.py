@@ -118,10 +118,10 @@ def test_the_settle_phase_follows_the_budget_down_for_hardconcrete(trained_tiny)
 
 
 def test_hardconcrete_starts_on_sigmoids_ramp():
-    """The uniform init: P(z_i != 0) = sigmoid(6 (1 - i / k0)), sigmoid's P(keep), by a Monte-Carlo count of
-    the sampled gates (nonzero), and k_hat within a component of k0. Catches a plateau init (P ~ 1 or 0 except
+    """The uniform init (annealed, the default): P(z_i != 0) = sigmoid(6 (1 - i / k0)), sigmoid's P(keep), by a
+    Monte-Carlo count of the sampled gates (nonzero), and k_hat within a component of k0. Catches a plateau init (P ~ 1 or 0 except
     near k0), whose gates move as one block under AdamW (docs/METHODS.md §3.2)."""
-    layer = fake_layer(hardconcrete.HardConcreteGate, m=200, n=200, k0=60)
+    layer = fake_layer(hardconcrete.HardConcreteGate, m=200, n=200, k0=60, beta_end=0.05)  # the default, annealed
     g = torch.Generator().manual_seed(0)
     nonzero = torch.stack([layer.gate.mask(g) > 0 for _ in range(2000)]).float().mean(0)  # (k_max,)
     i = torch.arange(layer.gate.k_max, dtype=torch.float32)

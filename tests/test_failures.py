@@ -63,6 +63,19 @@ def files(tmp_path_factory, tiny_dir):
     os.remove(spm / "tokenizer.json")
     cfg = json.loads((spm / "tokenizer_config.json").read_text())
     (spm / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizer"}))
+    import torch
+    from conftest import tiny_model
+    nan = t / "nan_weight_model"  # one non-finite weight deep inside a block
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(nan)
+    tiny_tokenizer().save_pretrained(nan)
+    from transformers import BertConfig
+    bert = t / "bidirectional_model"  # an encoder loaded as a causal LM: it attends to later tokens
+    AutoModelForCausalLM.from_config(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+    tiny_tokenizer().save_pretrained(bert)
     return {p.name: str(p) for p in t.iterdir()}
 
 
@@ -357,6 +370,9 @@ CASES += [
      lambda o: o.update(method="soco")), "evaluate.py", [], "disagree on 'method'"),
     ("model: embedding smaller than the tokenizer", None, "whiten.py", ["--model", "F:small_embedding_model"],
      "its tokenizer has 320 tokens but its input embeddings only 300 rows"),
+    ("model: a NaN weight", None, "whiten.py", ["--model", "F:nan_weight_model"],
+     "model.layers.1.mlp.down_proj.weight holds 1 NaN or inf value(s)"),
+    ("model: bidirectional", None, "whiten.py", ["--model", "F:bidirectional_model"], "is not causal"),
 ]
 
 
@@ -635,3 +651,39 @@ def test_a_model_with_non_finite_weights_is_never_saved():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(UserError, match="mlp.down_proj.weight holds NaN or inf"):
         truncate.check_finite(model, "python decompose.py")
+
+
+def test_an_all_zero_layer_gives_a_strict_json_manifest(tmp_path, text_file):
+    """A weight that is all zeros has an all-zero spectrum: its relative truncation errors are 0 (nothing to lose),
+    not 0 / 0, so decompose/manifest.json stays strict JSON. Catches a bare NaN written into the manifest."""
+    import torch
+    from conftest import tiny_model, tiny_tokenizer
+    folder = tmp_path / "zero_layer_model"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    d = tmp_path / "run"
+    stage("whiten.py", "--model", folder, "--data", text_file, "--nsamples", 4, "--seqlen", 32, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    reject = lambda c: (_ for _ in ()).throw(ValueError(f"{c} in a manifest"))  # noqa: E731
+    manifest = json.loads(open(d / "decompose" / "manifest.json").read(), parse_constant=reject)
+    assert set(manifest["layers"]["model.layers.0.mlp.down_proj"]["rel_err"].values()) == {0.0}
+
+
+def test_ctrl_c_is_one_line_and_the_shells_status(tmp_path, capsys):
+    """A KeyboardInterrupt inside a stage ends with exit status 130 (128 + SIGINT, what a shell reports) and one
+    line, and leaves no temporary folder. Catches a traceback on Ctrl-C."""
+    import argparse
+    from plumbing import artifacts, cli
+
+    def main(args):
+        artifacts.stage_dir(args.run_dir, "allocation")  # a half-made stage folder, as a real stage has
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, argparse.Namespace(run_dir=str(tmp_path)))
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]

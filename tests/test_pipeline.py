@@ -16,7 +16,9 @@ def test_end_to_end_uniform(run_dir, tiny_dir, text_file):
     assert "kept" in out and "removed" in out
     run_stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
     metrics = json.load(open(f"{run_dir}/metrics.json"))
-    assert abs(metrics["kept_fraction_linear"] - 0.6) <= 0.01
+    layers = json.load(open(f"{run_dir}/decompose/manifest.json"))["layers"].values()
+    slack = sum(v["m"] + v["n"] for v in layers) / sum(v["m"] * v["n"] for v in layers)  # < 1 component a layer
+    assert 0.6 - slack <= metrics["kept_fraction_linear"] <= 0.6  # SVD-LLM's floor: never over, never far under
     assert metrics["kept_fraction_model"] < 1 and metrics["compressed"]["params"] < metrics["original"]["params"]
     assert all(torch.isfinite(torch.tensor(metrics[k]["ppl"])) for k in ("original", "compressed"))
     model, tok = load_compressed(f"{run_dir}/compressed")  # the documented one-call reload

@@ -14,7 +14,7 @@ import evaluate
 import learn_masks
 import oracle
 from plumbing.tasks import prepare_tasks, zero_shot
-from conftest import run_inprocess, tiny_model, tiny_tokenizer
+from conftest import run_inprocess, stage, tiny_model, tiny_tokenizer
 import methods
 from methods import ara
 from methods import base
@@ -156,6 +156,26 @@ def test_uniform_ranks_by_hand():
     assert base.rank_or_dense(1.0, 160, 64) == "dense"
 
 
+def test_uniform_is_svdllms_own_rounding_on_real_shapes(run_dir):
+    """--method uniform is SVD-LLM's rule as its authors' code rounds it, num_s_after_trunc = int(m n ratio / (m + n))
+    per layer with no leftover handed out: on SmolLM2-135M's and LLaMA-7B's shapes at 80 / 60 / 40 / 20% kept, the
+    ranks below were worked out by hand from that expression (e.g. 4096 x 4096 at 0.8: 1638.4 -> 1638; 192 x 576
+    at 0.8: 115.2 -> 115). --uniform_fill hands the leftover out, never past the budget. Catches the fill on by
+    default, a ceil or a round for the authors' truncation, the ratio read as removed."""
+    shapes = {"q": (576, 576), "k": (192, 576), "up": (1536, 576), "down": (576, 1536), "q7": (4096, 4096),
+              "up7": (11008, 4096), "down7": (4096, 11008)}
+    by_hand = {0.8: [230, 115, 335, 335, 1638, 2388, 2388], 0.6: [172, 86, 251, 251, 1228, 1791, 1791],
+               0.4: [115, 57, 167, 167, 819, 1194, 1194], 0.2: [57, 28, 83, 83, 409, 597, 597]}
+    for rho, want in by_hand.items():
+        got, _, _ = closed_form.allocate_uniform(shapes, rho, {})
+        assert list(got.values()) == want, rho
+        filled, _, _ = closed_form.allocate_uniform(shapes, rho, {}, uniform_fill=True)
+        assert all(filled[k] >= got[k] for k in shapes) and base.kept_fraction(filled, shapes) <= rho + 1e-12
+    stage("learn_masks.py", "--keep", 0.8, "--run_dir", run_dir)  # the command line: the authors' rule by default
+    alloc = json.load(open(f"{run_dir}/allocation/ranks.json"))
+    assert alloc["layers"] == closed_form.allocate_uniform({k: tuple(v) for k, v in alloc["shapes"].items()}, 0.8, {})[0]
+
+
 def test_strs_cut_search_on_a_hand_made_table():
     """ASVD's STRS on two (100, 100) layers, q in {0.1, 0.5, 0.9} (ranks 5, 25, 45), budget 0.35 (7000):
     triples by ppl  b.9 10.0, a.9 10.1, b.5 10.2, b.1 10.4, a.5 10.5, a.1 20.0; the first cut that fits is
@@ -218,6 +238,9 @@ def test_k_hat_is_the_expected_number_kept(method, beta_end):
     k_hat = float(gate.k_hat())
     if method == "ara":  # a deterministic staircase: round(k_max rho) components
         assert counts.std() == 0 and abs(counts[0].item() - k_hat) <= 0.5
+    elif method == "hardconcrete" and beta_end == 2 / 3:  # Louizos' fixed beta: the export's count, the live
+        test_time = torch.sigmoid(gate.log_alpha) * 1.2 - 0.1  # test-time gates (Eq. 13) computed here by hand
+        assert k_hat == int((test_time > 0).sum())
     else:
         assert abs(counts.mean().item() - k_hat) < 4 * counts.std().item() / math.sqrt(len(counts)) + 1e-3
 
