@@ -200,7 +200,8 @@ def main(args):
     elif isinstance(where["documents"], list) and set(where["documents"]) & set(whiten["documents"]):
         raise UserError(f"the {args.split} documents overlap the calibration documents of whiten/: re-run "
                         f"`python whiten.py --run_dir {args.run_dir}`")
-    tasks, manager, task_keys = prepare_tasks(args.tasks.split(","), stream, tok, args) if args.tasks else ([], None, [])
+    tasks, manager, task_keys = ([], None, []) if not args.tasks else \
+        prepare_tasks(args.tasks.split(","), stream, tok, args.run_dir, args.task_items)
     t0 = time.time()
     original = original_metrics(model, tok, windows, tasks, manager, task_keys, args, device, whiten)
     config = model.config.to_dict()

@@ -73,18 +73,18 @@ def task_yaml(name, path, folder):
         f.write(text)
 
 
-def prepare_tasks(names, stream, tok, args):
-    """Harness task names, 'local_continuation' (built from held-out text) and 'local:PATH.jsonl'."""
+def prepare_tasks(names, stream, tok, run_dir, task_items=100):
+    """Harness task names, 'local_continuation' (task_items built from held-out text) and 'local:PATH.jsonl'."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval==0.4.13") from None
-    folder = os.path.join(args.run_dir, "tasks")
+    folder = os.path.join(run_dir, "tasks")
     os.makedirs(folder, exist_ok=True)
     resolved, files = [], {}
     for name in names:
         if name == "local_continuation":
-            path = write_items(continuation_items(stream, tok, args.task_items, 0), folder, name)
+            path = write_items(continuation_items(stream, tok, task_items, 0), folder, name)
         elif name.startswith("local:"):
             source = name[len("local:"):]
             items = read_task_file(source)

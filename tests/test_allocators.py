@@ -1,4 +1,4 @@
-"""Issue 7's properties of the allocators (docs/METHODS.md §3), each one a test that failed on the old code:
+"""The properties of the allocators (docs/METHODS.md §3), each one a test a wrong implementation fails:
 dense layers come back when the budget asks, guidance sees the full spectrum, hard-concrete and sigmoid
 export what they trained, SoCo's pruned scores can recover, every calibration token is used, the
 teacher is skipped for CE, and the closed-form allocations meet the budget and follow the spectra."""

@@ -91,7 +91,7 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
     with pytest.raises(cli.UserError, match="pip install lm-eval"):
-        prepare_tasks(["local_continuation"], None, None, None)
+        prepare_tasks(["local_continuation"], None, None, None, 1)
 
 
 def test_strs_meets_budget_and_reloads(run_dir):

@@ -349,7 +349,7 @@ CASES += [
     ("flag: whiten seed 2**32", None, "whiten.py", ["--seed", 2 ** 32], "--seed: 4294967296 is out of range"),
     ("model: config disagrees with weights", None, "whiten.py", ["--model", "F:fewer_layers_model"],
      "its config and its checkpoint disagree"),
-    # issue 28's classes: fields that contradict the tensors or the model, with every hash kept in step
+    # fields that contradict the tensors or the model, with every hash kept in step
     ("schema: whitening says eigh, factors are packed", lambda d, f: edit_json(d, "whiten", "manifest.json",
      lambda o: o.update(whitening="eigh")), "decompose.py", [], "has shape (2080,), not (64, 64)"),
     ("schema: whitening factor of the wrong shape", lambda d, f: edit_tensor(d, "whiten", first(d, "whiten"),
@@ -623,7 +623,7 @@ def test_a_task_file_rewritten_in_place_is_read_from_its_new_items(tmp_path):
         path.write_text("".join(json.dumps({"context": "a", "choices": [" b", " c"], "label": (i + flip) % 2}) + "\n"
                                 for i in range(4)))
         os.utime(path, ns=(10 ** 18, 10 ** 18))  # the same modification time both times, the same size
-        (name,), _, _ = prepare_tasks([f"local:{path}"], None, None, args)
+        (name,), _, _ = prepare_tasks([f"local:{path}"], None, None, args.run_dir, args.task_items)
         spec = yaml.safe_load(open(f"{args.run_dir}/tasks/{name}.yaml"))
         rows = datasets.load_dataset("json", data_files=spec["dataset_kwargs"]["data_files"], split="test")
         assert list(rows["label"]) == [(i + flip) % 2 for i in range(4)]
@@ -639,7 +639,7 @@ def test_two_local_task_files_with_one_name_are_two_tasks(tmp_path):
         path.write_text("".join(json.dumps({**it, "label": (it["label"] + flip) % 2}) + "\n" for it in items))
         paths.append(str(path))
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
-    names, _, keys = prepare_tasks([f"local:{p}" for p in paths], None, None, args)
+    names, _, keys = prepare_tasks([f"local:{p}" for p in paths], None, None, args.run_dir, args.task_items)
     assert len(set(names)) == 2 and len(set(keys)) == 2, names
 
 

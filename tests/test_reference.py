@@ -391,7 +391,7 @@ def test_zero_shot_accuracy_equals_a_hand_count(tmp_path):
     path.write_text("".join(json.dumps({"context": c, "choices": choices, "label": y}) + "\n"
                             for c, y in zip(contexts, labels)))
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), task_items=1)
-    tasks, manager, _ = prepare_tasks([f"local:{path}"], None, tok, args)
+    tasks, manager, _ = prepare_tasks([f"local:{path}"], None, tok, args.run_dir, args.task_items)
     acc = zero_shot(model, tok, tasks, manager, 2)[tasks[0]]["acc"]
     assert acc == pytest.approx(3 / 6)
 
