@@ -13,18 +13,30 @@ from plumbing.cli import UserError
 
 def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_choices=4):
     """A LOCAL multiple-choice task from held-out text (not a standard benchmark): given 64 tokens of
-    context, pick the true 16-token continuation among continuations taken from elsewhere."""
+    context, pick the true 16-token continuation among continuations taken from elsewhere: none overlapping the
+    true one in the text, and no two choices the same string (else an item has two right answers)."""
     span = ctx_len + cont_len
     if len(stream) < span * (n_choices + 1):
         raise UserError(f"evaluation text has {len(stream)} tokens, too few for the local task; pass more --data")
     g = torch.Generator().manual_seed(seed)
+    draw = lambda: int(torch.randint(0, len(stream) - span, (1,), generator=g))  # noqa: E731
     items = []
     for _ in range(n_items):
-        p, *others = torch.randint(0, len(stream) - span, (n_choices,), generator=g).tolist()
-        conts = [stream[q + ctx_len:q + span] for q in [p] + others]
+        p = draw()
+        conts = [tok.decode(stream[p + ctx_len:p + span])]
+        for _ in range(100 * n_choices):
+            q = draw()
+            text = tok.decode(stream[q + ctx_len:q + span])
+            if abs(q - p) >= cont_len and text not in conts:
+                conts.append(text)
+            if len(conts) == n_choices:
+                break
+        else:
+            raise UserError(f"the evaluation text is too repetitive for the local task: no {n_choices} different "
+                            "continuations; pass more varied --data or drop local_continuation")
         order = torch.randperm(n_choices, generator=g).tolist()
-        items.append({"context": tok.decode(stream[p:p + ctx_len]),
-                      "choices": [tok.decode(conts[j]) for j in order], "label": order.index(0)})
+        items.append({"context": tok.decode(stream[p:p + ctx_len]), "choices": [conts[j] for j in order],
+                      "label": order.index(0)})
     return items
 
 

@@ -185,3 +185,20 @@ def test_text_too_small_to_split_is_refused(tiny_dir, tmp_path):
                               "--run_dir", tmp_path / "run")
     assert code == 2 and "1 document(s), too few to split" in err.strip().splitlines()[-1], err[-500:]
     assert not (tmp_path / "run" / "whiten").exists()
+
+
+def test_local_continuation_has_one_right_answer_per_item():
+    """On a text that repeats every 96 tokens, distractors drawn anywhere often equal the true continuation: each
+    item's choices must be distinct strings, the labelled one the text's own continuation of the context.
+    Catches distractors drawn without a check, which give items with two right answers."""
+    from types import SimpleNamespace
+
+    import torch
+    from plumbing.tasks import continuation_items
+    stream = torch.arange(2000) % 96
+    tok = SimpleNamespace(decode=lambda ids: " ".join(map(str, ids.tolist())))
+    items = continuation_items(stream, tok, 50, 0)
+    for item in items:
+        assert len(set(item["choices"])) == 4, item["choices"]
+        first = int(item["context"].split()[-1])  # the context's last token; the continuation follows it
+        assert item["choices"][item["label"]].split()[0] == str((first + 1) % 96)
