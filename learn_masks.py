@@ -387,13 +387,9 @@ def check_args(args):
     if args.method not in methods.names():
         raise UserError(f"unknown --method {args.method!r}; choose from {', '.join(methods.names())}")
     loading.check_dtype_placement(args.dtype, args.device_map)
-    if args.method in methods.GATES:
+    if args.method in methods.GATES:  # rules between a gate's flags (their ranges are the flags' types)
         cls = methods.GATES[args.method]
         cls.check(**hyperparameters(cls, args))
-    else:
-        fn, _, _, check = methods.ALLOCATORS[args.method]
-        if check is not None:
-            check(**hyperparameters(fn, args))
 
 
 def main(args):

@@ -267,7 +267,7 @@ class MaskedLinear(nn.Module):
 # ----------------------------------------------------------------------------- the registry
 
 GATES = {}  # learned: name -> Gate subclass
-ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model, its flags, its check)
+ALLOCATORS = {}  # train nothing: name -> (allocate function, whether it needs the model, its flags)
 
 
 def register(name, cls):
@@ -278,11 +278,11 @@ def register(name, cls):
     GATES[name] = cls
 
 
-def register_allocator(name, fn, needs_model=False, flags=None, check=None):
+def register_allocator(name, fn, needs_model=False, flags=None):
     """Add a method that trains nothing: learn_masks.py --method NAME calls fn(shapes, rho, inputs, **hyper),
-    hyper being fn's keyword arguments that have a flag. flags: {"--flag": add_argument's keywords};
-    check(**hyper) refuses values it cannot honour (one line, UserError) before any work."""
-    ALLOCATORS[name] = (fn, needs_model, flags or {}, check)
+    hyper being fn's keyword arguments that have a flag. flags: {"--flag": add_argument's keywords}, whose
+    checked types (plumbing/cli.number) refuse bad values at parse time."""
+    ALLOCATORS[name] = (fn, needs_model, flags or {})
 
 
 def names():
