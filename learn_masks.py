@@ -315,11 +315,10 @@ def load_inputs(args, whiten, decomp, needs_model):
     with --compensate also the model (in its compute dtype), the calibration windows and the factors."""
     rerun = f"python decompose.py --run_dir {args.run_dir}"
     f = artifacts.Shards(args.run_dir, "decompose", rerun, decomp["shards"], shape=artifacts.factor_shape(decomp))
-    ids = artifacts.read_ids(args.run_dir, whiten)
-    inputs = {"sigmas": {name: f.get(f"{name}.sigma") for name in decomp["layers"]}, "tokens": ids.numel(),
-              "decompose_dir": f"{args.run_dir}/decompose"}  # tokens counted, not read off the manifest
-    if not needs_model:
-        return inputs
+    inputs = {"sigmas": {name: f.get(f"{name}.sigma") for name in decomp["layers"]},
+              "decompose_dir": f"{args.run_dir}/decompose"}
+    if not needs_model:  # tokens counted, not read off the manifest
+        return {**inputs, "tokens": artifacts.read_ids(args.run_dir, whiten).numel()}
     device = cli.pick_device(args.device)
     model = loading.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
@@ -338,9 +337,9 @@ def load_inputs(args, whiten, decomp, needs_model):
                             f"(or -{L + 1}..-1)")
     for p in model.parameters():
         p.requires_grad_(False)
-    artifacts.check_vocabulary(ids, model.get_input_embeddings().weight.shape[0], args.run_dir)
+    ids = artifacts.read_ids(args.run_dir, whiten, rows=model.get_input_embeddings().weight.shape[0])
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
-    return {**inputs, "model": model, "ids": ids, "factors": f, "device": device}
+    return {**inputs, "tokens": ids.numel(), "model": model, "ids": ids, "factors": f, "device": device}
 
 
 def attach_gates(model, factors, shapes, rho, args, start=None):

@@ -1,12 +1,8 @@
-"""The artifacts on disk: their schema and their I/O (docs/METHODS.md §5). Schema: one pydantic model per
-artifact and input file, each JSON field's type and range (strict: "3" is not 3, true is not 1, NaN and inf
-are refused; keys a model does not name are informational), the rules between fields as model validators,
-and for every tensor the shape, dtype and value range that follow from the fields. I/O: every stage writes
-into a temporary folder of its own process and swaps it in with a manifest that lists its files with their
-size and content hash (SHA-256); every later stage reads through these functions, which check the hash, the
-schema, every tensor and every index and scale, so a missing, truncated, edited or corrupt artifact, or one
-made from another model or other settings, is one line naming the file, the field, the problem and the command
-that remakes it. JSON is written to a temporary file and renamed. The run dir's lock is cli.run_dir_lock.
+"""The artifacts on disk (docs/METHODS.md §5): one pydantic model per artifact and input file (strict: "3" is
+not 3, NaN is refused; keys it does not name are informational), the shape, dtype and values of every tensor,
+and the I/O: a stage writes a temporary folder of its own and swaps it in with a manifest listing every file's
+size and SHA-256; a later stage reads through these functions, so a missing, truncated, edited or foreign
+artifact is one line naming the file, the field and the command that remakes it.
 """
 import contextlib
 import hashlib
@@ -29,11 +25,10 @@ from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
 # ----------------------------------------------------------------------------- the schema: one pydantic model per artifact
 
 class Bad(ValueError):
-    """A rule between fields or files broken, the message naming the field (a ValueError: pydantic's own kind)."""
+    """A rule between fields or files broken (a ValueError: pydantic's own kind)."""
 
 
 def same_keys(a, b, what_a, what_b):
-    """Two name sets that must be equal: one line naming a name in one and not the other."""
     extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if extra:
         raise Bad(f"{what_a} names {extra[0]!r}, which {what_b} does not have")
@@ -78,8 +73,7 @@ class Manifest(Header):
 
 
 class Sharded(Manifest):
-    """A stage folder of safetensors shards, each a file its manifest lists (read_manifest checks that every
-    listed name is a file in the stage's folder)."""
+    """A stage folder of safetensors shards, each a file its manifest lists."""
     shards: Named[Text]
 
     @model_validator(mode="after")
@@ -106,7 +100,7 @@ class Whiten(Sharded):
 
     @model_validator(mode="after")
     def groups_led_by_their_width(self):
-        """Every group led by a layer of the same input width (they share one whitening), one shard per group."""
+        """Every group led by a layer of its input width (one shared whitening), one shard per group."""
         same_keys(self.groups, self.shapes, "'groups'", "'shapes'")
         for name, leader in self.groups.items():
             if self.groups.get(leader) != leader:
@@ -134,7 +128,6 @@ class Decompose(Sharded):
 
     @model_validator(mode="after")
     def ranks_follow_shapes(self):
-        """k* = floor(m n / (m + n)) <= k_max <= min(m, n) in every layer, one shard per layer."""
         for name, v in self.layers.items():
             k_star = v.m * v.n // (v.m + v.n)  # methods/budget.k_star: plumbing does not import methods
             if v.k_star != k_star:
@@ -183,7 +176,6 @@ class LowRankConfig(Model):
 
 
 def same_shapes(a, b, what_a, what_b):
-    """Two {layer: [m, n]} maps that must name the same layers with the same shapes."""
     same_keys(a, b, what_a, what_b)
     for name, shape in a.items():
         if list(shape) != list(b[name]):
@@ -193,9 +185,8 @@ def same_shapes(a, b, what_a, what_b):
 # ----------------------------------------------------------------------------- the tensors
 
 def whiten_shape(whiten):
-    """name -> (shape, value rule, dtype) of every tensor in whiten/'s shards: S of a group leader with n
-    inputs is the packed lower triangle (n (n + 1) / 2,) under cholesky, its diagonal positive (a Cholesky
-    factor's is), or (n, n) under eigh; float32."""
+    """name -> (shape, value rule, dtype) in whiten/: a group leader's S, the packed lower triangle (n (n + 1) / 2,)
+    with a positive diagonal under cholesky, (n, n) under eigh; float32."""
     def rule(name):
         leader, _, what = name.rpartition(".")
         if what == "S" and whiten["groups"].get(leader) == leader:
@@ -206,23 +197,19 @@ def whiten_shape(whiten):
 
 
 def factor_shape(decomp):
-    """name -> (shape, value rule, dtype) of decompose/'s tensors: U (m, k_max) and VtSinv (k_max, n) in its
-    factor_dtype, sigma (min(m, n),) float64, non-negative and non-increasing (the order every allocator
-    reads it in)."""
+    """name -> (shape, value rule, dtype) in decompose/: U (m, k_max), VtSinv (k_max, n) in factor_dtype; sigma
+    (min(m, n),) float64, non-negative and non-increasing (the order every allocator reads it in)."""
     store = getattr(torch, decomp["factor_dtype"])
     def rule(name):
         layer, _, what = name.rpartition(".")
         v = decomp["layers"].get(layer)
-        if v is None:
-            return None
-        return {"U": ((v["m"], v["k_max"]), None, store), "VtSinv": ((v["k_max"], v["n"]), None, store),
-                "sigma": ((min(v["m"], v["n"]),), "spectrum", torch.float64)}.get(what)
+        return v and {"U": ((v["m"], v["k_max"]), None, store), "VtSinv": ((v["k_max"], v["n"]), None, store),
+                      "sigma": ((min(v["m"], v["n"]),), "spectrum", torch.float64)}.get(what)
     return rule
 
 
 def check_values(t, rule, what):
-    """A float tensor's value rule beyond finiteness: 'spectrum' = non-negative, non-increasing; 'cholesky' =
-    a packed lower triangle (row i holds i + 1 entries, the last on the diagonal) with a positive diagonal."""
+    """'spectrum': non-negative, non-increasing; 'cholesky': a packed lower triangle with a positive diagonal."""
     if rule == "spectrum" and t.numel() and (float(t.min()) < 0 or bool((t[1:] > t[:-1]).any())):
         raise Bad(f"{what} is not a spectrum (negative or increasing values)")
     if rule == "cholesky":
@@ -250,8 +237,7 @@ class TaskRow(Model):
 # ----------------------------------------------------------------------------- reading and writing
 
 def file_hash(path):
-    """SHA-256 of a file's bytes (first 16 hex digits): ~1 GB/s on one core, so checking the embedded model's
-    decompose/ folder costs well under a second and a 7B model's (~25 GB) about half a minute per stage."""
+    """SHA-256 of a file's bytes, first 16 hex digits (~1 GB/s: a 7B model's decompose/ in half a minute)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -260,16 +246,13 @@ def file_hash(path):
 
 
 def config_hash(model):
-    """Fingerprint of a model's config, to catch artifacts made from another model: its content, not the
-    folder it was read from (`_name_or_path`), so a moved model or a re-keyed cache folder is the same model."""
+    """A model's config by content, not by the folder it was read from (`_name_or_path`)."""
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def weights_hash(model):
-    """Fingerprint of the weights themselves (every tensor's bytes, in name order): a folder replaced by
-    one with the same config and other weights is caught."""
+    """Every tensor's bytes in name order: a folder whose weights changed under the same config is caught."""
     h = hashlib.blake2b(digest_size=8)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -278,14 +261,12 @@ def weights_hash(model):
 
 
 def check_model(model, whiten, rerun="python whiten.py"):
-    """The model now on disk must be the one whiten/ was made from: same config, same weights, and the layers
-    whiten/'s manifest names with the shapes it gives them."""
+    """The model now on disk is the one whiten/ was made from: config, weights and the layers' shapes."""
     if config_hash(model) != whiten["config_hash"] or weights_hash(model) != whiten["weights_hash"]:
         raise UserError(f"model {whiten['model']!r} is not the one whiten/ was made from (other config or "
                         f"weights): re-run the pipeline from `{rerun}`")
     with one_line(rerun):
-        same_shapes(whiten["shapes"], layer_shapes(find_linears(model)), "whiten/manifest.json 'shapes'",
-                           "the model")
+        same_shapes(whiten["shapes"], layer_shapes(find_linears(model)), "whiten/manifest.json 'shapes'", "the model")
 
 
 def tensor_hash(t):
@@ -298,8 +279,7 @@ def versions():
 
 
 def read_json(path, rerun, spec=Model):
-    """A JSON artifact that satisfies its schema `spec` (a model of plumbing/py; by default any
-    object), or one line naming the file, the field and the command that remakes it."""
+    """A JSON artifact that satisfies the pydantic model `spec`, returned as read (its informational keys too)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `{rerun}` first")
     try:
@@ -307,12 +287,13 @@ def read_json(path, rerun, spec=Model):
             obj = json.load(f)
     except (ValueError, OSError):
         raise UserError(f"{path} is damaged or incomplete: re-run `{rerun}`") from None
-    return check(spec, obj, path, rerun)
+    with one_line(rerun, f"{path} is damaged: "):
+        spec.model_validate(obj)
+    return obj
 
 
 def say(e, whole="the file"):
-    """What a schema violation says: a Bad's own text, or pydantic's first error as `FIELD is VALUE: what
-    is wrong`, FIELD its place in the `whole` ('layers'['q_proj']['m'])."""
+    """A schema violation as `FIELD is VALUE: what is wrong` (FIELD e.g. 'layers'['q_proj']['m']), or a Bad's text."""
     if not isinstance(e, pydantic.ValidationError):
         return str(e)
     error = e.errors(include_url=False)[0]
@@ -320,7 +301,7 @@ def say(e, whole="the file"):
     field = lambda loc: repr(loc[0]) + "".join(f"[{k!r}]" for k in loc[1:]) if loc else whole
     if kind == "missing":
         return f"{field(loc[:-1])} has no {loc[-1]!r}"
-    if kind == "value_error":  # a rule of py, in its words: a model validator's (no loc) names the fields
+    if kind == "value_error":  # a validator's rule, in its words (a model validator's names its fields)
         why = str(error["ctx"]["error"])
         if not loc:
             return why
@@ -331,26 +312,15 @@ def say(e, whole="the file"):
 
 @contextlib.contextmanager
 def one_line(rerun, prefix=""):
-    """A schema violation (Bad, pydantic's ValidationError) inside the block becomes the stage's one error
-    line (say) and the command to re-run."""
+    """A schema violation inside the block becomes the stage's one error line and the command to re-run."""
     try:
         yield
     except (Bad, pydantic.ValidationError) as e:
         raise UserError(f"{prefix}{say(e)}: re-run `{rerun}`") from None
 
 
-def check(spec, obj, path, rerun):
-    """obj against a model of plumbing/py: a violation is one line naming the file and the field. Returns
-    obj itself, its informational keys included."""
-    with one_line(rerun, f"{path} is damaged: "):
-        spec.model_validate(obj)
-    return obj
-
-
 class TensorFile:
-    """A safetensors artifact read one tensor at a time (so a stage can stream it); a missing,
-    truncated or corrupt file, or a missing tensor, is one line naming the file and the command
-    that remakes it."""
+    """A safetensors artifact read one checked tensor at a time (so a stage can stream it)."""
 
     def __init__(self, path, rerun, device="cpu"):
         from safetensors import safe_open
@@ -367,40 +337,43 @@ class TensorFile:
         raise UserError(f"{self.path} is damaged or incomplete: re-run `{self.rerun}`") from None
 
     def get(self, name, shape=None, kind="float", values=None, dtype=None):
-        """Tensor `name`, checked: kind "float" (finite values) or "int"; `shape` a tuple, None entries free;
-        `values` a value rule of plumbing/py (check_values); `dtype` the one its manifest implies."""
+        """Tensor `name`: "float" (all finite) or "int"; `shape` a tuple, None entries free; `values` a
+        check_values rule; `dtype` the one its manifest implies."""
         try:
             t = self.f.get_tensor(name)
         except Exception:  # a tensor missing, or its bytes past the end of a truncated file
             self.damaged()
-        t = check_tensor(t, f"{self.path}: {name}", self.rerun, shape, kind)
+        what, rerun = f"{self.path}: {name}", self.rerun
+        if not (t.is_floating_point() if kind == "float" else not t.is_floating_point() and t.dtype != torch.bool):
+            raise UserError(f"{what} is {t.dtype}, not {'an' if kind == 'int' else 'a'} {kind} tensor: re-run `{rerun}`")
+        if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
+            want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+            raise UserError(f"{what} has shape {tuple(t.shape)}, not {want}: re-run `{rerun}`")
+        if kind == "float" and not torch.isfinite(t).all():
+            raise UserError(f"{what} holds NaN or inf: re-run `{rerun}`")
         if dtype is not None and t.dtype != dtype:
-            raise UserError(f"{self.path}: {name} is {t.dtype}, not the {dtype} its manifest implies: re-run `{self.rerun}`")
-        with one_line(self.rerun):
-            check_values(t, values, f"{self.path}: {name}")
+            raise UserError(f"{what} is {t.dtype}, not the {dtype} its manifest implies: re-run `{rerun}`")
+        with one_line(rerun):
+            check_values(t, values, what)
         return t
 
 
 class Shards:
-    """The tensors of a sharded stage folder (one safetensors file per decoder block), one tensor at a time:
-    `where` maps a tensor's prefix (a layer or group name) to its file, as the stage's manifest records
-    it. One file is open at a time (stages read block by block); damage is one line, as in TensorFile."""
+    """The tensors of a sharded stage folder, one file open at a time (stages read block by block): `where`
+    maps a tensor's prefix (a layer or group) to its file; shape(name) -> (shape, value rule, dtype) or None
+    (a name the manifest does not know); shape=None: no check."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
-        """shape(name) -> (the tuple a tensor must have, its value rule, its dtype) (whiten_shape,
-        factor_shape); a name it does not know (None) is refused; shape=None: no check."""
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
         self.shape = shape
 
     def get(self, name):
         prefix = name.rsplit(".", 1)[0]
-        if prefix not in self.where:
-            raise UserError(f"{self.folder} has no tensor {name}: re-run `{self.rerun}`")
-        file = self.where[prefix]
         rule = self.shape(name) if self.shape else (None, None, None)
-        if rule is None:
+        if prefix not in self.where or rule is None:
             raise UserError(f"{self.folder} has no tensor {name} by its manifest: re-run `{self.rerun}`")
-        if file not in self.open:  # one file open at a time: a closed shard's mapped pages leave the process
+        file = self.where[prefix]
+        if file not in self.open:  # a closed shard's mapped pages leave the process
             self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
         shape, values, dtype = rule
         return self.open[file].get(name, shape, values=values, dtype=dtype)
@@ -408,46 +381,27 @@ class Shards:
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected
 
 
-def check_tensor(t, what, rerun, shape=None, kind="float"):
-    """One line naming the tensor when it is not of the kind, shape or finiteness its reader needs."""
-    ok_kind = t.is_floating_point() if kind == "float" else not t.is_floating_point() and t.dtype != torch.bool
-    if not ok_kind:
-        raise UserError(f"{what} is {t.dtype}, not {'an' if kind == 'int' else 'a'} {kind} tensor: re-run `{rerun}`")
-    if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
-        want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise UserError(f"{what} has shape {tuple(t.shape)}, not {want}: re-run `{rerun}`")
-    if kind == "float" and not torch.isfinite(t).all():
-        raise UserError(f"{what} holds NaN or inf: re-run `{rerun}`")
-    return t
-
-
-def read_ids(run_dir, whiten):
-    """whiten/'s calibration windows (nsamples, seqlen), non-negative int64 token ids."""
+def read_ids(run_dir, whiten, rows=None):
+    """whiten/'s calibration windows (nsamples, seqlen): int64 token ids in 0..rows - 1 (rows: the model's
+    embedding rows, when known)."""
     rerun = f"python whiten.py --run_dir {run_dir}"
     path = f"{run_dir}/whiten/calib_ids.safetensors"
     ids = TensorFile(path, rerun).get("ids", shape=(whiten["nsamples"], whiten["seqlen"]), kind="int", dtype=torch.int64)
     if ids.numel() and int(ids.min()) < 0:
         raise UserError(f"{path}: negative token ids: re-run `{rerun}`")
+    if rows is not None and ids.numel() and int(ids.max()) >= rows:
+        raise UserError(f"{path}: token ids outside the model's vocabulary 0..{rows - 1}: re-run `{rerun}`")
     return ids
 
 
-def check_vocabulary(ids, rows, run_dir):
-    """Calibration ids below the model's embedding rows."""
-    if ids.numel() and int(ids.max()) >= rows:
-        raise UserError(f"{run_dir}/whiten/calib_ids.safetensors: token ids outside the model's vocabulary "
-                        f"0..{rows - 1}: re-run `python whiten.py --run_dir {run_dir}`")
-
-
 def read_tensors(path, rerun, keys=None, device="cpu", kind=lambda name: "float", dtype=lambda name: None):
-    """{name: tensor} of a whole safetensors artifact (or of `keys`), through TensorFile; kind(name) -> "float" |
-    "int"; dtype(name) -> the dtype it must have, or None."""
+    """{name: tensor} of a whole safetensors artifact (or of `keys`); kind(name): "float" | "int"; dtype(name)."""
     f = TensorFile(path, rerun, device)
     return {k: f.get(k, kind=kind(k), dtype=dtype(k)) for k in (f.names if keys is None else keys)}
 
 
 def write_json(path, obj):
-    """Write a temporary file, then rename it over `path`: a kill leaves the old file or the new one, and a
-    failed write (a full disk) removes the temporary file and leaves the old one."""
+    """Through a temporary file and a rename: a kill or a full disk leaves the old file or the new one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -460,15 +414,15 @@ def write_json(path, obj):
 
 
 def read_manifest(run_dir, stage, hint, reads=None):
-    """Load DIR/stage/manifest.json and check that every file it lists is there, whole (size), and that the
-    files this stage `reads` (names; None = all) have their recorded content hash: a stage never pays to
-    hash an earlier stage's files it does not open (a 7B model's whiten/ is large)."""
+    """DIR/stage/manifest.json, every file it lists there and whole; the files this stage `reads` (None: all)
+    also by content hash (a stage never hashes a large earlier file it does not open)."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
     manifest = read_json(path, rerun, Header)
     if manifest["stage"] != stage or manifest["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path} is not a {stage} manifest of format {FORMAT_VERSION}: re-run `{rerun}`")
-    check(MANIFEST[stage], manifest, path, rerun)
+    with one_line(rerun, f"{path} is damaged: "):
+        MANIFEST[stage].model_validate(manifest)
     for name, entry in manifest["files"].items():
         file = os.path.join(run_dir, stage, name)
         if os.path.basename(name) != name or name in (".", ".."):
@@ -481,35 +435,28 @@ def read_manifest(run_dir, stage, hint, reads=None):
     return manifest
 
 
-def check_parent(manifest, parent, run_dir, rerun):
-    """The artifact must have been made from the parent artifact now on disk (chain of hashes), and
-    decompose/'s layers must be whiten/'s, with the same shapes."""
-    if manifest["inputs"].get(parent["stage"]) != parent["hash"]:
-        raise UserError(f"{run_dir}/{manifest['stage']} was made from a different {parent['stage']}/ run "
-                        f"(other model or settings): re-run `{rerun} --run_dir {run_dir}`")
-    if (manifest["stage"], parent["stage"]) == ("decompose", "whiten"):
-        with one_line(f"{rerun} --run_dir {run_dir}", f"{run_dir}/decompose/manifest.json is damaged: "):
-            same_shapes({name: [v["m"], v["n"]] for name, v in manifest["layers"].items()}, parent["shapes"],
-                               "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
-
-
 RERUN = {"whiten": "python whiten.py", "decompose": "python decompose.py", "allocation": "python learn_masks.py",
          "compressed": "python truncate.py"}
 
 
 def read_chain(run_dir, *stages, reads=None):
-    """{stage: manifest} for `stages` in pipeline order, each read (read_manifest; reads: {stage: the files this
-    stage opens}, default all) and then each checked against the one before it (check_parent)."""
-    reads = reads or {}
-    manifests = [read_manifest(run_dir, s, RERUN[s], reads=reads.get(s)) for s in stages]
+    """{stage: manifest} of `stages` in pipeline order (reads: {stage: the files it opens}), each made from
+    the one before it now on disk (its recorded hash), decompose/'s layers whiten/'s with the same shapes."""
+    manifests = [read_manifest(run_dir, s, RERUN[s], reads=(reads or {}).get(s)) for s in stages]
     for parent, child in zip(manifests, manifests[1:]):
-        check_parent(child, parent, run_dir, RERUN[child["stage"]])
+        rerun = f"{RERUN[child['stage']]} --run_dir {run_dir}"
+        if child["inputs"].get(parent["stage"]) != parent["hash"]:
+            raise UserError(f"{run_dir}/{child['stage']} was made from a different {parent['stage']}/ run "
+                            f"(other model or settings): re-run `{rerun}`")
+        if (child["stage"], parent["stage"]) == ("decompose", "whiten"):
+            with one_line(rerun, f"{run_dir}/decompose/manifest.json is damaged: "):
+                same_shapes({name: [v["m"], v["n"]] for name, v in child["layers"].items()}, parent["shapes"],
+                            "decompose/manifest.json 'layers'", "whiten/manifest.json 'shapes'")
     return {m["stage"]: m for m in manifests}
 
 
 def stage_dir(run_dir, stage):
-    """A fresh temporary folder of this process; `commit_stage` moves it into place, so a failed run leaves
-    nothing that a later stage would accept, and cli.run_main removes it when the stage fails."""
+    """A fresh temporary folder of this process, which commit_stage moves into place (run_main removes it on failure)."""
     check_run_dir(run_dir)
     tmp = os.path.join(run_dir, f".{stage}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -519,13 +466,11 @@ def stage_dir(run_dir, stage):
 
 
 def commit_stage(run_dir, stage, tmp, manifest):
-    """Manifest (listing every file, its size and its content hash) into the temporary folder, then the swap: old folder
-    aside, new one in, old one deleted. A kill anywhere leaves either no stage folder (the next stage
-    says which command to run) or a complete one, never a half-deleted folder with a manifest."""
+    """The manifest (every file's size and hash) into `tmp`, then the swap: old folder aside, new one in, old
+    one deleted, so a kill leaves no stage folder or a complete one."""
     files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": file_hash(os.path.join(tmp, f))}
              for f in sorted(os.listdir(tmp))}
-    manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest,
-                "files": files}
+    manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest, "files": files}
     write_json(os.path.join(tmp, "manifest.json"), manifest)
     final, old = os.path.join(run_dir, stage), os.path.join(run_dir, f".{stage}.old{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)

@@ -39,8 +39,7 @@ OS_ERRORS = r"(No space left on device|Disk quota exceeded|Read-only file system
 
 
 def os_error(e):
-    """The operating system's reason when `e` is (or wraps, as safetensors' errors do) a failed read or write,
-    else None (a bug: its traceback is kept)."""
+    """The OS's reason when `e` is (or wraps) a failed read or write, else None (a bug keeps its traceback)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
         return e.strerror + (f" ({e.filename})" if e.filename else "")
     m = re.search(OS_ERRORS + r" \(os error \d+\)", str(e))
@@ -48,15 +47,12 @@ def os_error(e):
 
 
 def remove(path):
-    """A temporary folder or file, gone (no error when it already is)."""
     shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
 
 
 def run_dir_lock(run_dir, stage):
-    """One process per run dir: the lock on RUN_DIR/.lock (filelock, a flock: the kernel drops it when a process
-    dies, so a killed stage leaves no stale lock), held until released. RUN_DIR/.lock.holder names the holder for
-    the line the next process prints (beside the lock file, whose contents are the lock library's). Temporary
-    folders left by killed processes are removed once it is held. Returns the held lock."""
+    """One process per run dir: a flock on RUN_DIR/.lock (the kernel drops it when its process dies), its holder
+    named in .lock.holder for the next process's line; a killed process's temporary files go once it is held."""
     check_run_dir(run_dir)
     lock, holder = filelock.FileLock(os.path.join(run_dir, ".lock"), timeout=0), os.path.join(run_dir, ".lock.holder")
     try:
@@ -81,9 +77,8 @@ def run_dir_lock(run_dir, stage):
 
 
 def run_main(main, args):
-    """Run a stage's main(args) holding the run dir's lock. A UserError is one line on stderr and exit 2; a
-    failed write (full disk, quota, permissions) is one line and exit 1; either way the stage's temporary
-    files are removed and every earlier complete artifact is left in place."""
+    """main(args) holding the run dir's lock: a UserError is one line and exit 2, a failed write one line and exit 1,
+    Ctrl-C exit 130; the stage's temporary files are removed, earlier artifacts left in place."""
     stage = os.path.basename(sys.argv[0]) or "a stage"
     lock = None
     try:
@@ -112,8 +107,7 @@ def run_main(main, args):
 
 
 def in_range(kind, lo, hi, lo_open, text):
-    """A flag's text as a finite `kind` (int or float) in [lo, hi] ((lo, hi] with lo_open), else argparse's one line
-    naming the flag, so a bad value never reaches a stage (NaN and inf are always refused)."""
+    """A flag's text as a finite `kind` in [lo, hi] ((lo, hi] with lo_open), else argparse's one line."""
     try:
         v = kind(text)
     except ValueError:
@@ -141,14 +135,6 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_loss(log, terms, step, term_flags):
-    """A loss that became NaN or inf: one line naming the term that did and the flag that sizes it."""
-    if not math.isfinite(log["loss"]):
-        culprit = next((k for k in terms if not math.isfinite(log[k])), "loss")
-        flag = term_flags.get(culprit, "--lr")
-        raise UserError(f"the {culprit} term of the loss became {log[culprit]} at step {step}: check {flag}")
 
 
 def check_run_dir(run_dir):

@@ -86,8 +86,7 @@ def load_tokenizer(spec, model):
 
 
 def load_model(spec, device, dtype=None, device_map=None):
-    """The model in eval mode on `device`, or placed by accelerate with device_map="auto" (a model past one GPU:
-    its blocks spread over every visible GPU)."""
+    """The model in eval mode on `device`, or spread over every visible GPU by accelerate (device_map="auto")."""
     from transformers import AutoModelForCausalLM
     path = resolve_model(spec)
     try:
@@ -126,9 +125,8 @@ def check_contents(spec, model):
 
 
 def check_loading_info(spec, info):
-    """The checkpoint must hold exactly the weights its config describes: transformers only warns about
-    missing keys (then initialises them at random) and unexpected ones (then drops them), so a config that
-    disagrees with its weights (e.g. fewer layers) would be compressed and scored as another model."""
+    """The checkpoint holds exactly the weights its config describes (transformers only warns, then initialises
+    the missing ones at random and drops the unexpected)."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(map(str, info.get(kind) or []))
         if keys:
@@ -147,8 +145,7 @@ def check_vocabulary(spec, model, tok):
 
 
 def check_dtype_placement(dtype_flag, device_map, hint=""):
-    """A model placed by accelerate (--device_map) is not cast: its weights keep the checkpoint's dtype, so an
-    explicit --dtype is refused before anything is loaded."""
+    """A model placed by accelerate (--device_map) is not cast, so an explicit --dtype is refused up front."""
     if device_map and dtype_flag != "auto":
         raise UserError(f"--dtype {dtype_flag} with --device_map: a model placed by accelerate keeps its "
                         f"checkpoint's dtype; drop --dtype{hint}")
@@ -304,8 +301,7 @@ def find_linears(model):
 
 
 def layer_type(name):
-    """A layer's position within its decoder block ("self_attn.q_proj"): the name after the first
-    integer path component, which indexes the blocks. Groups e.g. every q_proj, with no architecture names."""
+    """A layer's place in its block ("self_attn.q_proj"): its name after the first integer (the block's index)."""
     return re.sub(r"^.*?\.\d+\.", "", name)
 
 
