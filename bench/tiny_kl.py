@@ -25,12 +25,25 @@ from conftest import news_windows, tiny_model, train_tiny  # noqa: E402
 from methods import base  # noqa: E402
 from test_export import kl_to_teacher  # noqa: E402
 from test_learn import learn_args  # noqa: E402
-from test_trained_is_exported import trained, uniform_fixed  # noqa: E402
+from test_learn import factorize  # noqa: E402
+from test_trained_is_exported import trained  # noqa: E402
+
+
+def uniform_fixed(trained_tiny, keep, compensate):
+    """The uniform allocation's layers, fixed, with a Feed for `compensate` steps."""
+    make, ids = trained_tiny
+    model = make()
+    factors, shapes = factorize(model, ids)
+    args = learn_args("sigmoid", compensate=compensate)
+    ranks = base.uniform_ranks(shapes, keep)
+    layers = base.attach(model, factors, ranks)
+    base.fix_prefix(layers, ranks)
+    return model, layers, shapes, learn_masks.Feed(model, ids, args, compensate), args
 
 
 def run(make, calib, held, method, flags, keep, steps, compensate):
     """(KL before compensation, KL after, layers moved >= 10% from uniform's rank) of one run."""
-    if method == "uniform":  # test_trained_is_exported.uniform_kl's run
+    if method == "uniform":
         model, layers, shapes, data, args = uniform_fixed((make, calib), keep, compensate)
     else:
         model, layers, shapes, data, args = trained(method, (make, calib), keep, steps=steps, compensate=compensate,
@@ -56,7 +69,7 @@ def main():
     a = p.parse_args()
     windows = news_windows()  # (N, 64)
     calib, held = windows[:16], windows[-8:]
-    state = train_tiny(windows[16:]).state_dict()
+    state = train_tiny(windows[16:-8]).state_dict()
 
     def make():  # conftest.trained_tiny's copies
         model = tiny_model("llama")

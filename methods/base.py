@@ -330,7 +330,8 @@ def ara_ranks(k_hat, shapes, rho, dense, caps=None):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total_cost(ranks_at(mid), shapes) <= limit else (lo, mid)
     want = {k: lo * k_hat[k] for k in shapes}
-    return fill_budget(ranks_at(lo), shapes, rho, want, top), lo
+    c = 1.0 if ranks_at(lo) == ranks_at(1.0) else lo  # any c in between gives these ranks: the counts as trained
+    return fill_budget(ranks_at(lo), shapes, rho, want, top), c
 
 
 def fix_trained(layers, shapes, rho):

@@ -10,6 +10,9 @@ stages import LowRankLinear from here, so there is one definition of the layer.
 A layer kept at rank k is y = A (B x) + b with A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n)
 (docs/METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
 """
+import os
+import shutil
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,6 +94,12 @@ class LowRankForCausalLM:
             def __init__(self, config, *a, **kw):
                 super().__init__(config, *a, **kw)
                 lowrank_skeleton(self, config.lowrank_ranks)
+
+            def save_pretrained(self, folder, *a, **kw):  # a re-saved folder loads again: this file goes with it
+                super().save_pretrained(folder, *a, **kw)
+                dest = os.path.join(folder, "modeling_lowrank.py")
+                if not (os.path.exists(dest) and os.path.samefile(__file__, dest)):
+                    shutil.copy(__file__, dest)
 
         Compressed.__name__ = Compressed.__qualname__ = f"LowRank{base.__name__}"
         want_info = kwargs.pop("output_loading_info", False)
