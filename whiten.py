@@ -280,7 +280,7 @@ def main(args):
         "inputs": {}, "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,  # resolved:
         "config_hash": artifacts.config_hash(model),  # later stages read the folder from any working directory
         "weights_hash": artifacts.weights_hash(model), "dtype": str(model.dtype).replace("torch.", ""),
-        "data": args.data, **where, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+        "data": os.path.abspath(args.data) if os.path.isfile(args.data) else args.data, **where, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
         "distinct_tokens": distinct, "whitening": args.whitening, "groups": groups, "shards": shards,
         "shapes": layer_shapes(linears), "fixes": fixes,
         **cli.peak_gpu(device), "wall_time_s": round(time.time() - t0, 1)})

@@ -176,6 +176,24 @@ def test_the_splits_are_wired_through_the_stages(run_dir, text_file, tmp_path):
     assert not json.load(open(f"{run_dir}/metrics.json"))["eval"]["calibration_text"]  # by content, not by name
 
 
+def test_calibration_text_changed_after_whiten_is_refused(tiny_dir, text_file, tmp_path):
+    """The calibration text edited in place after whiten.py (same path, a document dropped, so every later
+    document moves to another split): evaluate.py refuses it in one line by its content hash, whatever
+    working directory it runs from, instead of scoring shifted documents, some of them calibration documents,
+    as test."""
+    text, d = tmp_path / "news.txt", tmp_path / "run"
+    text.write_text(open(text_file, encoding="utf-8").read(), encoding="utf-8")
+    stage("whiten.py", "--model", tiny_dir, "--data", text, "--nsamples", 4, "--seqlen", 32, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    stage("learn_masks.py", "--keep", 0.7, "--run_dir", d)
+    stage("truncate.py", "--run_dir", d)
+    text.write_text(text.read_text(encoding="utf-8").split("\n\n", 1)[1], encoding="utf-8")
+    code, err = run_inprocess("evaluate.py", "--data", os.path.relpath(text), "--seqlen", 32, "--max_windows", 2,
+                              "--run_dir", d)
+    assert code == 2 and "changed since whiten.py read it" in err.strip().splitlines()[-1], err[-500:]
+    assert not (d / "metrics.json").exists()
+
+
 def test_text_too_small_to_split_is_refused(tiny_dir, tmp_path):
     """A .txt with no blank line is one document: nothing would be left for dev and test, so whiten.py refuses it
     in one line instead of evaluate.py failing later on an empty split."""
