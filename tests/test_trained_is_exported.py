@@ -150,6 +150,10 @@ LOW, MARGIN = 2, 0.98  # block 0 made rank LOW; every seed's KL at most MARGIN x
 
 @pytest.fixture(scope="module")
 def sensitive_tiny(trained_tiny):
+    return sensitive(trained_tiny)
+
+
+def sensitive(trained_tiny):
     """The trained tiny Llama with every linear of its first decoder block replaced by its rank-LOW truncation, so
     the layers differ in what a component is worth (block 0's are nearly free past rank LOW, block 1's are not),
     which the uniform allocation cannot see. Returns (build, calibration ids, factors, shapes)."""
