@@ -91,6 +91,10 @@ def run_main(main, args):
         print(f"error: {stage} interrupted; its temporary files are removed, earlier artifacts untouched",
               file=sys.stderr)
         sys.exit(130)
+    except (IsADirectoryError, NotADirectoryError) as e:  # a run-dir entry of the wrong kind
+        print(f"error: {e.filename2 or e.filename} is a folder where a file belongs, or a file where a folder belongs: "
+              "remove or rename it, then re-run", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         why = os_error(e)
         if why is None:

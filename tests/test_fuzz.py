@@ -258,3 +258,40 @@ def test_generated_task_rows_are_one_line_or_read_as_written(rows, raw):
             assert isinstance(row["choices"], list) and len(row["choices"]) >= 2
             assert all(type(c) is str for c in row["choices"]) and 0 <= row["label"] < len(row["choices"])
             assert it == {k: row[k] for k in ("context", "choices", "label")}
+
+
+def entries(d):
+    """Every file and folder of a run dir (relative paths), the lock's files aside."""
+    found = []
+    for root, dirs, files in os.walk(d):
+        found += [os.path.relpath(os.path.join(root, x), d) for x in dirs + files if not x.startswith(".lock")]
+    return sorted(found)
+
+
+def test_generated_entries_of_the_wrong_kind_are_one_line_or_harmless(base, text_file):
+    """Any entry of a complete run dir turned into the other kind (a file into an empty folder, a folder into a
+    small file), then any reader run on it: one line and exit 2, or exit 0 with the intact result."""
+    d0, want = base
+    paths = entries(d0)
+
+    @settings(settings.get_profile("fuzz"), max_examples=60 if LONG else 12)
+    @given(path=st.sampled_from(paths), reader=st.sampled_from(sorted(readers(text_file))))
+    def case(path, reader):
+        e = tempfile.mkdtemp()
+        try:
+            d = f"{e}/run"
+            shutil.copytree(d0, d)
+            target = f"{d}/{path}"
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+                open(target, "w").write("x")
+            else:
+                os.remove(target)
+                os.makedirs(target)
+            script, args = readers(text_file)[reader]
+            code, err = run_inprocess(script, *args, "--run_dir", d)  # a traceback raises here
+            kind = outcome(code, err, result(reader, d) if code == 0 else None, want[reader])
+            assert kind in ("clean", "accepted"), f"{path} -> {reader}: {kind}\n{err[-1500:]}"
+        finally:
+            shutil.rmtree(e, ignore_errors=True)
+    case()
