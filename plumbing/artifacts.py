@@ -221,10 +221,28 @@ def check_values(t, rule, what):
 
 # ----------------------------------------------------------------------------- local input files
 
+def unicode_text(v):
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800", but no tokenizer can encode a lone surrogate
+        raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text") from None
+    return v
+
+
+def non_empty(v):
+    if not v:
+        raise ValueError("is empty: a choice is scored as the context's continuation, so it needs text")
+    return v
+
+
+Unicode = Annotated[str, AfterValidator(unicode_text)]
+
+
 class TaskRow(Model):
-    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}."""
-    context: str
-    choices: Annotated[list[str], Field(min_length=2)]
+    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}; a choice
+    is scored as a continuation, so it is never empty."""
+    context: Unicode
+    choices: Annotated[list[Annotated[Unicode, AfterValidator(non_empty)]], Field(min_length=2)]
     label: Count
 
     @model_validator(mode="after")

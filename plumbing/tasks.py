@@ -77,8 +77,8 @@ def write_items(items, folder, stem):
 def task_yaml(name, path, folder):
     """An lm-eval task over a local JSONL file (dataset_path: json)."""
     text = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {os.path.abspath(path)}\n"
-            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\n"  # the columns, not templates:
+            "doc_to_choice: choices\ndoc_to_target: label\ntarget_delimiter: \"\"\n"  # the text is never rendered
             "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
             "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     with open(os.path.join(folder, f"{name}.yaml"), "w") as f:

@@ -295,3 +295,36 @@ def test_generated_entries_of_the_wrong_kind_are_one_line_or_harmless(base, text
         finally:
             shutil.rmtree(e, ignore_errors=True)
     case()
+
+
+TEXT = st.text(st.characters(exclude_categories=()), max_size=6)  # any code point: controls, lone surrogates, ""
+
+
+def test_generated_task_strings_are_one_line_or_scored(tmp_path):
+    """Local task rows whose strings are generated (written as JSON, so a lone surrogate is a \\ud800 escape): each
+    file refused in one line naming it, or accepted; then every accepted row scored end to end through lm-eval on
+    a tiny model in one run (accuracy in [0, 1]). Catches text the harness chokes on (an empty choice, a template
+    character, an unencodable string) accepted and reaching a traceback there."""
+    from conftest import tiny_model, tiny_tokenizer
+    from plumbing.cli import UserError
+    from plumbing.tasks import prepare_tasks, read_task_file, zero_shot
+    accepted = []
+
+    @settings(settings.get_profile("fuzz"), max_examples=1000 if LONG else 200)
+    @given(rows=st.lists(st.tuples(TEXT, st.lists(TEXT, min_size=2, max_size=3), st.integers(0, 2)), min_size=1,
+                         max_size=2))
+    def case(rows):
+        path = tmp_path / "items.jsonl"
+        path.write_text("".join(json.dumps({"context": c, "choices": ch, "label": y % len(ch)}) + "\n"
+                                for c, ch, y in rows))
+        try:
+            accepted.extend(read_task_file(str(path)))
+        except UserError as err:
+            assert str(path) in str(err) and "\n" not in str(err)
+    case()
+    assert accepted  # some generated rows are valid
+    path = tmp_path / "accepted.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in accepted))
+    tasks, manager, _ = prepare_tasks([f"local:{path}"], None, tiny_tokenizer(), str(tmp_path / "run"), 1)
+    acc = zero_shot(tiny_model("llama").eval(), tiny_tokenizer(), tasks, manager, 8)[tasks[0]]["acc"]
+    assert 0 <= acc <= 1
