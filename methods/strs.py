@@ -60,7 +60,9 @@ def allocate_strs(shapes, rho, inputs, strs_samples=None, strs_seqlen=None):
     try:
         with open(cache) as f:
             saved = json.load(f)
-        table = {(n, float(q)): p for n, q, p in saved["table"]}
+        table = {(n, float(q)): float(p) for n, q, p in saved["table"]}
+        if set(table) != {(n, q) for n in shapes for q in qs} or not all(map(math.isfinite, table.values())):
+            raise ValueError("not this run's table")  # a hand-edited or foreign cache: rebuilt
     except (OSError, ValueError, KeyError, TypeError):
         t0, table, linears = time.time(), {}, find_linears(model)
         for name in tqdm(shapes, desc="STRS sensitivity"):

@@ -602,6 +602,28 @@ def test_strs_cache_is_keyed_on_dtype(full_run, tmp_path):
     assert len(caches) == 2 and "bfloat16" in caches[0] and "float32" in caches[1], caches
 
 
+@pytest.mark.parametrize("edit", ["drop an entry", "NaN", "a string", "a layer renamed", "another q"])
+def test_an_edited_strs_cache_is_rebuilt(edit, full_run, tmp_path):
+    """A sensitivity table in decompose/ that no longer covers every (layer, q) pair with a finite perplexity is
+    rebuilt like an unreadable one, and the allocation is the one a fresh table gives."""
+    d = str(tmp_path / "run")
+    shutil.copytree(full_run, d)
+    flags = ("--method", "strs", "--keep", 0.6, "--strs_samples", 1, "--strs_seqlen", 16, "--run_dir", d)
+    stage("learn_masks.py", *flags)
+    want = json.load(open(f"{d}/allocation/ranks.json"))["layers"]
+    (cache,) = [f"{d}/decompose/{f}" for f in os.listdir(f"{d}/decompose") if f.startswith("strs_")]
+    saved = json.load(open(cache))
+    row = saved["table"][0]
+    if edit == "drop an entry":
+        del saved["table"][0]
+    else:
+        i = {"NaN": 2, "a string": 2, "a layer renamed": 0, "another q": 1}[edit]
+        row[i] = {"NaN": float("nan"), "a string": "x", "a layer renamed": "no.such.layer", "another q": 0.55}[edit]
+    json.dump(saved, open(cache, "w"))  # NaN as Python writes it
+    stage("learn_masks.py", *flags)
+    assert json.load(open(f"{d}/allocation/ranks.json"))["layers"] == want
+
+
 def test_huge_kmax_mult_is_full_rank_not_a_traceback(full_run, tmp_path):
     d = str(tmp_path / "run")
     shutil.copytree(full_run, d)
