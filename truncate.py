@@ -1,7 +1,8 @@
 """Stage 4: apply the allocation and save a compressed model made of real low-rank layers.
 
 For a layer kept at rank k (docs/METHODS.md §1):
-  A = U_k Sigma_k^1/2 (m, k),  B = Sigma_k^1/2 V_k^T S^-1 (k, n),  y = A (B x) + b,  k (m + n) parameters
+  A = U_k Sigma_k D (m, k),  B = D^-1 V_k^T S^-1 (k, n),  y = A (B x) + b,  k (m + n) parameters
+  (D diagonal: each component's largest entries equal in A and B, so a float16 layer holds them)
 A layer whose rank is "dense" (or >= k*, where dense is cheaper AND exact, docs/METHODS.md §2) keeps W.
 If the allocation chose a subset of components with learned scales (SoCo, docs/METHODS.md §3.4),
 component i enters with sigma_i * s_i: the learned spectrum is folded into A and B.

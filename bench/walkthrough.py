@@ -8,7 +8,7 @@ markdown (docs/WALKTHROUGH.md), each paper quantity next to the check that it is
                sum_{i>k} sigma_i^2 (§1, SVD-LLM Cor. 3.3); k*, k_max (§2)
   3 allocation the uniform rank, b_l(r) (§3.3), and the rank / dense flag every allocation in --ranks
                gave this layer, with the whitened error it pays
-  4 truncate   A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n); the relative output error
+  4 truncate   A = U_k Sigma_k D (m, k), B = D^-1 V_k^T S^-1 (k, n); the relative output error
                ||(W - A B) X|| / ||W X|| on the calibration inputs equals sqrt(tail / total)
   5 evaluate   the parameters the layer keeps
 
@@ -145,7 +145,7 @@ def main(args):
                          f"{err:.4f} | {dense}/{len(r['layers'])} |")
         lines.append("")
     lines += ["## 4. truncate.py: the factors and the output error (§1, §3.8)", "",
-              f"- at the uniform rank k = {k0}: A = U_k Sigma_k^1/2 is {tuple(A.shape)}, B = Sigma_k^1/2 V_k^T S^-1 is "
+              f"- at the uniform rank k = {k0}: A = U_k Sigma_k D is {tuple(A.shape)}, B = D^-1 V_k^T S^-1 is "
               f"{tuple(B.shape)}; y = A (B x) + b",
               f"- check the relative output error on the calibration inputs, ||(W - A B) X|| / ||W X||, equals "
               f"sqrt(sum_(i>k) sigma_i^2 / sum_i sigma_i^2): "

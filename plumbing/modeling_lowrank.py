@@ -7,8 +7,8 @@ anywhere with plain transformers, lm-eval's command line, pipelines and accelera
 Self-contained on purpose (torch and transformers only): it travels with the folder. The repository's
 stages import LowRankLinear from here, so there is one definition of the layer.
 
-A layer kept at rank k is y = A (B x) + b with A = U_k Sigma_k^1/2 (m, k), B = Sigma_k^1/2 V_k^T S^-1 (k, n)
-(docs/METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
+A layer kept at rank k is y = A (B x) + b with A = U_k Sigma_k D (m, k), B = D^-1 V_k^T S^-1 (k, n), D diagonal
+balancing each component's largest entries between A and B (docs/METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
 """
 import os
 import shutil
@@ -39,8 +39,12 @@ def lowrank_factors(U, sigma, VtSinv, rank=None, index=None, scale=None):
     if index is None:
         index = torch.arange(rank)
     s = sigma[index].double() * (1.0 if scale is None else scale.double())  # SoCo: sigma_i * s_i
-    root = s.sqrt()  # split Sigma^1/2 to both sides, so A and B have similar norms
-    return U[:, index].double() * root, root[:, None] * VtSinv[index].double()
+    A, B = U[:, index].double() * s, VtSinv[index].double()  # (m, k), (k, n)
+    # each component split between A and B so both have the same largest entry (A B unchanged): a float16 layer
+    # holds them whenever that entry fits, however large V^T S^-1 is along a nearly dead input direction
+    a, b = A.abs().amax(0), B.abs().amax(1)  # (k,), (k,)
+    d = torch.where((a > 0) & (b > 0), (b / a.clamp(min=1e-300)).sqrt(), torch.ones_like(a))
+    return A * d, B / d[:, None]
 
 
 def lowrank_layer(mod, factors, name, rank, index=None, scale=None):

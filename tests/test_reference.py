@@ -529,3 +529,23 @@ def test_folded_factors_are_the_kept_components_times_their_scales():
     for i, s in zip(index.tolist(), scale.tolist()):
         ref += s * sigma[i].item() * torch.outer(U[:, i].double(), VtSinv[i].double())
     torch.testing.assert_close(A @ B, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_float16_layer_holds_factors_whose_product_fits():
+    """lowrank_layer on a float16 weight whose V^T S^-1 has a nearly dead input direction (entries near 1e5, past
+    float16's 65504) while U's are below 1: each component's split between A and B is balanced on their largest
+    entries, so both fit float16 and A B is the float64 product to float16's precision. Catches the plain sqrt(s)
+    split, whose B overflows to inf."""
+    from plumbing.modeling_lowrank import lowrank_layer
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 16, 12, 4
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0].float()
+    sigma = torch.tensor([2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    VtSinv = torch.randn(k, n, generator=g)
+    VtSinv[:, 0] = 1e5  # input direction 0: nearly dead in the calibration, so S^-1 is huge there
+    mod = torch.nn.Linear(n, m, bias=False).half()
+    layer = lowrank_layer(mod, {"l.U": U, "l.sigma": sigma, "l.VtSinv": VtSinv}, "l", k)
+    assert layer.A.dtype == layer.B.dtype == torch.float16
+    assert torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all()
+    ref = (U.double() * sigma) @ VtSinv.double()
+    assert ((layer.A.double() @ layer.B.double() - ref).norm() / ref.norm()).item() < 1e-2
