@@ -328,3 +328,22 @@ def test_generated_task_strings_are_one_line_or_scored(tmp_path):
     tasks, manager, _ = prepare_tasks([f"local:{path}"], None, tiny_tokenizer(), str(tmp_path / "run"), 1)
     acc = zero_shot(tiny_model("llama").eval(), tiny_tokenizer(), tasks, manager, 8)[tasks[0]]["acc"]
     assert 0 <= acc <= 1
+
+
+@settings(settings.get_profile("fuzz"), max_examples=40 if LONG else 6)
+@given(docs=st.lists(st.text(st.characters(exclude_categories=()), max_size=40), min_size=0, max_size=12),
+       sep=st.sampled_from(["\n\n", "\n", "\r\n\r\n", "\n\n\n"]), suffix=st.sampled_from([".txt", ".jsonl"]))
+def test_generated_text_files_are_one_line_or_calibrate(docs, sep, suffix, tiny_dir):
+    """A calibration text file of generated documents (any code point, lone surrogates written as the encoder allows,
+    empty documents), as .txt or .jsonl: whiten.py either refuses it in one line (exit 2) or writes whiten/."""
+    with tempfile.TemporaryDirectory() as e:
+        path = f"{e}/text{suffix}"
+        if suffix == ".txt":
+            open(path, "w", encoding="utf-8", errors="surrogateescape").write(sep.join(docs))
+        else:
+            open(path, "w").write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        code, err = run_inprocess("whiten.py", "--model", tiny_dir, "--data", path, "--nsamples", 2, "--seqlen", 16,
+                                  "--run_dir", f"{e}/run")
+        lines = err.strip().splitlines()
+        assert code == 0 or (code == 2 and lines and lines[-1].startswith("error:") and "Traceback" not in err), err[-800:]
+        assert (code == 0) == os.path.isdir(f"{e}/run/whiten")
