@@ -194,10 +194,11 @@ def main(args):
           "calibration_text": where["data_sha256"] == whiten["data_sha256"],
           "device": str(device) if not args.device_map else f"device_map={args.device_map}"}
     print(f"evaluating: {protocol_line(ev)}")
-    if not ev["calibration_text"] and os.path.isfile(args.data) and os.path.abspath(args.data) == whiten["data"]:
-        raise UserError(f"{args.data} changed since whiten.py read it (another content hash), so its splits no longer "
-                        f"hold: re-run the pipeline from `python whiten.py --data {args.data} --run_dir {args.run_dir}`")
     if not ev["calibration_text"]:  # by content, not by the name typed
+        if os.path.isfile(args.data) and os.path.abspath(args.data) == whiten["data"]:
+            raise UserError(f"{args.data} changed since whiten.py read it (another content hash), so its splits no "
+                            f"longer hold: re-run the pipeline from `python whiten.py --data {args.data} --run_dir "
+                            f"{args.run_dir}`")
         print(f"note: {args.data!r} is not the text whiten.py calibrated on ({whiten['data']!r}): its {args.split} "
               "documents are held out from nothing this run trained on, but are not that text's")
     elif isinstance(where["documents"], list) and set(where["documents"]) & set(whiten["documents"]):

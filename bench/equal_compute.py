@@ -14,11 +14,9 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [HERE, os.path.join(HERE, "tests")]
 
-import learn_masks  # noqa: E402
 import methods  # noqa: E402
 import test_trained_is_exported as t  # noqa: E402
 from conftest import news_windows, tiny_model, train_tiny  # noqa: E402
-from methods import base  # noqa: E402
 from test_learn import learn, learn_args  # noqa: E402
 
 
@@ -45,14 +43,8 @@ def main():
             args = learn_args(method, steps=cls.steps, compensate=cls.compensate, seed=seed)
             _, _, ranks, components = learn(build(), factors, shapes, a.keep, args, ids)
             kl = t.exported_kl(build, ranks, factors, components, held)
-            model, ranks_u = build(), base.uniform_ranks(shapes, a.keep)
-            layers = base.attach(model, factors, ranks_u)
-            base.fix_prefix(layers, ranks_u)
-            args_u = learn_args(method, compensate=cls.steps + cls.compensate, seed=seed)
-            learn_masks.compensate(model, layers, learn_masks.Feed(model, ids, args_u, args_u.compensate), args_u,
-                                   torch.device("cpu"))
-            ranks_u, components_u = base.export(layers)
-            kl_u = t.exported_kl(build, ranks_u, factors, components_u, held)
+            kl_u = t.uniform_compensated_kl((build, ids, factors, shapes), a.keep, cls.steps + cls.compensate, seed,
+                                            held)
             print(f"| {method} | {cls.steps} + {cls.compensate} | {seed} | {kl:.5f} | {kl_u:.5f} | {kl / kl_u:.3f} |",
                   flush=True)
 

@@ -8,7 +8,8 @@ Self-contained on purpose (torch and transformers only): it travels with the fol
 stages import LowRankLinear from here, so there is one definition of the layer.
 
 A layer kept at rank k is y = A (B x) + b with A = U_k Sigma_k D (m, k), B = D^-1 V_k^T S^-1 (k, n), D diagonal
-balancing each component's largest entries between A and B (docs/METHODS.md §1); config.json's "lowrank_ranks" lists {layer name: k}; every other layer is the original.
+balancing each component's largest entries between A and B (docs/METHODS.md §1); config.json's "lowrank_ranks"
+lists {layer name: k}; every other layer is the original.
 """
 import os
 import shutil

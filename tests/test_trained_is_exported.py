@@ -181,6 +181,18 @@ def exported_kl(build, ranks, factors, components, ids):
     return F.kl_div(s, t, log_target=True, reduction="batchmean").item()
 
 
+def uniform_compensated_kl(sensitive_tiny, keep, steps, seed, held):
+    """exported_kl of the uniform allocation (the gates' start) after `steps` compensation steps."""
+    build, ids, factors, shapes = sensitive_tiny
+    model, ranks = build(), base.uniform_ranks(shapes, keep)
+    layers = base.attach(model, factors, ranks)
+    base.fix_prefix(layers, ranks)
+    args = learn_args("sigmoid", compensate=steps, seed=seed)
+    learn_masks.compensate(model, layers, learn_masks.Feed(model, ids, args, steps), args, torch.device("cpu"))
+    ranks, components = base.export(layers)
+    return exported_kl(build, ranks, factors, components, held)
+
+
 @pytest.mark.parametrize("method", LEARNED)
 def test_c_learning_beats_uniform_at_equal_compute(method, sensitive_tiny, heldout_ids):
     """Each learned method at its defaults (Gate.steps allocation + Gate.compensate compensation steps), exported
@@ -199,12 +211,5 @@ def test_c_learning_beats_uniform_at_equal_compute(method, sensitive_tiny, heldo
         kl = exported_kl(build, ranks, factors, components, heldout_ids)
         assert base.kept_fraction(ranks, shapes) <= KEEP + 1e-12
         assert abs(kl - trained_kl) <= 1e-3 * trained_kl, (method, seed, kl, trained_kl)
-        uniform_model, ranks_u = build(), base.uniform_ranks(shapes, KEEP)
-        layers_u = base.attach(uniform_model, factors, ranks_u)
-        base.fix_prefix(layers_u, ranks_u)
-        args_u = learn_args(method, compensate=cls.steps + cls.compensate, seed=seed)
-        learn_masks.compensate(uniform_model, layers_u, learn_masks.Feed(uniform_model, ids, args_u, args_u.compensate),
-                               args_u, torch.device("cpu"))
-        ranks_u, components_u = base.export(layers_u)
-        kl_u = exported_kl(build, ranks_u, factors, components_u, heldout_ids)
+        kl_u = uniform_compensated_kl(sensitive_tiny, KEEP, cls.steps + cls.compensate, seed, heldout_ids)
         assert kl <= MARGIN * kl_u, (method, seed, kl, kl_u)
