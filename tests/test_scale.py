@@ -323,3 +323,43 @@ def test_a_bf16_checkpoint_runs_the_stages_in_float32_on_the_cpu(tmp_path, text_
     assert json.load(open(f"{d}/compressed/config.json"))["dtype"] == "bfloat16"
     stage("evaluate.py", "--data", text_file, "--max_windows", 2, "--seqlen", 32, "--run_dir", d)
     assert json.load(open(f"{d}/metrics.json"))["eval"]["dtype"] == "float32"
+
+
+def test_a_float16_checkpoint_whose_factors_pass_its_range_is_compressed_in_float16(tmp_path, text_file):
+    """A float16 checkpoint through every stage, its block 0 reading inputs near 1e-7 through weights near 600
+    (a norm scaled down, the projections up): V^T S^-1 = Sigma^-1 U^T W then reaches ~4e6, and a Sigma^1/2 split
+    of A B would put ~1e5 in B, past float16's 65504. The folder truncate.py saves reloads in float16 with
+    finite factors, each layer's A B the rank-k product of decompose/'s factors (float64, by hand) to float16's
+    precision, and finite logits."""
+    from safetensors.torch import load_file
+
+    from truncate import load_compressed
+    folder, d = str(tmp_path / "fp16"), str(tmp_path / "run")
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        block = model.model.layers[0]
+        block.input_layernorm.weight.fill_(1e-7)
+        for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+            proj.weight.mul_(3e4)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    stage("whiten.py", "--model", folder, "--data", text_file, "--nsamples", 8, "--seqlen", 64, "--run_dir", d)
+    stage("decompose.py", "--run_dir", d)
+    stage("learn_masks.py", "--keep", 0.6, "--run_dir", d)
+    stage("truncate.py", "--run_dir", d)
+    decomp = json.load(open(f"{d}/decompose/manifest.json"))
+    compressed, _ = load_compressed(f"{d}/compressed")
+    assert compressed.dtype == torch.float16
+    ranks = json.load(open(f"{d}/compressed/config.json"))["lowrank_ranks"]
+    assert "model.layers.0.self_attn.q_proj" in ranks
+    for name, k in ranks.items():
+        f = load_file(f"{d}/decompose/{decomp['shards'][name]}")
+        U, sigma, VtSinv = (f[f"{name}.{t}"].double() for t in ("U", "sigma", "VtSinv"))
+        want = (U[:, :k] * sigma[:k]) @ VtSinv[:k]  # (m, n)
+        layer = compressed.get_submodule(name)
+        assert layer.A.dtype == layer.B.dtype == torch.float16, name
+        assert torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all(), name
+        got = layer.A.double() @ layer.B.double()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, name
+    ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(compressed.float()(ids).logits).all()
