@@ -8,11 +8,11 @@ papers' setting (docs/METHODS.md §4): WikiText-2 test joined with blank lines (
 documents, as SVD-LLM's evaluator), every 2048-token window, float32. Every printed perplexity names
 its protocol: data, split, window length, windows, tokens, dtype. A non-finite loss is an
 error, never a dropped window (docs/METHODS.md §4). Also parameter counts and kept fractions
-(of the compressed linears and of the whole model, printed as kept AND removed). --speed: plumbing/speed.py.
+(of the compressed linears and of the whole model, printed as kept AND removed). --speed: evaluation/speed.py.
 
 Writes RUN_DIR/metrics.json: original.{ppl, params}, compressed.{ppl, params}, kept_fraction_linear,
 kept_fraction_model, eval settings, wall time of every stage; RUN_DIR/heatmap.png, the allocation scored
-(plumbing/plots.py; a learned run's r_l over training: python -m plumbing.plots --trajectory RUN_DIR/allocation/ranks.json).
+(evaluation/plots.py; a learned run's r_l over training: python -m evaluation.plots --trajectory RUN_DIR/allocation/ranks.json).
 
   python evaluate.py --run_dir runs/default
   python evaluate.py --run_dir runs/llama2 --protocol paper     # online: WikiText-2, as the papers report
@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import artifacts, cli, loading, plots
+from evaluation import plots
+from evaluation.speed import print_speed, speed_report
+from evaluation.tasks import prepare_tasks, zero_shot
+from plumbing import artifacts, cli, loading
 from plumbing.cli import UserError
 from plumbing.loading import decoder_blocks, is_linear
-from plumbing.speed import print_speed, speed_report
-from plumbing.tasks import prepare_tasks, zero_shot
 from truncate import count_params, load_compressed
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 import learn_masks  # noqa: E402
 from plumbing import artifacts  # noqa: E402
 from plumbing import cli  # noqa: E402
-from plumbing.speed import peak_rss_bytes  # noqa: E402
+from evaluation.speed import peak_rss_bytes  # noqa: E402
 
 
 

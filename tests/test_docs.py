@@ -1,8 +1,9 @@
 """The docs a reader follows from the code: every section, file, function and results heading the code and
-docs cite exists in the repository, and nothing cites a file outside it."""
+docs cite exists in the repository, nothing cites a file outside it, and imports run one way."""
 import os
 import re
 import subprocess
+import sys
 
 from conftest import ROOT, run_stage
 
@@ -142,3 +143,48 @@ def test_readme_add_your_own_method_block_runs_and_is_sigmoid(run_dir, tmp_path)
     finally:
         del methods.GATES["mysigmoid"]
     assert layers["mysigmoid"] == layers["sigmoid"]
+
+
+
+STAGES = {"whiten", "decompose", "learn_masks", "truncate", "evaluate"}
+LAYERS = {"methods": 1, "evaluation": 1, "plumbing": 0}  # a package imports its own files and lower layers only
+
+
+def imported(path):
+    """The repository's files a file imports at any depth of its code, as module names ("plumbing.cli")."""
+    import ast
+    names = []
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return {n for n in names if os.path.isfile(os.path.join(ROOT, *n.split(".")) + ".py")
+            or os.path.isfile(os.path.join(ROOT, *n.split("."), "__init__.py"))}
+
+
+def test_imports_run_one_way():
+    """Stages -> methods, evaluation -> plumbing: no package file imports a stage or a package of its own layer or
+    above, no file imports itself back through others (no circle), and truncate.py and decompose.py load
+    methods/base.py's budget arithmetic and no method file."""
+    import glob
+    graph = {}
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py")):
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        if rel.split(".")[0] in STAGES | set(LAYERS):
+            graph[rel] = imported(path) - {rel}
+    for name, uses in graph.items():
+        package = name.split(".")[0]
+        for used in uses:
+            top = used.split(".")[0]
+            assert package in STAGES or top == package or LAYERS.get(top, 9) < LAYERS[package], (name, used)
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path + [name])}"
+        for used in graph.get(name, ()):
+            visit(used, path + [name])
+    for name in graph:
+        visit(name, [])
+    code = "import sys, truncate, decompose; print(sorted(m for m in sys.modules if m.startswith('methods.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['methods.base']", out

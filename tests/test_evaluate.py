@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_inprocess, stage
 from plumbing import cli
-from plumbing.tasks import prepare_tasks
+from evaluation.tasks import prepare_tasks
 
 EVAL = ("--seqlen", 64, "--max_windows", 4)
 
@@ -61,7 +61,7 @@ def test_throughput_is_tokens_over_seconds_on_a_fake_clock(monkeypatch):
     tokens. Catches a missing batch factor, the prompt counted as decoded, the two timings swapped."""
     import torch
 
-    from plumbing import speed
+    from evaluation import speed
     from conftest import tiny_model
     model = tiny_model("llama").eval()
     ticks = iter([0.0, 2.0, 10.0, 15.0])
@@ -105,7 +105,7 @@ def test_strs_meets_budget_and_reloads(run_dir):
 
 
 def test_heatmap_png(run_dir, text_file, tmp_path):
-    from plumbing import plots
+    from evaluation import plots
     stage("learn_masks.py", "--keep", 0.7, "--run_dir", run_dir)
     stage("truncate.py", "--run_dir", run_dir)
     stage("evaluate.py", "--data", text_file, *EVAL, "--run_dir", run_dir)
@@ -113,7 +113,7 @@ def test_heatmap_png(run_dir, text_file, tmp_path):
     blocks, kinds, cells = plots.grid(alloc["layers"], alloc["shapes"])
     assert len(blocks) * len(kinds) == len(alloc["layers"]) == sum(len(r) for r in cells)
     assert open(f"{run_dir}/heatmap.png", "rb").read()[:4] == b"\x89PNG"  # drawn by evaluate.py
-    subprocess.run([sys.executable, "-m", "plumbing.plots", f"{run_dir}/allocation/ranks.json",
+    subprocess.run([sys.executable, "-m", "evaluation.plots", f"{run_dir}/allocation/ranks.json",
                     f"{run_dir}/allocation/ranks.json", "-o", str(tmp_path / "cmp.png")], cwd=ROOT, check=True)
     data = (tmp_path / "cmp.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -212,7 +212,7 @@ def test_local_continuation_has_one_right_answer_per_item():
     from types import SimpleNamespace
 
     import torch
-    from plumbing.tasks import continuation_items
+    from evaluation.tasks import continuation_items
     stream = torch.arange(2000) % 96
     tok = SimpleNamespace(decode=lambda ids: " ".join(map(str, ids.tolist())))
     items = continuation_items(stream, tok, 50, 0)

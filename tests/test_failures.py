@@ -14,7 +14,7 @@ import torch
 from conftest import run_inprocess, run_stage, stage, tiny_model
 from methods import base
 from plumbing import cli
-from plumbing.tasks import prepare_tasks
+from evaluation.tasks import prepare_tasks
 
 STAGES = ("whiten", "decompose", "allocation", "compressed")
 EVAL = ("--seqlen", 64, "--max_windows", 2)

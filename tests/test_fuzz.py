@@ -242,7 +242,7 @@ def test_generated_task_rows_are_one_line_or_read_as_written(rows, raw):
     """A local task file of generated rows: refused in one line naming the file and the row, or read into
     exactly the items it holds (what lm-eval is then given)."""
     from plumbing.cli import UserError
-    from plumbing.tasks import read_task_file
+    from evaluation.tasks import read_task_file
     with tempfile.TemporaryDirectory() as e:
         path = f"{e}/items.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in rows) + raw
@@ -307,7 +307,7 @@ def test_generated_task_strings_are_one_line_or_scored(tmp_path):
     character, an unencodable string) accepted and reaching a traceback there."""
     from conftest import tiny_model, tiny_tokenizer
     from plumbing.cli import UserError
-    from plumbing.tasks import prepare_tasks, read_task_file, zero_shot
+    from evaluation.tasks import prepare_tasks, read_task_file, zero_shot
     accepted = []
 
     @settings(settings.get_profile("fuzz"), max_examples=1000 if LONG else 200)

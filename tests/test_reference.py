@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import evaluate
 import learn_masks
 import oracle
-from plumbing.tasks import prepare_tasks, zero_shot
+from evaluation.tasks import prepare_tasks, zero_shot
 from conftest import run_inprocess, stage, tiny_model, tiny_tokenizer
 import methods
 from methods import ara
@@ -336,7 +336,7 @@ def test_the_local_continuation_task_is_built_from_its_text():
     choices, labels not all equal. Catches a label pointing at a distractor, a continuation not following its
     context, a shuffled choice list that loses the true one."""
     from conftest import news_docs, tiny_tokenizer
-    from plumbing.tasks import continuation_items
+    from evaluation.tasks import continuation_items
     tok = tiny_tokenizer()
     text = "\n\n".join(news_docs()[:40])
     stream = torch.tensor(tok(text).input_ids)

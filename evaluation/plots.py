@@ -4,9 +4,9 @@
   trajectory  every layer's r_l over the training steps (learned methods), one colour per layer
               type, dense flips marked; the dashed line is r = 1, where a layer switches to dense
 
-  python -m plumbing.plots runs/default/allocation/ranks.json                  # -> heatmap.png next to it
-  python -m plumbing.plots a/ranks.json b/ranks.json -o compare.png            # methods side by side
-  python -m plumbing.plots --trajectory runs/default/allocation/ranks.json -o traj.png   # r_l over training
+  python -m evaluation.plots runs/default/allocation/ranks.json                  # -> heatmap.png next to it
+  python -m evaluation.plots a/ranks.json b/ranks.json -o compare.png            # methods side by side
+  python -m evaluation.plots --trajectory runs/default/allocation/ranks.json -o traj.png   # r_l over training
 
 matplotlib is the one plotting library users already have (requirements.txt says so).
 """
