@@ -15,26 +15,18 @@ Learned methods, one gate per layer (methods/base.py: the masked layer, the Gate
   soco          learned non-negative spectrum, score-ordered pruning    (SoCo; §3.4)
 The learned methods, in the order this file runs them:
   attach     every compressed linear becomes y = U diag(mask * sigma) V^T S^-1 x, r_l = k_hat_l (m + n) / (m n)
-             (methods/base.py: attach; draw_masks here before each step's forward)
-  train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid      (ARA's Eq., §3.3; a gate may add terms)
-             L_task = KL(teacher || student) by default; the teacher is the same model with masks off.
-             explore (first 1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and
-                 rho_hat's clamp min(r_l, 1) is straight-through, so the budget reaches dense layers too (§3.7);
-             settle (last --settle): a dense layer stays dense and counts as a constant (a low-rank layer pushed
-                 to r_l >= 1 becomes one), and alpha_t grows geometrically to alpha * --alpha_growth (the cosine
-                 lr restarts), so the low-rank layers close the gap under the task loss and training ends on
-                 its budget, every layer in the state it is exported in (§3.3).
+  train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid (ARA, §3.3; a gate may add terms), L_task =
+             KL(teacher || student), the teacher the same model with masks off. Explore (first 1 - --settle of
+             the steps): ARA's dense switch (r_l >= 1 runs W) is live and rho_hat's min(r_l, 1) straight-through
+             (§3.7); settle: a dense layer stays dense (a low-rank one pushed to r_l >= 1 becomes dense) and
+             alpha_t grows to alpha * --alpha_growth, so training ends on its budget in the state it is exported in
   fix        ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
   compensate (§3.8, --compensate N, after ANY method) trains only those scales on the task loss
   export     the fixed layers' ranks, kept subsets and scales: the model truncate.py builds
 
-Writes RUN_DIR/allocation/:
-  ranks.json                {"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
-                            training and compensation curves, wall time}
-  components.safetensors    where a layer keeps other than its top-k prefix or scales other than 1 (a
-                            learned subset, hard-concrete's test-time gates at a fixed beta, SoCo's scores, compensated
-                            scales): {layer}.index (k,), {layer}.scale (k,)
-  manifest.json             decompose/ hash, method, seed, flags
+Writes RUN_DIR/allocation/: ranks.json ({"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
+the training and compensation curves, wall time}), components.safetensors where a layer keeps other than its
+top-k prefix at scale 1 ({layer}.index (k,), {layer}.scale (k,)), manifest.json (decompose/ hash, flags).
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
   python learn_masks.py --method soco --keep 0.6                 # 200 + 250 (its own default)
@@ -428,20 +420,6 @@ def main(args):
         "wall_time_s": wall})
 
 
-def add_method_flags(parser):
-    """Every registered method's own flags. A flag several methods declare (a subclass
-    inherits its parent's) is added once, and only if they declare it alike: two meanings of one flag fail loudly."""
-    added = {}
-    every = [cls.flags for cls in methods.GATES.values()] + [a[2] for a in methods.ALLOCATORS.values()]
-    for flags in every:
-        for flag, keywords in flags.items():
-            if flag not in added:
-                parser.add_argument(flag, **keywords)
-            elif added[flag] != keywords:
-                raise TypeError(f"{flag} is declared by two methods with different keywords: rename one")
-            added[flag] = keywords
-
-
 def parser():
     """The flags (a function, so a registered method's test can parse them in-process)."""
     p = cli.Parser(description=__doc__.split("\n")[0])
@@ -483,7 +461,7 @@ def parser():
                    help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
     p.add_argument("--device_map", choices=["auto"], default=None,
                    help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
-    add_method_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
+    base.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
     p.add_argument("--seed", type=cli.SEED, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
     p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")

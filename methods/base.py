@@ -290,6 +290,20 @@ def names():
     return [*ALLOCATORS, *GATES]
 
 
+def add_flags(parser):
+    """Every registered method's own flags on learn_masks.py's parser. A flag several methods declare (a subclass
+    inherits its parent's) is added once, and only if they declare it alike: two meanings of one flag fail loudly."""
+    added = {}
+    every = [cls.flags for cls in GATES.values()] + [a[2] for a in ALLOCATORS.values()]
+    for flags in every:
+        for flag, keywords in flags.items():
+            if flag not in added:
+                parser.add_argument(flag, **keywords)
+            elif added[flag] != keywords:
+                raise TypeError(f"{flag} is declared by two methods with different keywords: rename one")
+            added[flag] = keywords
+
+
 # ----------------------------------------------------------------------------- attaching
 
 def attach(model, factors, k0, make_gate=None):
