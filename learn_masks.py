@@ -15,18 +15,21 @@ Learned methods, one gate per layer (methods/base.py: the masked layer, the Gate
   soco          learned non-negative spectrum, score-ordered pruning    (SoCo; §3.4)
 The learned methods, in the order this file runs them:
   attach     every compressed linear becomes y = U diag(mask * sigma) V^T S^-1 x, r_l = k_hat_l (m + n) / (m n)
+             (methods/base.py: attach; draw_masks here before each step's forward)
   train      L = L_task + alpha_t (rho_hat - rho)^2 + beta L_guid (ARA, §3.3; a gate may add terms), L_task =
-             KL(teacher || student), the teacher the same model with masks off. Explore (first 1 - --settle of
-             the steps): ARA's dense switch (r_l >= 1 runs W) is live and rho_hat's min(r_l, 1) straight-through
-             (§3.7); settle: a dense layer stays dense (a low-rank one pushed to r_l >= 1 becomes dense) and
-             alpha_t grows to alpha * --alpha_growth, so training ends on its budget in the state it is exported in
+             KL(teacher || student) by default (--loss), the teacher the same model with masks off. Explore (first
+             1 - --settle of the steps): ARA's dense switch (r_l >= 1 runs W) is live and rho_hat's min(r_l, 1) is
+             straight-through, so the budget reaches dense layers too (§3.7); settle: a dense layer stays dense and
+             counts as a constant (a low-rank one pushed to r_l >= 1 becomes dense), alpha_t grows geometrically to
+             alpha * --alpha_growth and the cosine lr restarts, so training ends on its budget, every layer in the
+             state it is exported in
   fix        ARA's finalisation fixes every layer: dense, or k components with the gate's test-time scales
   compensate (§3.8, --compensate N, after ANY method) trains only those scales on the task loss
   export     the fixed layers' ranks, kept subsets and scales: the model truncate.py builds
 
 Writes RUN_DIR/allocation/: ranks.json ({"layers": {name: rank or "dense"}, kept_fraction_linear, method, flags,
 the training and compensation curves, wall time}), components.safetensors where a layer keeps other than its
-top-k prefix at scale 1 ({layer}.index (k,), {layer}.scale (k,)), manifest.json (decompose/ hash, flags).
+top-k prefix at scale 1 ({layer}.index (k,), {layer}.scale (k,)), manifest.json (decompose/ hash, method, seed, flags).
 
   python learn_masks.py --method ara --keep 0.8                  # 200 allocation + 100 compensation steps
   python learn_masks.py --method soco --keep 0.6                 # 200 + 250 (its own default)

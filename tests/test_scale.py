@@ -351,10 +351,14 @@ def test_a_float16_checkpoint_whose_factors_pass_its_range_is_compressed_in_floa
     compressed, _ = load_compressed(f"{d}/compressed")
     assert compressed.dtype == torch.float16
     ranks = json.load(open(f"{d}/compressed/config.json"))["lowrank_ranks"]
-    assert "model.layers.0.self_attn.q_proj" in ranks
+    allocated = json.load(open(f"{d}/allocation/ranks.json"))["layers"]
+    assert ranks == {n: k for n, k in allocated.items() if k != "dense"} and "model.layers.0.self_attn.q_proj" in ranks
+    assert not os.path.exists(f"{d}/allocation/components.safetensors")  # top-k prefixes at scale 1
     for name, k in ranks.items():
         f = load_file(f"{d}/decompose/{decomp['shards'][name]}")
         U, sigma, VtSinv = (f[f"{name}.{t}"].double() for t in ("U", "sigma", "VtSinv"))
+        if name == "model.layers.0.self_attn.q_proj":  # the case this test is for: Sigma^1/2 V^T S^-1 overflows
+            assert (sigma[:k, None].sqrt() * VtSinv[:k]).abs().max() > 65504
         want = (U[:, :k] * sigma[:k]) @ VtSinv[:k]  # (m, n)
         layer = compressed.get_submodule(name)
         assert layer.A.dtype == layer.B.dtype == torch.float16, name
