@@ -46,13 +46,7 @@ def read_task_file(path):
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
     items, form = [], '{"context": str, "choices": [str, str, ...], "label": int index into choices}'
-    for i, line in enumerate(loading.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}: line {i} is not JSON; each line must be {form}") from None
+    for i, row in loading.jsonl_rows(path, form):
         try:
             items.append(artifacts.TaskRow.model_validate(row).model_dump())  # the three keys, the others dropped
         except ValueError as e:  # pydantic's ValidationError is one

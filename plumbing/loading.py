@@ -250,16 +250,22 @@ def read_text(path):
                         f"`iconv -f latin1 -t utf-8 {path} > fixed{os.path.splitext(path)[1]}`") from None
 
 
-def jsonl_texts(path):
-    """The "text" of every non-empty line of a .jsonl file; any other line is named and refused."""
-    docs = []
+def jsonl_rows(path, form):
+    """(line number, parsed JSON) of every non-empty line of a .jsonl file; a line that is not JSON is one
+    UserError naming it and `form`, what each line must be."""
     for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            yield i, json.loads(line)
         except ValueError:
-            raise UserError(f"{path} line {i} is not JSON: each line must be {{\"text\": \"...\"}}") from None
+            raise UserError(f"{path}: line {i} is not JSON; each line must be {form}") from None
+
+
+def jsonl_texts(path):
+    """The "text" of every non-empty line of a .jsonl file; any other line is named and refused."""
+    docs = []
+    for i, item in jsonl_rows(path, '{"text": "..."}'):
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             raise UserError(f"{path} line {i} has no string \"text\" field: each line must be {{\"text\": \"...\"}}")
         docs.append(item["text"])
