@@ -325,13 +325,10 @@ def load_inputs(args, whiten, decomp, needs_model):
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
         loading.checkpoint_blocks(model)
-    if args.loss == "hidden_mse":
-        L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
-        if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
-            raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} "
-                            f"(or -{L + 1}..-1)")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
+    if args.loss == "hidden_mse" and any(not -(L + 1) <= i <= L for i in args.hidden_layers):
+        raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} (or -{L + 1}..-1)")
+    model.requires_grad_(False)
     ids = artifacts.read_ids(args.run_dir, whiten, rows=model.get_input_embeddings().weight.shape[0])
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
     return {**inputs, "tokens": ids.numel(), "model": model, "ids": ids, "factors": f, "device": device}
@@ -426,48 +423,32 @@ def main(args):
 def parser():
     """The flags (a function, so a registered method's test can parse them in-process)."""
     p = cli.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="uniform", help="|".join(methods.names()) + " (or one registered with methods.register)")
-    p.add_argument("--keep", type=cli.number(float, 0, 1, lo_open=True), default=0.8,
-                   help="KEPT fraction of the compressed linears, in (0, 1]: 0.8 = 20%% removed")
-    p.add_argument("--loss", choices=["kl", "hidden_mse", "ce"], default="kl",
-                   help="task loss: KL to the original model, hidden-state MSE (LLRC), next-token CE (ARA code)")
-    p.add_argument("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
-    p.add_argument("--steps", type=cli.COUNT, default=None, help="optimiser steps, cosine-decayed lr (default per method: Gate.steps)")
-    p.add_argument("--batch_size", type=cli.COUNT, default=2, help="calibration chunks per step")
-    p.add_argument("--train_seqlen", type=cli.LENGTH, default=128,
-                   help="tokens per training chunk; the steps walk seeded epochs over every window's chunks")
-    lrs = ", ".join(f"{name} {cls.lr:g}" for name, cls in methods.GATES.items())
-    p.add_argument("--lr", type=cli.POSITIVE, default=None, help=f"AdamW learning rate of the gates (default per method: {lrs})")
-    p.add_argument("--alpha", type=cli.NONNEGATIVE, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
-    p.add_argument("--settle", type=cli.number(float, 0, 1), default=0.5,
-                   help="last fraction of the steps: dense layers fixed, alpha grows (0 = ARA's single phase)")
-    p.add_argument("--alpha_growth", type=cli.POSITIVE, default=100.0,
-                   help="alpha grows geometrically to alpha * this during the settle phase (1 = ARA's fixed alpha)")
-    p.add_argument("--guidance", type=cli.NONNEGATIVE, default=50.0,
-                   help="ARA's guidance weight beta, for every mask type (ARA: 50); 0 = the papers' plain versions")
-    p.add_argument("--init", choices=["uniform", "energy", "paper"], default="uniform",
-                   help="gates start at the uniform allocation, energy's, or the paper's (LLRC's logits 6 -> 3, "
-                   "SoCo's scores 1: every layer dense)")
-    p.add_argument("--compensate", type=cli.number(int, 0), default=None,
-                   help="steps training only the kept components' scales after the allocation is final (default: "
-                   "the learned method's own; 0 after one that trains nothing, or for the papers' plain methods)")
-    p.add_argument("--compensate_lr", type=cli.POSITIVE, default=0.02, help="AdamW learning rate of the compensation stage")
-    p.add_argument("--log_every", type=cli.COUNT, default=10, help="record every layer's r_l every N steps in ranks.json")
-    p.add_argument("--teacher_cache", choices=["auto", "on", "off"], default="auto",
-                   help="keep the teacher's logits per calibration chunk on the CPU, so a revisited chunk needs no "
-                   "teacher forward (auto: with the KL loss, when the steps revisit chunks and it fits --teacher_cache_gb)")
-    p.add_argument("--teacher_cache_gb", type=cli.NONNEGATIVE, default=16.0, help="CPU memory the teacher cache may use (auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="dtype of the frozen weights and factors (auto: bfloat16 on a GPU, float32 on the CPU, where "
-                   "half-precision matmuls are slow there); the gates always train in float32")
-    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="activation checkpointing per decoder block (auto: on a GPU): memory for recompute")
-    p.add_argument("--device_map", choices=["auto"], default=None,
-                   help="auto: accelerate spreads the model over every visible GPU (models past one GPU; no CPU offload)")
+    add, lrs = p.add_argument, ", ".join(f"{name} {cls.lr:g}" for name, cls in methods.GATES.items())
+    add("--method", default="uniform", help="|".join(methods.names()))
+    add("--keep", type=cli.number(float, 0, 1, lo_open=True), default=0.8, help="KEPT fraction of the linears: 0.8 = 20%% removed")
+    add("--loss", choices=["kl", "hidden_mse", "ce"], default="kl", help="KL to the original, LLRC's hidden MSE, ARA's CE")
+    add("--hidden_layers", type=int, nargs="+", default=[-1], help="hidden states compared by hidden_mse")
+    add("--steps", type=cli.COUNT, default=None, help="optimiser steps (default: the method's)")
+    add("--batch_size", type=cli.COUNT, default=2, help="calibration chunks per step")
+    add("--train_seqlen", type=cli.LENGTH, default=128, help="tokens per training chunk")
+    add("--lr", type=cli.POSITIVE, default=None, help=f"AdamW lr of the gates (default: {lrs})")
+    add("--alpha", type=cli.NONNEGATIVE, default=100.0, help="budget penalty alpha at the first step (ARA: 100)")
+    add("--settle", type=cli.number(float, 0, 1), default=0.5, help="last fraction of the steps: dense fixed, alpha grows (0: ARA)")
+    add("--alpha_growth", type=cli.POSITIVE, default=100.0, help="alpha grows to alpha * this while settling (1: ARA)")
+    add("--guidance", type=cli.NONNEGATIVE, default=50.0, help="guidance weight beta (ARA: 50; 0: plain papers)")
+    add("--init", choices=["uniform", "energy", "paper"], default="uniform", help="gates start at uniform's, energy's or the paper's state")
+    add("--compensate", type=cli.number(int, 0), default=None, help="scale-only steps after the allocation (default: the method's)")
+    add("--compensate_lr", type=cli.POSITIVE, default=0.02, help="AdamW learning rate of the compensation stage")
+    add("--log_every", type=cli.COUNT, default=10, help="log r_l every N steps")
+    add("--teacher_cache", choices=["auto", "on", "off"], default="auto", help="cache teacher logits on the CPU (auto: when revisited and fits)")
+    add("--teacher_cache_gb", type=cli.NONNEGATIVE, default=16.0, help="CPU memory the teacher cache may use (auto)")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="frozen weights' dtype (auto: bf16 on GPU, fp32 on CPU)")
+    add("--checkpointing", choices=["auto", "on", "off"], default="auto", help="activation checkpointing per block (auto: on GPU)")
+    add("--device_map", choices=["auto"], default=None, help="auto: spread the model over every GPU")
     base.add_flags(p)  # each method's own flags (--tau, --beta_end, --soco_stages, --energy_norm, ...)
-    p.add_argument("--seed", type=cli.SEED, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
-    p.add_argument("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
+    add("--seed", type=cli.SEED, default=0, help="seed of every sampler (batches, Gumbel / concrete noise)")
+    add("--run_dir", default="runs/default", help="folder holding every stage's artifacts")
+    add("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda ...")
     return p
 
 

@@ -148,8 +148,7 @@ def main(args):
                         f"components.safetensors: re-run `{rerun}`")
     if allocation["components"]:
         components = artifacts.read_tensors(  # as methods/base.py's export writes them: int64 indices, float32 scales
-            comp_path, rerun, kind=lambda k: "int" if k.endswith(".index") else "float",
-            dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)
+            comp_path, rerun, dtype=lambda k: torch.int64 if k.endswith(".index") else torch.float32)
         check_components(components, ranks, decomp["layers"], comp_path, rerun)
     factors = artifacts.Shards(args.run_dir, "decompose", f"python decompose.py --run_dir {args.run_dir}",
                                decomp["shards"], shape=artifacts.factor_shape(decomp))  # one layer at a time

@@ -81,7 +81,7 @@ def main(args):
     model = loading.load_model(whiten["model"], "cpu")
     W = weight_matrix(find_linears(model)[name]).detach().double()  # (m, n)
     ids = artifacts.read_tensors(f"{rd}/whiten/calib_ids.safetensors", "python whiten.py", keys=["ids"],
-                                 kind=lambda k: "int")["ids"]
+                                 dtype=lambda k: torch.int64)["ids"]
     leader = whiten["groups"][name]
     G = layer_gram(model, find_linears(model)[name], ids)
     S_file = artifacts.Shards(rd, "whiten", "python whiten.py", whiten["shards"])

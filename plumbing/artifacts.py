@@ -99,18 +99,27 @@ class Whiten(Sharded):
     documents: list[Count] | Text  # the calibration documents' indices (a hub set: its split's name)
 
     @model_validator(mode="after")
-    def groups_led_by_their_width(self):
-        """Every group led by a layer of its input width (one shared whitening), one shard per group."""
-        same_keys(self.groups, self.shapes, "'groups'", "'shapes'")
-        for name, leader in self.groups.items():
-            if self.groups.get(leader) != leader:
-                raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
-            if self.shapes[leader][1] != self.shapes[name][1]:
-                raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
-        same_keys(self.shards, set(self.groups.values()), "'shards'", "the group leaders of 'groups'")
+    def ids_listed(self):
         if "calib_ids.safetensors" not in self.files:
             raise Bad("'files' has no 'calib_ids.safetensors'")
         return self
+
+
+def check_groups(whiten, rerun):
+    """What decompose.py, the reader of the groups, needs of them: every group led by a layer of its input width
+    (one shared whitening), one shard per group."""
+    with one_line(rerun, "whiten/manifest.json is damaged: "):
+        check_group_rule(whiten)
+
+
+def check_group_rule(whiten):
+    same_keys(whiten["groups"], whiten["shapes"], "'groups'", "'shapes'")
+    for name, leader in whiten["groups"].items():
+        if whiten["groups"].get(leader) != leader:
+            raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
+        if whiten["shapes"][leader][1] != whiten["shapes"][name][1]:
+            raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
+    same_keys(whiten["shards"], set(whiten["groups"].values()), "'shards'", "the group leaders of 'groups'")
 
 
 class Layer(Model):
@@ -128,13 +137,10 @@ class Decompose(Sharded):
 
     @model_validator(mode="after")
     def ranks_follow_shapes(self):
-        for name, v in self.layers.items():
-            k_star = v.m * v.n // (v.m + v.n)  # methods/budget.k_star: plumbing does not import methods
-            if v.k_star != k_star:
-                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = {k_star}")
-            if not v.k_star <= v.k_max <= min(v.m, v.n):
-                raise Bad(f"'layers'[{name!r}]: k_max {v.k_max} is outside k_star..min(m, n) = "
-                          f"{v.k_star}..{min(v.m, v.n)}")
+        for name, v in self.layers.items():  # k* = floor(m n / (m + n)) <= k_max <= min(m, n)
+            if v.k_star != v.m * v.n // (v.m + v.n) or not v.k_star <= v.k_max <= min(v.m, v.n):
+                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = "
+                          f"{v.m * v.n // (v.m + v.n)}, or k_max {v.k_max} is outside k_star..min(m, n)")
         same_keys(self.shards, self.layers, "'shards'", "'layers'")
         return self
 
@@ -185,38 +191,36 @@ def same_shapes(a, b, what_a, what_b):
 # ----------------------------------------------------------------------------- the tensors
 
 def whiten_shape(whiten):
-    """name -> (shape, value rule, dtype) in whiten/: a group leader's S, the packed lower triangle (n (n + 1) / 2,)
+    """{tensor: (shape, value rule, dtype)} in whiten/: a group leader's S, the packed lower triangle (n (n + 1) / 2,)
     with a positive diagonal under cholesky, (n, n) under eigh; float32."""
-    def rule(name):
-        leader, _, what = name.rpartition(".")
-        if what == "S" and whiten["groups"].get(leader) == leader:
-            n = whiten["shapes"][leader][1]
-            packed = whiten["whitening"] == "cholesky"
-            return ((n * (n + 1) // 2,), "cholesky", torch.float32) if packed else ((n, n), None, torch.float32)
-    return rule
+    n = {leader: whiten["shapes"][leader][1] for leader in set(whiten["groups"].values())}
+    if whiten["whitening"] == "cholesky":
+        return {f"{g}.S": ((n * (n + 1) // 2,), cholesky, torch.float32) for g, n in n.items()}
+    return {f"{g}.S": ((n, n), None, torch.float32) for g, n in n.items()}
 
 
 def factor_shape(decomp):
-    """name -> (shape, value rule, dtype) in decompose/: U (m, k_max), VtSinv (k_max, n) in factor_dtype; sigma
-    (min(m, n),) float64, non-negative and non-increasing (the order every allocator reads it in)."""
-    store = getattr(torch, decomp["factor_dtype"])
-    def rule(name):
-        layer, _, what = name.rpartition(".")
-        v = decomp["layers"].get(layer)
-        return v and {"U": ((v["m"], v["k_max"]), None, store), "VtSinv": ((v["k_max"], v["n"]), None, store),
-                      "sigma": ((min(v["m"], v["n"]),), "spectrum", torch.float64)}.get(what)
-    return rule
+    """{tensor: (shape, value rule, dtype)} in decompose/: U (m, k_max), VtSinv (k_max, n) in factor_dtype; sigma
+    (min(m, n),) float64, a spectrum."""
+    store, shapes = getattr(torch, decomp["factor_dtype"]), {}
+    for name, v in decomp["layers"].items():
+        shapes.update({f"{name}.U": ((v["m"], v["k_max"]), None, store), f"{name}.VtSinv": ((v["k_max"], v["n"]),
+                       None, store), f"{name}.sigma": ((min(v["m"], v["n"]),), spectrum, torch.float64)})
+    return shapes
 
 
-def check_values(t, rule, what):
-    """'spectrum': non-negative, non-increasing; 'cholesky': a packed lower triangle with a positive diagonal."""
-    if rule == "spectrum" and t.numel() and (float(t.min()) < 0 or bool((t[1:] > t[:-1]).any())):
-        raise Bad(f"{what} is not a spectrum (negative or increasing values)")
-    if rule == "cholesky":
-        n = round((math.isqrt(8 * t.numel() + 1) - 1) / 2)
-        diagonal = torch.arange(1, n + 1).cumsum(0) - 1  # row i's last entry: (i + 1)(i + 2) / 2 - 1
-        if n and float(t[diagonal].min()) <= 0:
-            raise Bad(f"{what} is not a Cholesky factor (a diagonal entry <= 0)")
+def spectrum(t):
+    """Why t is not a spectrum (non-negative, non-increasing: the order every allocator reads it in), or None."""
+    if t.numel() and (float(t.min()) < 0 or bool((t[1:] > t[:-1]).any())):
+        return "is not a spectrum (negative or increasing values)"
+
+
+def cholesky(t):
+    """Why t is not a packed lower triangle (n (n + 1) / 2,) with a positive diagonal, or None."""
+    n = round((math.isqrt(8 * t.numel() + 1) - 1) / 2)
+    diagonal = torch.arange(1, n + 1).cumsum(0) - 1  # row i's last entry: (i + 1)(i + 2) / 2 - 1
+    if n and float(t[diagonal].min()) <= 0:
+        return "is not a Cholesky factor (a diagonal entry <= 0)"
 
 
 # ----------------------------------------------------------------------------- local input files
@@ -354,32 +358,33 @@ class TensorFile:
     def damaged(self):
         raise UserError(f"{self.path} is damaged or incomplete: re-run `{self.rerun}`") from None
 
-    def get(self, name, shape=None, kind="float", values=None, dtype=None):
-        """Tensor `name`: "float" (all finite) or "int"; `shape` a tuple, None entries free; `values` a
-        check_values rule; `dtype` the one its manifest implies."""
+    def get(self, name, shape=None, dtype=None, values=None):
+        """Tensor `name`, checked: of `dtype` (the one its manifest implies; None: any float), of `shape` (a tuple,
+        None entries free), finite where float, and `values` (spectrum, cholesky) where given."""
         try:
             t = self.f.get_tensor(name)
         except Exception:  # a tensor missing, or its bytes past the end of a truncated file
             self.damaged()
-        what, rerun = f"{self.path}: {name}", self.rerun
-        if not (t.is_floating_point() if kind == "float" else not t.is_floating_point() and t.dtype != torch.bool):
-            raise UserError(f"{what} is {t.dtype}, not {'an' if kind == 'int' else 'a'} {kind} tensor: re-run `{rerun}`")
-        if shape is not None and (t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape))):
-            want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-            raise UserError(f"{what} has shape {tuple(t.shape)}, not {want}: re-run `{rerun}`")
-        if kind == "float" and not torch.isfinite(t).all():
-            raise UserError(f"{what} holds NaN or inf: re-run `{rerun}`")
-        if dtype is not None and t.dtype != dtype:
-            raise UserError(f"{what} is {t.dtype}, not the {dtype} its manifest implies: re-run `{rerun}`")
-        with one_line(rerun):
-            check_values(t, values, what)
+        integer = dtype is not None and not dtype.is_floating_point
+        if t.is_floating_point() == integer or t.dtype == torch.bool:
+            bad = f"is {t.dtype}, not {'an int' if integer else 'a float'} tensor"
+        elif shape is not None and (t.dim() != len(shape) or any(s not in (None, d) for s, d in zip(shape, t.shape))):
+            bad = f"has shape {tuple(t.shape)}, not ({', '.join('any' if s is None else str(s) for s in shape)}{',' * (len(shape) == 1)})"
+        elif t.is_floating_point() and not torch.isfinite(t).all():
+            bad = "holds NaN or inf"
+        elif dtype is not None and t.dtype != dtype:
+            bad = f"is {t.dtype}, not the {dtype} its manifest implies"
+        else:
+            bad = values and values(t)
+        if bad:
+            raise UserError(f"{self.path}: {name} {bad}: re-run `{self.rerun}`")
         return t
 
 
 class Shards:
     """The tensors of a sharded stage folder, one file open at a time (stages read block by block): `where`
-    maps a tensor's prefix (a layer or group) to its file; shape(name) -> (shape, value rule, dtype) or None
-    (a name the manifest does not know); shape=None: no check."""
+    maps a tensor's prefix (a layer or group) to its file; shape: {tensor: (shape, value rule, dtype)} (a name
+    it lacks: not in the manifest), None: no check."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
         self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
@@ -387,14 +392,14 @@ class Shards:
 
     def get(self, name):
         prefix = name.rsplit(".", 1)[0]
-        rule = self.shape(name) if self.shape else (None, None, None)
+        rule = self.shape.get(name) if self.shape is not None else (None, None, None)
         if prefix not in self.where or rule is None:
             raise UserError(f"{self.folder} has no tensor {name} by its manifest: re-run `{self.rerun}`")
         file = self.where[prefix]
         if file not in self.open:  # a closed shard's mapped pages leave the process
             self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
         shape, values, dtype = rule
-        return self.open[file].get(name, shape, values=values, dtype=dtype)
+        return self.open[file].get(name, shape, dtype, values)
 
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected
 
@@ -404,7 +409,7 @@ def read_ids(run_dir, whiten, rows=None):
     embedding rows, when known)."""
     rerun = f"python whiten.py --run_dir {run_dir}"
     path = f"{run_dir}/whiten/calib_ids.safetensors"
-    ids = TensorFile(path, rerun).get("ids", shape=(whiten["nsamples"], whiten["seqlen"]), kind="int", dtype=torch.int64)
+    ids = TensorFile(path, rerun).get("ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64)
     if ids.numel() and int(ids.min()) < 0:
         raise UserError(f"{path}: negative token ids: re-run `{rerun}`")
     if rows is not None and ids.numel() and int(ids.max()) >= rows:
@@ -412,23 +417,19 @@ def read_ids(run_dir, whiten, rows=None):
     return ids
 
 
-def read_tensors(path, rerun, keys=None, device="cpu", kind=lambda name: "float", dtype=lambda name: None):
-    """{name: tensor} of a whole safetensors artifact (or of `keys`); kind(name): "float" | "int"; dtype(name)."""
+def read_tensors(path, rerun, keys=None, device="cpu", dtype=lambda name: None):
+    """{name: tensor} of a whole safetensors artifact (or of `keys`); dtype(name) (None: any float)."""
     f = TensorFile(path, rerun, device)
-    return {k: f.get(k, kind=kind(k), dtype=dtype(k)) for k in (f.names if keys is None else keys)}
+    return {k: f.get(k, dtype=dtype(k)) for k in (f.names if keys is None else keys)}
 
 
 def write_json(path, obj):
-    """Through a temporary file and a rename: a kill or a full disk leaves the old file or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)  # strict JSON: a NaN is a bug, never a value
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Through a temporary file and a rename: a kill or a full disk leaves the old file or the new one (run_main
+    removes the temporary file of a write that failed)."""
+    TEMPORARY.append(tmp := f"{path}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)  # strict JSON: a NaN is a bug, never a value
+    os.replace(tmp, path)
 
 
 def read_manifest(run_dir, stage, hint, reads=None):

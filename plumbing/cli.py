@@ -51,18 +51,14 @@ def remove(path):
 
 
 def run_dir_lock(run_dir, stage):
-    """One process per run dir: a flock on RUN_DIR/.lock (the kernel drops it when its process dies), its holder
+    """One process per run dir: a lock on RUN_DIR/.lock (the kernel drops it when its process dies), its holder
     named in .lock.holder for the next process's line; a killed process's temporary files go once it is held."""
     check_run_dir(run_dir)
     lock, holder = filelock.FileLock(os.path.join(run_dir, ".lock"), timeout=0), os.path.join(run_dir, ".lock.holder")
     try:
         lock.acquire()
     except filelock.Timeout:
-        try:
-            with open(holder, encoding="utf-8", errors="replace") as f:
-                who = f.read(300).strip()
-        except OSError:
-            who = ""
+        who = open(holder, encoding="utf-8", errors="replace").read(300).strip() if os.path.isfile(holder) else ""
         raise UserError(f"--run_dir {run_dir} is in use by {who or 'another process'}: wait for it to finish, or "
                         "pass another --run_dir") from None
     except (OSError, NotImplementedError) as e:  # NotImplementedError: no flock there, in filelock before 4
@@ -70,44 +66,40 @@ def run_dir_lock(run_dir, stage):
                         "folder") from None
     with open(holder, "w", encoding="utf-8") as f:
         f.write(f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})")
-    leftovers = [os.path.join(run_dir, pattern) for pattern in (".*.tmp*", ".*.old*", "*.tmp[0-9]*", "*/*.tmp[0-9]*")]
-    for left in [path for pattern in leftovers for path in glob.glob(pattern)]:
-        remove(left)  # a killed process's
+    for pattern in (".*.tmp*", ".*.old*", "*.tmp[0-9]*", "*/*.tmp[0-9]*"):
+        for left in glob.glob(os.path.join(run_dir, pattern)):
+            remove(left)  # a killed process's
     return lock
 
 
 def run_main(main, args):
     """main(args) holding the run dir's lock: a UserError is one line and exit 2, a failed write one line and exit 1,
     Ctrl-C exit 130; the stage's temporary files are removed, earlier artifacts left in place."""
-    stage = os.path.basename(sys.argv[0]) or "a stage"
-    lock = None
+    stage, lock, fail = os.path.basename(sys.argv[0]) or "a stage", None, None
     try:
         lock = run_dir_lock(args.run_dir, stage)
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail = f"{e}", 2
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, and nothing a later stage accepts
-        print(f"error: {stage} interrupted; its temporary files are removed, earlier artifacts untouched",
-              file=sys.stderr)
-        sys.exit(130)
+        fail = f"{stage} interrupted; its temporary files are removed, earlier artifacts untouched", 130
     except (IsADirectoryError, NotADirectoryError) as e:  # a run-dir entry of the wrong kind
-        print(f"error: {e.filename2 or e.filename} is a folder where a file belongs, or a file where a folder belongs: "
-              "remove or rename it, then re-run", file=sys.stderr)
-        sys.exit(2)
+        fail = (f"{e.filename2 or e.filename} is a folder where a file belongs, or a file where a folder belongs: "
+                "remove or rename it, then re-run"), 2
     except Exception as e:
-        why = os_error(e)
-        if why is None:
-            raise
-        print(f"error: {why} while {stage} ran on --run_dir {args.run_dir}: free space (df -h {args.run_dir}) or "
-              "fix the permissions, then re-run it; earlier artifacts are untouched", file=sys.stderr)
-        sys.exit(1)
+        if os_error(e) is None:
+            raise  # a bug keeps its traceback
+        fail = (f"{os_error(e)} while {stage} ran on --run_dir {args.run_dir}: free space (df -h {args.run_dir}) or "
+                "fix the permissions, then re-run it; earlier artifacts are untouched"), 1
     finally:
         for path in TEMPORARY:
             remove(path)
         TEMPORARY.clear()
         if lock is not None:
             lock.release()
+    if fail:
+        print(f"error: {fail[0]}", file=sys.stderr)
+        sys.exit(fail[1])
 
 
 def in_range(kind, lo, hi, lo_open, text):
@@ -154,18 +146,18 @@ def check_run_dir(run_dir):
 
 
 def pick_device(name):
+    """auto: cuda when there is a GPU, else cpu; otherwise a cpu or cuda device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but this machine has no CUDA GPU: use --device cpu (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= gpus:
+        have = f"{gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
+        raise UserError(f"--device {name}: stages run on the cpu or a CUDA GPU, and this machine has {have}: use "
+                        "--device cpu or auto")
     return device
 
 
