@@ -25,13 +25,13 @@ if [ $DRY = 1 ]; then  # the same commands at sizes a 2-core CPU runs in about a
     CAL="--nsamples 4 --seqlen 64"; LEARN="--steps 2 --compensate 2 --train_seqlen 32"; DTYPE=float32
     SHAPE="--shape tiny --blocks 1 --tokenizer $MODEL --nsamples 2 --seqlen 64 --eval_windows 1"
     STEP="--batch_size 1 --train_seqlen 32 --repeat 1"; SPEED="--speed_seqlen 32 --speed_new_tokens 2 --seqlen 64"
-    LIMIT=300
+    LIMIT=300; LEARNERS="ara"  # one learner: sigmoid's commands are ara's with another --method
 else
     DEVICE=cuda; MODEL=embedded; DATA=embedded
     CAL="--nsamples 64 --seqlen 512"; LEARN=""; DTYPE=bfloat16
     SHAPE="--shape llama2-7b --blocks 8 --dtype bfloat16 --nsamples 256 --seqlen 2048 --batch_size 8 --eval_windows 4"
     STEP="--batch_size 2 --train_seqlen 2048 --repeat 3 --dtype bfloat16"; SPEED="--speed_seqlen 2048 --speed_new_tokens 64 --seqlen 2048"
-    LIMIT=150
+    LIMIT=150; LEARNERS="ara sigmoid"
 fi
 STATUS="$OUT/status.txt"; : > "$STATUS"
 DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-570}))  # the whole script within ~10 minutes, whatever each step takes
@@ -50,7 +50,7 @@ step() {  # step NAME SECONDS CMD...: run within its limit and the deadline, rec
 E="$OUT/embedded"
 step whiten $LIMIT $PY whiten.py --model "$MODEL" --data "$DATA" $CAL --device $DEVICE --run_dir "$E"
 step decompose $LIMIT $PY decompose.py --device $DEVICE --run_dir "$E"
-for m in ara sigmoid; do
+for m in $LEARNERS; do
     step "learn_$m" $LIMIT $PY learn_masks.py --method $m --keep 0.8 --seed 0 --dtype $DTYPE $LEARN --device $DEVICE --run_dir "$E"
     cp "$E/allocation/ranks.json" "$OUT/ranks_$m.json" 2>/dev/null
     step "truncate_$m" $LIMIT $PY truncate.py --run_dir "$E"

@@ -16,10 +16,9 @@ def test_gpu_script_dry_run(tiny_dir, text_file, tmp_path):
                           text=True, cwd=ROOT)
     status = (out / "status.txt").read_text().splitlines()
     assert proc.returncode == 0 and all(": ok," in s for s in status), (status, proc.stdout[-2000:])
-    assert len(status) == 11  # whiten, decompose, 2 x (learn, truncate, evaluate), scale, step, speed
+    assert len(status) == 8  # whiten, decompose, learn, truncate, evaluate (ara; sigmoid only on a GPU), scale, step, speed
     res = json.loads((out / "results.json").read_text())
-    assert set(res["learners"]) == {"ara", "sigmoid"} and all(res["learners"].values())
-    assert all(r["compressed"]["ppl"] > 0 for r in res["learners"].values()) and all(res["ranks"].values())
+    assert res["learners"]["ara"]["compressed"]["ppl"] > 0 and res["ranks"]["ara"]
     assert res["scale"]["tiny-1"]["stages"][0]["stage"] == "whiten.py" and len(res["step"]) == 2
     assert set(res["speed"]) >= {"original", "compressed", "batches"}
     assert "| ara |" in (out / "results.md").read_text()
