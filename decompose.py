@@ -57,7 +57,7 @@ def factor_dtype(model_dtype):
 
 def main(args):
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    artifacts.check_groups(whiten, f"python whiten.py --run_dir {args.run_dir}")
+    artifacts.check_groups(args.run_dir, whiten, f"python whiten.py --run_dir {args.run_dir}")
     device = cli.pick_device(args.device)
     t0 = time.time()
     model = loading.load_model(whiten["model"], "cpu")

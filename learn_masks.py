@@ -325,9 +325,10 @@ def load_inputs(args, whiten, decomp, needs_model):
         model.to(dtype)  # weights once in bf16 on a GPU; the gates stay float32
     if args.checkpointing == "on" or args.checkpointing == "auto" and device.type == "cuda":
         loading.checkpoint_blocks(model)
-    L = model.config.num_hidden_layers  # hidden_states holds L + 1 tensors (embeddings first)
-    if args.loss == "hidden_mse" and any(not -(L + 1) <= i <= L for i in args.hidden_layers):
-        raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} (or -{L + 1}..-1)")
+    if args.loss == "hidden_mse":  # hidden_states holds L + 1 tensors (embeddings first)
+        L = model.config.num_hidden_layers  # read only here: a composite config has none at its top level
+        if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
+            raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} (or -{L + 1}..-1)")
     model.requires_grad_(False)
     ids = artifacts.read_ids(args.run_dir, whiten, rows=model.get_input_embeddings().weight.shape[0])
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached

@@ -72,6 +72,7 @@ def allocations(folder):
 def main(args):
     rd = args.run_dir
     whiten = artifacts.read_manifest(rd, "whiten", "python whiten.py")
+    artifacts.check_groups(rd, whiten, "python whiten.py")
     decomp = artifacts.read_manifest(rd, "decompose", "python decompose.py")
     name = args.layer or next(iter(decomp["layers"]))
     if name not in decomp["layers"]:

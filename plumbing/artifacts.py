@@ -105,10 +105,10 @@ class Whiten(Sharded):
         return self
 
 
-def check_groups(whiten, rerun):
-    """What decompose.py, the reader of the groups, needs of them: every group led by a layer of its input width
-    (one shared whitening), one shard per group."""
-    with one_line(rerun, "whiten/manifest.json is damaged: "):
+def check_groups(run_dir, whiten, rerun):
+    """What a reader of the groups (decompose.py) needs of them: every group led by a layer of its input width (one
+    shared whitening), one shard per group."""
+    with one_line(rerun, f"{os.path.join(run_dir, 'whiten', 'manifest.json')} is damaged: "):
         check_group_rule(whiten)
 
 
@@ -137,10 +137,13 @@ class Decompose(Sharded):
 
     @model_validator(mode="after")
     def ranks_follow_shapes(self):
-        for name, v in self.layers.items():  # k* = floor(m n / (m + n)) <= k_max <= min(m, n)
-            if v.k_star != v.m * v.n // (v.m + v.n) or not v.k_star <= v.k_max <= min(v.m, v.n):
-                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = "
-                          f"{v.m * v.n // (v.m + v.n)}, or k_max {v.k_max} is outside k_star..min(m, n)")
+        for name, v in self.layers.items():
+            k_star = v.m * v.n // (v.m + v.n)  # methods/base.k_star: plumbing does not import methods
+            if v.k_star != k_star:
+                raise Bad(f"'layers'[{name!r}]: k_star {v.k_star} is not floor(m n / (m + n)) = {k_star}")
+            if not v.k_star <= v.k_max <= min(v.m, v.n):
+                raise Bad(f"'layers'[{name!r}]: k_max {v.k_max} is outside k_star..min(m, n) = "
+                          f"{v.k_star}..{min(v.m, v.n)}")
         same_keys(self.shards, self.layers, "'shards'", "'layers'")
         return self
 

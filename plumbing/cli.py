@@ -58,7 +58,11 @@ def run_dir_lock(run_dir, stage):
     try:
         lock.acquire()
     except filelock.Timeout:
-        who = open(holder, encoding="utf-8", errors="replace").read(300).strip() if os.path.isfile(holder) else ""
+        try:
+            with open(holder, encoding="utf-8", errors="replace") as f:
+                who = f.read(300).strip()
+        except OSError:  # gone or unreadable: the lock is still held
+            who = ""
         raise UserError(f"--run_dir {run_dir} is in use by {who or 'another process'}: wait for it to finish, or "
                         "pass another --run_dir") from None
     except (OSError, NotImplementedError) as e:  # NotImplementedError: no flock there, in filelock before 4
@@ -153,7 +157,7 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
     if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= gpus:
         have = f"{gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
         raise UserError(f"--device {name}: stages run on the cpu or a CUDA GPU, and this machine has {have}: use "
