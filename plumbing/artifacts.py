@@ -108,18 +108,15 @@ class Whiten(Sharded):
 def check_groups(run_dir, whiten, rerun):
     """What a reader of the groups (decompose.py) needs of them: every group led by a layer of its input width (one
     shared whitening), one shard per group."""
+    groups, shapes = whiten["groups"], whiten["shapes"]
     with one_line(rerun, f"{os.path.join(run_dir, 'whiten', 'manifest.json')} is damaged: "):
-        check_group_rule(whiten)
-
-
-def check_group_rule(whiten):
-    same_keys(whiten["groups"], whiten["shapes"], "'groups'", "'shapes'")
-    for name, leader in whiten["groups"].items():
-        if whiten["groups"].get(leader) != leader:
-            raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
-        if whiten["shapes"][leader][1] != whiten["shapes"][name][1]:
-            raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
-    same_keys(whiten["shards"], set(whiten["groups"].values()), "'shards'", "the group leaders of 'groups'")
+        same_keys(groups, shapes, "'groups'", "'shapes'")
+        for name, leader in groups.items():
+            if groups.get(leader) != leader:
+                raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
+            if shapes[leader][1] != shapes[name][1]:
+                raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
+        same_keys(whiten["shards"], set(groups.values()), "'shards'", "the group leaders of 'groups'")
 
 
 class Layer(Model):
@@ -196,10 +193,10 @@ def same_shapes(a, b, what_a, what_b):
 def whiten_shape(whiten):
     """{tensor: (shape, value rule, dtype)} in whiten/: a group leader's S, the packed lower triangle (n (n + 1) / 2,)
     with a positive diagonal under cholesky, (n, n) under eigh; float32."""
-    n = {leader: whiten["shapes"][leader][1] for leader in set(whiten["groups"].values())}
+    width = {leader: whiten["shapes"][leader][1] for leader in set(whiten["groups"].values())}  # n of each leader
     if whiten["whitening"] == "cholesky":
-        return {f"{g}.S": ((n * (n + 1) // 2,), cholesky, torch.float32) for g, n in n.items()}
-    return {f"{g}.S": ((n, n), None, torch.float32) for g, n in n.items()}
+        return {f"{g}.S": ((n * (n + 1) // 2,), cholesky, torch.float32) for g, n in width.items()}
+    return {f"{g}.S": ((n, n), None, torch.float32) for g, n in width.items()}
 
 
 def factor_shape(decomp):
@@ -372,7 +369,8 @@ class TensorFile:
         if t.is_floating_point() == integer or t.dtype == torch.bool:
             bad = f"is {t.dtype}, not {'an int' if integer else 'a float'} tensor"
         elif shape is not None and (t.dim() != len(shape) or any(s not in (None, d) for s, d in zip(shape, t.shape))):
-            bad = f"has shape {tuple(t.shape)}, not ({', '.join('any' if s is None else str(s) for s in shape)}{',' * (len(shape) == 1)})"
+            want = ", ".join("any" if s is None else str(s) for s in shape) + "," * (len(shape) == 1)
+            bad = f"has shape {tuple(t.shape)}, not ({want})"
         elif t.is_floating_point() and not torch.isfinite(t).all():
             bad = "holds NaN or inf"
         elif dtype is not None and t.dtype != dtype:
