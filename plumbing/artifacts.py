@@ -200,8 +200,7 @@ def whiten_shape(whiten):
 
 
 def factor_shape(decomp):
-    """{tensor: (shape, value rule, dtype)} in decompose/: U (m, k_max), VtSinv (k_max, n) in factor_dtype; sigma
-    (min(m, n),) float64, a spectrum."""
+    """{tensor: (shape, value rule, dtype)} in decompose/: U (m, k_max), VtSinv (k_max, n), sigma (min(m, n),)."""
     store, shapes = getattr(torch, decomp["factor_dtype"]), {}
     for name, v in decomp["layers"].items():
         shapes.update({f"{name}.U": ((v["m"], v["k_max"]), None, store), f"{name}.VtSinv": ((v["k_max"], v["n"]),
@@ -259,7 +258,7 @@ class TaskRow(Model):
 # ----------------------------------------------------------------------------- reading and writing
 
 def file_hash(path):
-    """SHA-256 of a file's bytes, first 16 hex digits (~1 GB/s: a 7B model's decompose/ in half a minute)."""
+    """SHA-256 of a file's bytes, first 16 hex digits."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -359,8 +358,7 @@ class TensorFile:
         raise UserError(f"{self.path} is damaged or incomplete: re-run `{self.rerun}`") from None
 
     def get(self, name, shape=None, dtype=None, values=None):
-        """Tensor `name`, checked: of `dtype` (the one its manifest implies; None: any float), of `shape` (a tuple,
-        None entries free), finite where float, and `values` (spectrum, cholesky) where given."""
+        """Tensor `name` of `dtype` (None: any float) and `shape` (None entries free), finite, passing `values`."""
         try:
             t = self.f.get_tensor(name)
         except Exception:  # a tensor missing, or its bytes past the end of a truncated file
@@ -388,8 +386,8 @@ class Shards:
     it lacks: not in the manifest), None: no check."""
 
     def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
-        self.folder, self.rerun, self.where, self.device, self.open = os.path.join(run_dir, stage), rerun, where, device, {}
-        self.shape = shape
+        self.folder, self.rerun, self.where, self.device = os.path.join(run_dir, stage), rerun, where, device
+        self.shape, self.open = shape, {}
 
     def get(self, name):
         prefix = name.rsplit(".", 1)[0]
@@ -406,16 +404,12 @@ class Shards:
 
 
 def read_ids(run_dir, whiten, rows=None):
-    """whiten/'s calibration windows (nsamples, seqlen): int64 token ids in 0..rows - 1 (rows: the model's
-    embedding rows, when known)."""
-    rerun = f"python whiten.py --run_dir {run_dir}"
-    path = f"{run_dir}/whiten/calib_ids.safetensors"
-    ids = TensorFile(path, rerun).get("ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64)
-    if ids.numel() and int(ids.min()) < 0:
-        raise UserError(f"{path}: negative token ids: re-run `{rerun}`")
-    if rows is not None and ids.numel() and int(ids.max()) >= rows:
-        raise UserError(f"{path}: token ids outside the model's vocabulary 0..{rows - 1}: re-run `{rerun}`")
-    return ids
+    """whiten/'s calibration windows (nsamples, seqlen): token ids in 0..rows - 1 (the embedding's rows)."""
+    top = rows or 2 ** 63 - 1
+    in_vocabulary = lambda t: t.numel() and (int(t.min()) < 0 or int(t.max()) >= top) and (
+        f"has token ids outside the model's vocabulary 0..{rows - 1}" if rows else "has negative token ids")
+    return TensorFile(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}").get(
+        "ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64, in_vocabulary)
 
 
 def read_tensors(path, rerun, keys=None, device="cpu", dtype=lambda name: None):
@@ -425,8 +419,7 @@ def read_tensors(path, rerun, keys=None, device="cpu", dtype=lambda name: None):
 
 
 def write_json(path, obj):
-    """Through a temporary file and a rename: a kill or a full disk leaves the old file or the new one (run_main
-    removes the temporary file of a write that failed)."""
+    """Through a temporary file and a rename: a kill or a full disk leaves the old file or the new one."""
     TEMPORARY.append(tmp := f"{path}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=False)  # strict JSON: a NaN is a bug, never a value
@@ -434,8 +427,7 @@ def write_json(path, obj):
 
 
 def read_manifest(run_dir, stage, hint, reads=None):
-    """DIR/stage/manifest.json, every file it lists there and whole; the files this stage `reads` (None: all)
-    also by content hash (a stage never hashes a large earlier file it does not open)."""
+    """DIR/stage/manifest.json, its files present and whole, those this stage `reads` (None: all) by content hash."""
     rerun = f"{hint} --run_dir {run_dir}"
     path = os.path.join(run_dir, stage, "manifest.json")
     manifest = read_json(path, rerun, Header)
@@ -460,8 +452,7 @@ RERUN = {"whiten": "python whiten.py", "decompose": "python decompose.py", "allo
 
 
 def read_chain(run_dir, *stages, reads=None):
-    """{stage: manifest} of `stages` in pipeline order (reads: {stage: the files it opens}), each made from
-    the one before it now on disk (its recorded hash), decompose/'s layers whiten/'s with the same shapes."""
+    """{stage: manifest} of `stages` in pipeline order, each made from the one before it now on disk."""
     manifests = [read_manifest(run_dir, s, RERUN[s], reads=(reads or {}).get(s)) for s in stages]
     for parent, child in zip(manifests, manifests[1:]):
         rerun = f"{RERUN[child['stage']]} --run_dir {run_dir}"
@@ -476,7 +467,7 @@ def read_chain(run_dir, *stages, reads=None):
 
 
 def stage_dir(run_dir, stage):
-    """A fresh temporary folder of this process, which commit_stage moves into place (run_main removes it on failure)."""
+    """A fresh temporary folder of this process, which commit_stage moves into place."""
     check_run_dir(run_dir)
     tmp = os.path.join(run_dir, f".{stage}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -486,8 +477,7 @@ def stage_dir(run_dir, stage):
 
 
 def commit_stage(run_dir, stage, tmp, manifest):
-    """The manifest (every file's size and hash) into `tmp`, then the swap: old folder aside, new one in, old
-    one deleted, so a kill leaves no stage folder or a complete one."""
+    """The manifest (every file's size and hash), then the swap: a kill leaves no stage folder or a complete one."""
     files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": file_hash(os.path.join(tmp, f))}
              for f in sorted(os.listdir(tmp))}
     manifest = {"stage": stage, "format_version": FORMAT_VERSION, "versions": versions(), **manifest, "files": files}

@@ -51,8 +51,7 @@ def remove(path):
 
 
 def run_dir_lock(run_dir, stage):
-    """One process per run dir: a lock on RUN_DIR/.lock (the kernel drops it when its process dies), its holder
-    named in .lock.holder for the next process's line; a killed process's temporary files go once it is held."""
+    """One process per run dir (the kernel drops the lock when its holder dies); a killed one's temporary files go."""
     check_run_dir(run_dir)
     lock, holder = filelock.FileLock(os.path.join(run_dir, ".lock"), timeout=0), os.path.join(run_dir, ".lock.holder")
     try:
@@ -77,8 +76,7 @@ def run_dir_lock(run_dir, stage):
 
 
 def run_main(main, args):
-    """main(args) holding the run dir's lock: a UserError is one line and exit 2, a failed write one line and exit 1,
-    Ctrl-C exit 130; the stage's temporary files are removed, earlier artifacts left in place."""
+    """main(args) holding the run dir's lock; a failure is one line (exit 2 bad input, 1 a failed write, 130 Ctrl-C)."""
     stage, lock, fail = os.path.basename(sys.argv[0]) or "a stage", None, None
     try:
         lock = run_dir_lock(args.run_dir, stage)
@@ -138,7 +136,6 @@ def set_seed(seed):
 
 
 def check_run_dir(run_dir):
-    """The run dir must be a writable folder (created if missing)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"--run_dir {run_dir} is a file, not a folder: pass a folder path")
     try:
@@ -172,15 +169,12 @@ def sync(device):
 
 
 def compute_dtype(dtype, device):
-    """The dtype a model computes in on `device`: its own, except half precision (bf16, fp16) on the CPU, which
-    computes in float32: a CPU without bf16 units runs half-precision matmuls several times slower
-    (docs/RESULTS.md, "The papers' scale")."""
+    """The model's dtype, but float32 for half precision on the CPU (several times faster there without bf16 units)."""
     return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def peak_gpu(device):
-    """{"peak_gpu_bytes": ...} of this process, the largest over the visible GPUs (a device_map spreads a
-    model), for the manifests and bench/scale.py; {} on the CPU."""
+    """{"peak_gpu_bytes": the largest over the visible GPUs} for the manifests; {} on the CPU."""
     if device.type != "cuda":
         return {}
     return {"peak_gpu_bytes": max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))}

@@ -104,10 +104,8 @@ def load_model(spec, device, dtype=None, device_map=None):
 
 @torch.no_grad()
 def check_contents(spec, model):
-    """What whiten.py checks once, before any work (later stages check whiten/'s fingerprint of the same weights):
-    every weight finite, naming the first that is not, and the model causal, by its config and by the property
-    itself: the logits at positions 0..6 of two 8-token inputs that differ only at position 7 are equal (a
-    bidirectional model's are not, and its perplexity would mean nothing)."""
+    """Checked once, by whiten.py: every weight finite, and the model causal by its config and by the property itself
+    (the logits at positions 0..6 of two inputs differing only at position 7 are equal; a bidirectional model's are not)."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
@@ -125,8 +123,7 @@ def check_contents(spec, model):
 
 
 def check_loading_info(spec, info):
-    """The checkpoint holds exactly the weights its config describes (transformers only warns, then initialises
-    the missing ones at random and drops the unexpected)."""
+    """The checkpoint holds exactly the weights its config describes (transformers only warns, then inits at random)."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(map(str, info.get(kind) or []))
         if keys:
@@ -135,8 +132,7 @@ def check_loading_info(spec, info):
 
 
 def check_vocabulary(spec, model, tok):
-    """Every id the tokenizer can produce must index a row of the input embeddings (a larger table, padded
-    for speed, is fine): a smaller one would be an IndexError inside the forward pass on some text."""
+    """Every id the tokenizer can produce indexes a row of the input embeddings (else an IndexError mid-forward)."""
     rows = model.get_input_embeddings().weight.shape[0]
     ids = len(tok)  # the base vocabulary and every added token
     if ids > rows:
@@ -212,10 +208,8 @@ def text_hash(docs):
 
 
 def load_documents(spec, split):
-    """(documents of `split`, where they came from): 'calib' (whiten.py and every stage that trains), 'dev'
-    (choosing defaults), 'test' (the reported numbers). where = {split, data_sha256 (the whole text's content),
-    documents (the split's indices among the text's documents, computed by split_of), of (how many)}; the hub
-    sets use their own splits (HUB_SPLITS) and name them instead of indices."""
+    """(documents of `split`: calib, dev or test, where = {split, data_sha256 of the whole text, documents: the split's
+    indices by split_of, of: how many}); the hub sets use their own splits (HUB_SPLITS), named instead of indices."""
     assert split in SPLITS, split
     if spec in ("wikitext2", "c4"):
         docs = _hub_documents(spec, split)
@@ -321,9 +315,8 @@ def set_module(model, name, new):
 
 
 def layer_factors(factors, name, W):
-    """One layer's stored factors (U, sigma, V^T S^-1), read one layer at a time (factors may be a lazy
-    artifacts.Shards) onto W's device in W's dtype (bf16 on a GPU): no per-call casts, no second copy.
-    float16 cannot hold V^T S^-1 (decompose.factor_dtype): a float16 layer's factors stay float32."""
+    """One layer's factors (U, sigma, V^T S^-1) on W's device in W's dtype, but float32 for float16, whose range
+    cannot hold V^T S^-1 (decompose.factor_dtype)."""
     like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
     U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
     return U, factors[f"{name}.sigma"].to(W.device), VtSinv
