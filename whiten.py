@@ -201,6 +201,27 @@ def check_calibration(ids, widest):
     return distinct
 
 
+@torch.no_grad()
+def check_contents(spec, model):
+    """The model's contents, checked once (later stages check whiten/'s fingerprint of the same weights): every weight
+    finite, and the model causal, by its config and by the property itself: the logits at positions 0..6 of two inputs
+    differing only at position 7 are equal (a bidirectional model's are not, and its perplexity means nothing)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"model {spec!r}: {name} holds {bad} NaN or inf value(s) of {t.numel()}: the weights are "
+                            "damaged; re-download or re-save the model")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UserError(f"model {spec!r} is an encoder-decoder ({model.config.model_type}): this project compresses "
+                        "causal (decoder-only) language models")
+    x = torch.randint(0, model.get_input_embeddings().weight.shape[0], (2, 8), generator=torch.Generator().manual_seed(0))
+    x[1, :7] = x[0, :7]
+    logits = model(x.to(loading.input_device(model)), use_cache=False).logits.float()  # (2, 8, V)
+    if not torch.allclose(logits[0, :7], logits[1, :7], rtol=1e-3, atol=1e-3 * float(logits[0, :7].abs().max())):
+        raise UserError(f"model {spec!r} is not causal: its outputs at a position depend on later tokens "
+                        f"({model.config.model_type}, a bidirectional model?): pass a causal language model")
+
+
 def cast_floats(obj, dtype):
     """Every floating tensor in obj (nested tuples, lists, dicts: a block's masks, rotary cos / sin) cast to dtype;
     integer and bool tensors (position ids, boolean masks) and everything else unchanged."""
@@ -252,7 +273,7 @@ def main(args):
     device = cli.pick_device(args.device)
     t0 = time.time()
     model = loading.load_model(args.model, "cpu")  # blocks visit the device one at a time
-    loading.check_contents(args.model, model)
+    check_contents(args.model, model)
     tok = loading.load_tokenizer(args.model, model)
     cli.check_seqlen(model.config, args.seqlen)
     linears = find_linears(model)

@@ -102,26 +102,6 @@ def load_model(spec, device, dtype=None, device_map=None):
     return (model if device_map else model.to(device)).eval()
 
 
-@torch.no_grad()
-def check_contents(spec, model):
-    """Checked once, by whiten.py: every weight finite, and the model causal by its config and by the property itself
-    (the logits at positions 0..6 of two inputs differing only at position 7 are equal; a bidirectional model's are not)."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise UserError(f"model {spec!r}: {name} holds {bad} NaN or inf value(s) of {t.numel()}: the weights are "
-                            "damaged; re-download or re-save the model")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise UserError(f"model {spec!r} is an encoder-decoder ({model.config.model_type}): this project compresses "
-                        "causal (decoder-only) language models")
-    x = torch.randint(0, model.get_input_embeddings().weight.shape[0], (2, 8), generator=torch.Generator().manual_seed(0))
-    x[1, :7] = x[0, :7]
-    logits = model(x.to(input_device(model)), use_cache=False).logits.float()  # (2, 8, V)
-    if not torch.allclose(logits[0, :7], logits[1, :7], rtol=1e-3, atol=1e-3 * float(logits[0, :7].abs().max())):
-        raise UserError(f"model {spec!r} is not causal: its outputs at a position depend on later tokens "
-                        f"({model.config.model_type}, a bidirectional model?): pass a causal language model")
-
-
 def check_loading_info(spec, info):
     """The checkpoint holds exactly the weights its config describes (transformers only warns, then inits at random)."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
