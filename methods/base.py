@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.loading import find_linears, layer_factors, set_module, weight_matrix
+from plumbing.loading import find_linears, set_module, weight_matrix
 
 
 # ----------------------------------------------------------------------------- the budget (docs/METHODS.md §2)
@@ -305,6 +305,14 @@ def add_flags(parser):
 
 
 # ----------------------------------------------------------------------------- attaching
+
+def layer_factors(factors, name, W):
+    """One layer's factors (U, sigma, V^T S^-1) on W's device in W's dtype, but float32 for float16, whose range
+    cannot hold V^T S^-1 (decompose.factor_dtype)."""
+    like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
+    U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
+    return U, factors[f"{name}.sigma"].to(W.device), VtSinv
+
 
 def attach(model, factors, k0, make_gate=None):
     """Swap every compressed linear for a MaskedLinear whose gate make_gate(k_max, k, sigma (k_max,)) starts at

@@ -403,15 +403,6 @@ class Shards:
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected
 
 
-def read_ids(run_dir, whiten, rows=None):
-    """whiten/'s calibration windows (nsamples, seqlen): token ids in 0..rows - 1 (the embedding's rows)."""
-    top = rows or 2 ** 63 - 1
-    in_vocabulary = lambda t: t.numel() and (int(t.min()) < 0 or int(t.max()) >= top) and (
-        f"has token ids outside the model's vocabulary 0..{rows - 1}" if rows else "has negative token ids")
-    return TensorFile(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}").get(
-        "ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64, in_vocabulary)
-
-
 def read_tensors(path, rerun, keys=None, device="cpu", dtype=lambda name: None):
     """{name: tensor} of a whole safetensors artifact (or of `keys`); dtype(name) (None: any float)."""
     f = TensorFile(path, rerun, device)

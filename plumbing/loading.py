@@ -294,14 +294,6 @@ def set_module(model, name, new):
     setattr(model.get_submodule(parent), child, new)
 
 
-def layer_factors(factors, name, W):
-    """One layer's factors (U, sigma, V^T S^-1) on W's device in W's dtype, but float32 for float16, whose range
-    cannot hold V^T S^-1 (decompose.factor_dtype)."""
-    like = {"device": W.device, "dtype": torch.float32 if W.dtype == torch.float16 else W.dtype}
-    U, VtSinv = factors[f"{name}.U"].to(**like), factors[f"{name}.VtSinv"].to(**like)
-    return U, factors[f"{name}.sigma"].to(W.device), VtSinv
-
-
 def checkpoint_blocks(model):
     """Activation checkpointing per decoder block: only each block's input is kept for backward, and the
     block is recomputed there (non-reentrant, so gradients reach the gates through the drawn masks)."""
