@@ -91,15 +91,6 @@ def batch_indices(n_chunks, batch_size, gen):
             yield perm[i:i + batch_size]
 
 
-def read_ids(run_dir, whiten, rows=None):
-    """whiten/'s calibration windows (nsamples, seqlen): token ids in 0..rows - 1 (the embedding's rows)."""
-    top = rows or 2 ** 63 - 1
-    in_vocabulary = lambda t: t.numel() and (int(t.min()) < 0 or int(t.max()) >= top) and (
-        f"has token ids outside the model's vocabulary 0..{rows - 1}" if rows else "has negative token ids")
-    f = artifacts.TensorFile(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}")
-    return f.get("ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64, in_vocabulary)
-
-
 def use_teacher_cache(mode, loss, steps, batch, n_chunks, seqlen, vocab, itemsize, gb):
     """--teacher_cache auto: only where it pays (KL loss, the steps revisit chunks) and the logits fit `gb` of CPU
     memory (itemsize: bytes per logit, 2 in bf16); on / off force it (on still needs the KL loss)."""
@@ -322,7 +313,7 @@ def load_inputs(args, whiten, decomp, needs_model):
     inputs = {"sigmas": {name: f.get(f"{name}.sigma") for name in decomp["layers"]},
               "decompose_dir": f"{args.run_dir}/decompose"}
     if not needs_model:  # tokens counted, not read off the manifest
-        return {**inputs, "tokens": read_ids(args.run_dir, whiten).numel()}
+        return {**inputs, "tokens": artifacts.read_ids(args.run_dir, whiten).numel()}
     device = cli.pick_device(args.device)
     model = loading.load_model(whiten["model"], device, device_map=args.device_map)
     artifacts.check_model(model, whiten)  # in the model's own dtype, before any cast
@@ -339,7 +330,7 @@ def load_inputs(args, whiten, decomp, needs_model):
         if any(not -(L + 1) <= i <= L for i in args.hidden_layers):
             raise UserError(f"--hidden_layers {args.hidden_layers}: this model has hidden states 0..{L} (or -{L + 1}..-1)")
     model.requires_grad_(False)
-    ids = read_ids(args.run_dir, whiten, rows=model.get_input_embeddings().weight.shape[0])
+    ids = artifacts.read_ids(args.run_dir, whiten, rows=model.get_input_embeddings().weight.shape[0])
     # factors: the same lazy CPU reader as the spectra; each layer's factors are read when attached
     return {**inputs, "tokens": ids.numel(), "model": model, "ids": ids, "factors": f, "device": device}
 

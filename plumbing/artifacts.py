@@ -403,6 +403,17 @@ class Shards:
     __getitem__ = get  # a Shards serves where a {name: tensor} dict is expected
 
 
+def read_ids(run_dir, whiten, rows=None):
+    """whiten/'s calibration windows (nsamples, seqlen): token ids in 0..rows - 1 (the embedding's rows, when known)."""
+    def token_ids(t):  # why t is not token ids of the model, or None (a value rule, as spectrum and cholesky)
+        if t.numel() and int(t.min()) < 0:
+            return "has negative token ids"
+        if rows is not None and t.numel() and int(t.max()) >= rows:
+            return f"has token ids outside the model's vocabulary 0..{rows - 1}"
+    f = TensorFile(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}")
+    return f.get("ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64, token_ids)
+
+
 def read_tensors(path, rerun, keys=None, device="cpu", dtype=lambda name: None):
     """{name: tensor} of a whole safetensors artifact (or of `keys`); dtype(name) (None: any float)."""
     f = TensorFile(path, rerun, device)
