@@ -26,13 +26,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from plumbing import artifacts
-from plumbing import loading
-from plumbing.cli import UserError
-from whiten import expand_factor
 from methods import base
-from plumbing import cli
+from plumbing import artifacts, cli, loading
+from plumbing.cli import UserError
 from plumbing.loading import find_linears, weight_matrix
+from whiten import expand_factor
 
 
 # ----------------------------------------------------------------------------- math
@@ -55,9 +53,23 @@ def factor_dtype(model_dtype):
     return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
 
 
+def check_groups(run_dir, whiten, rerun):
+    """What this stage needs of whiten's groups: every group led by a layer of its input width (one shared
+    whitening), one shard per group."""
+    groups, shapes = whiten["groups"], whiten["shapes"]
+    with artifacts.one_line(rerun, f"{run_dir}/whiten/manifest.json is damaged: "):
+        artifacts.same_keys(groups, shapes, "'groups'", "'shapes'")
+        for name, leader in groups.items():
+            if groups.get(leader) != leader:
+                raise artifacts.Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
+            if shapes[leader][1] != shapes[name][1]:
+                raise artifacts.Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
+        artifacts.same_keys(whiten["shards"], set(groups.values()), "'shards'", "the group leaders of 'groups'")
+
+
 def main(args):
     whiten = artifacts.read_manifest(args.run_dir, "whiten", "python whiten.py")
-    artifacts.check_groups(args.run_dir, whiten, f"python whiten.py --run_dir {args.run_dir}")
+    check_groups(args.run_dir, whiten, f"python whiten.py --run_dir {args.run_dir}")
     device = cli.pick_device(args.device)
     t0 = time.time()
     model = loading.load_model(whiten["model"], "cpu")

@@ -17,6 +17,7 @@ kept_fraction_model, eval settings, wall time of every stage; RUN_DIR/heatmap.pn
   python evaluate.py --run_dir runs/default
   python evaluate.py --run_dir runs/llama2 --protocol paper     # online: WikiText-2, as the papers report
 """
+import argparse
 import json
 import math
 import os
@@ -69,15 +70,15 @@ PROTOCOLS = {  # what --protocol fixes; flags left unset take these values
 
 
 def resolve_protocol(args):
-    """Fill --data / --seqlen / --max_windows / --dtype from --protocol; under 'paper' an explicit flag that
-    contradicts it is refused (a number reported as 'paper protocol' must be one)."""
+    """The flags with --data / --seqlen / --max_windows / --dtype filled from --protocol where not given (a new
+    namespace); under 'paper' an explicit flag that contradicts it is refused (a number reported as 'paper
+    protocol' must be one)."""
     fixed = PROTOCOLS[args.protocol]
     for key, value in fixed.items():
         given = getattr(args, key)
         if args.protocol == "paper" and given is not None and given != value and not (key == "data" and given == "c4"):
             raise UserError(f"--protocol paper fixes --{key} {value}; drop --{key} {given} (or use --protocol default)")
-        setattr(args, key, value if given is None else given)
-    return args
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in fixed.items() if getattr(args, k) is None}})
 
 
 def split_rule(data, split):
@@ -169,7 +170,7 @@ def check_chain(run_dir):
 
 
 def main(args):
-    resolve_protocol(args)
+    args = resolve_protocol(args)
     loading.check_dtype_placement(args.dtype, args.device_map, " (or use --protocol default)")
     chain = check_chain(args.run_dir)
     whiten, comp = chain["whiten"], chain["compressed"]

@@ -26,13 +26,11 @@ import time
 
 import torch
 
-from plumbing import artifacts
-from plumbing import loading
-from plumbing.modeling_lowrank import lowrank_factors, lowrank_layer  # noqa: F401 (the math of the docstring)
-from plumbing.cli import UserError
 from methods import base
-from plumbing import cli
+from plumbing import artifacts, cli, loading
+from plumbing.cli import UserError
 from plumbing.loading import find_linears, set_module, weight_matrix
+from plumbing.modeling_lowrank import lowrank_factors, lowrank_layer  # noqa: F401 (the math of the docstring)
 
 
 # ----------------------------------------------------------------------------- math
@@ -59,6 +57,11 @@ def compress_model(model, ranks, factors, components=None):
     return model
 
 
+class LowRankConfig(artifacts.Model):
+    """What compressed/config.json adds to the original config."""
+    lowrank_ranks: dict[str, artifacts.Positive]
+
+
 def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     """Rebuild a model saved by truncate.py: (model, tokenizer), ready for generate(). The same code as
     `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (modeling_lowrank.py): the
@@ -69,8 +72,7 @@ def load_compressed(path, device="cpu", dtype="auto", **kwargs):
     rerun = "python truncate.py"
     if not os.path.isfile(os.path.join(path, "ranks.json")):
         raise UserError(f"{path} is not a compressed model folder (no ranks.json): run truncate.py")
-    artifacts.read_json(os.path.join(path, "config.json"), rerun,
-                        artifacts.LowRankConfig)
+    artifacts.read_json(os.path.join(path, "config.json"), rerun, LowRankConfig)
     try:
         model = LowRankForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception:  # truncated or corrupt file, tensors of the wrong shape or missing

@@ -32,6 +32,7 @@ from plumbing import artifacts  # noqa: E402
 from plumbing import cli  # noqa: E402
 from plumbing import loading  # noqa: E402
 from plumbing.loading import find_linears, weight_matrix  # noqa: E402
+import decompose  # noqa: E402
 from truncate import lowrank_factors  # noqa: E402
 from whiten import StopForward, expand_factor  # noqa: E402
 
@@ -72,7 +73,7 @@ def allocations(folder):
 def main(args):
     rd = args.run_dir
     whiten = artifacts.read_manifest(rd, "whiten", "python whiten.py")
-    artifacts.check_groups(rd, whiten, "python whiten.py")
+    decompose.check_groups(rd, whiten, "python whiten.py")
     decomp = artifacts.read_manifest(rd, "decompose", "python decompose.py")
     name = args.layer or next(iter(decomp["layers"]))
     if name not in decomp["layers"]:

@@ -4,10 +4,13 @@ continuation task built from held-out text, and local JSONL files, each turned i
 import hashlib
 import json
 import os
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator, Field, model_validator
 
 from plumbing import artifacts, loading
+from plumbing.artifacts import Bad, Count, Model
 from plumbing.cli import UserError
 
 
@@ -40,15 +43,46 @@ def continuation_items(stream, tok, n_items, seed, ctx_len=64, cont_len=16, n_ch
     return items
 
 
+def unicode_text(v):
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800", but no tokenizer can encode a lone surrogate
+        raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text") from None
+    return v
+
+
+def non_empty(v):
+    if not v:
+        raise ValueError("is empty: a choice is scored as the context's continuation, so it needs text")
+    return v
+
+
+Unicode = Annotated[str, AfterValidator(unicode_text)]
+
+
+class TaskRow(Model):
+    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}; a choice
+    is scored as a continuation, so it is never empty."""
+    context: Unicode
+    choices: Annotated[list[Annotated[Unicode, AfterValidator(non_empty)]], Field(min_length=2)]
+    label: Count
+
+    @model_validator(mode="after")
+    def label_in_choices(self):
+        if self.label >= len(self.choices):
+            raise Bad(f"'label' {self.label} is not an index into its {len(self.choices)} choices")
+        return self
+
+
 def read_task_file(path):
-    """The items of a local task, each line checked by artifacts.TaskRow (blank lines skipped): {"context": str,
+    """The items of a local task, each line checked by TaskRow (blank lines skipped): {"context": str,
     "choices": [str, str, ...], "label": int index into choices}; anything else is one line naming the row."""
     if not os.path.isfile(path):
         raise UserError(f"local task file {path!r} does not exist")
     items, form = [], '{"context": str, "choices": [str, str, ...], "label": int index into choices}'
     for i, row in loading.jsonl_rows(path, form):
         try:
-            items.append(artifacts.TaskRow.model_validate(row).model_dump())  # the three keys, the others dropped
+            items.append(TaskRow.model_validate(row).model_dump())  # the three keys, the others dropped
         except ValueError as e:  # pydantic's ValidationError is one
             raise UserError(f"{path}: line {i}: {artifacts.say(e, 'the row')}; each line must be {form}") from None
     if not items:

@@ -1,4 +1,4 @@
-"""The artifacts on disk (docs/METHODS.md §5): one pydantic model per artifact and input file (strict: "3" is
+"""The artifacts on disk (docs/METHODS.md §5): one pydantic model per artifact (strict: "3" is
 not 3, NaN is refused; keys it does not name are informational), the shape, dtype and values of every tensor,
 and the I/O: a stage writes a temporary folder of its own and swaps it in with a manifest listing every file's
 size and SHA-256; a later stage reads through these functions, so a missing, truncated, edited or foreign
@@ -19,7 +19,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from plumbing.loading import find_linears, layer_shapes
-from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError, check_run_dir
+from plumbing.cli import FORMAT_VERSION, TEMPORARY, UserError
 
 
 # ----------------------------------------------------------------------------- the schema: one pydantic model per artifact
@@ -105,20 +105,6 @@ class Whiten(Sharded):
         return self
 
 
-def check_groups(run_dir, whiten, rerun):
-    """What a reader of the groups (decompose.py) needs of them: every group led by a layer of its input width (one
-    shared whitening), one shard per group."""
-    groups, shapes = whiten["groups"], whiten["shapes"]
-    with one_line(rerun, f"{os.path.join(run_dir, 'whiten', 'manifest.json')} is damaged: "):
-        same_keys(groups, shapes, "'groups'", "'shapes'")
-        for name, leader in groups.items():
-            if groups.get(leader) != leader:
-                raise Bad(f"'groups'[{name!r}] is {leader!r}, not a layer that leads its own group")
-            if shapes[leader][1] != shapes[name][1]:
-                raise Bad(f"'groups'[{name!r}]: {leader!r} has another input width, so no shared whitening")
-        same_keys(whiten["shards"], set(groups.values()), "'shards'", "the group leaders of 'groups'")
-
-
 class Layer(Model):
     m: Positive
     n: Positive
@@ -176,11 +162,6 @@ class RANKS(Model):
     keep: Fraction
 
 
-class LowRankConfig(Model):
-    """What compressed/config.json adds to the original config."""
-    lowrank_ranks: dict[str, Positive]
-
-
 def same_shapes(a, b, what_a, what_b):
     same_keys(a, b, what_a, what_b)
     for name, shape in a.items():
@@ -220,39 +201,6 @@ def cholesky(t):
     diagonal = torch.arange(1, n + 1).cumsum(0) - 1  # row i's last entry: (i + 1)(i + 2) / 2 - 1
     if n and float(t[diagonal].min()) <= 0:
         return "is not a Cholesky factor (a diagonal entry <= 0)"
-
-
-# ----------------------------------------------------------------------------- local input files
-
-def unicode_text(v):
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:  # JSON allows "\ud800", but no tokenizer can encode a lone surrogate
-        raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text") from None
-    return v
-
-
-def non_empty(v):
-    if not v:
-        raise ValueError("is empty: a choice is scored as the context's continuation, so it needs text")
-    return v
-
-
-Unicode = Annotated[str, AfterValidator(unicode_text)]
-
-
-class TaskRow(Model):
-    """A local zero-shot task's line: {"context": str, "choices": [str, str, ...], "label": int index}; a choice
-    is scored as a continuation, so it is never empty."""
-    context: Unicode
-    choices: Annotated[list[Annotated[Unicode, AfterValidator(non_empty)]], Field(min_length=2)]
-    label: Count
-
-    @model_validator(mode="after")
-    def label_in_choices(self):
-        if self.label >= len(self.choices):
-            raise Bad(f"'label' {self.label} is not an index into its {len(self.choices)} choices")
-        return self
 
 
 # ----------------------------------------------------------------------------- reading and writing
@@ -385,9 +333,8 @@ class Shards:
     maps a tensor's prefix (a layer or group) to its file; shape: {tensor: (shape, value rule, dtype)} (a name
     it lacks: not in the manifest), None: no check."""
 
-    def __init__(self, run_dir, stage, rerun, where, device="cpu", shape=None):
-        self.folder, self.rerun, self.where, self.device = os.path.join(run_dir, stage), rerun, where, device
-        self.shape, self.open = shape, {}
+    def __init__(self, run_dir, stage, rerun, where, shape=None):
+        self.folder, self.rerun, self.where, self.shape, self.open = os.path.join(run_dir, stage), rerun, where, shape, {}
 
     def get(self, name):
         prefix = name.rsplit(".", 1)[0]
@@ -396,7 +343,7 @@ class Shards:
             raise UserError(f"{self.folder} has no tensor {name} by its manifest: re-run `{self.rerun}`")
         file = self.where[prefix]
         if file not in self.open:  # a closed shard's mapped pages leave the process
-            self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun, self.device)}
+            self.open = {file: TensorFile(os.path.join(self.folder, file), self.rerun)}
         shape, values, dtype = rule
         return self.open[file].get(name, shape, dtype, values)
 
@@ -406,9 +353,9 @@ class Shards:
 def read_ids(run_dir, whiten, rows=None):
     """whiten/'s calibration windows (nsamples, seqlen): token ids in 0..rows - 1 (the embedding's rows, when known)."""
     def token_ids(t):  # why t is not token ids of the model, or None (a value rule, as spectrum and cholesky)
-        if t.numel() and int(t.min()) < 0:
+        if int(t.min()) < 0:  # never empty: its shape was checked first
             return "has negative token ids"
-        if rows is not None and t.numel() and int(t.max()) >= rows:
+        if rows is not None and int(t.max()) >= rows:
             return f"has token ids outside the model's vocabulary 0..{rows - 1}"
     f = TensorFile(f"{run_dir}/whiten/calib_ids.safetensors", f"python whiten.py --run_dir {run_dir}")
     return f.get("ids", (whiten["nsamples"], whiten["seqlen"]), torch.int64, token_ids)
@@ -470,9 +417,8 @@ def read_chain(run_dir, *stages, reads=None):
 
 def stage_dir(run_dir, stage):
     """A fresh temporary folder of this process, which commit_stage moves into place."""
-    check_run_dir(run_dir)
     tmp = os.path.join(run_dir, f".{stage}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a failed earlier call in this process (a stage's main run in-process)
     TEMPORARY.append(tmp)
     os.makedirs(tmp)
     return tmp

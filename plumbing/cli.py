@@ -64,8 +64,8 @@ def run_dir_lock(run_dir, stage):
             who = ""
         raise UserError(f"--run_dir {run_dir} is in use by {who or 'another process'}: wait for it to finish, or "
                         "pass another --run_dir") from None
-    except (OSError, NotImplementedError) as e:  # NotImplementedError: no flock there, in filelock before 4
-        raise UserError(f"--run_dir {run_dir}: cannot lock it ({getattr(e, 'strerror', None) or e}): use a local "
+    except OSError as e:  # a file system without locks
+        raise UserError(f"--run_dir {run_dir}: cannot lock it ({e.strerror or e}): use a local "
                         "folder") from None
     with open(holder, "w", encoding="utf-8") as f:
         f.write(f"{stage} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})")

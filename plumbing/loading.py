@@ -85,12 +85,12 @@ def load_tokenizer(spec, model):
     return tok
 
 
-def load_model(spec, device, dtype=None, device_map=None):
+def load_model(spec, device, device_map=None):
     """The model in eval mode on `device`, or spread over every visible GPU by accelerate (device_map="auto")."""
     from transformers import AutoModelForCausalLM
     path = resolve_model(spec)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True,
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype="auto", output_loading_info=True,
                                                            **({"device_map": device_map} if device_map else {}))
     except Exception as e:  # no weights, corrupt or truncated weight file, unknown architecture, offline
         raise UserError(f"cannot load model {spec!r} ({type(e).__name__}: "
