@@ -334,7 +334,8 @@ class Shards:
     it lacks: not in the manifest), None: no check."""
 
     def __init__(self, run_dir, stage, rerun, where, shape=None):
-        self.folder, self.rerun, self.where, self.shape, self.open = os.path.join(run_dir, stage), rerun, where, shape, {}
+        self.folder, self.rerun, self.where = os.path.join(run_dir, stage), rerun, where
+        self.shape, self.open = shape, {}
 
     def get(self, name):
         prefix = name.rsplit(".", 1)[0]
